@@ -1,0 +1,281 @@
+"""U-Net and Attention U-Net, N-d, with their 2D and 3D faces.
+
+The defaults build the paper's pancreas model as the authors' ``unet_CT_multi_att_dsv_3D``
+builds it: filters ``[16, 32, 64, 128, 256]``, two ``3^d`` conv + BN + ReLU per level,
+max-pool 2, a 1x1 conv + BN + ReLU gating signal on the bottleneck, the skips of levels 2-4
+gated by two-head grid attention (level 4 by the gating signal, levels 3 and 2 by the
+decoder output below them), parameter-free linear upsampling, and the fused multi-scale
+deep-supervision head. :class:`UNet` is the same network without the gates and the gating
+signal (the authors' ``unet_CT_dsv_3D``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import ConvBlock, DeepSupervisionHead, GatingSignal, UpBlock
+from .gates import Factor, MultiAttentionGate, _check_dims, init_kaiming
+
+__all__ = ["UNet", "AttentionUNet", "UNet2D", "UNet3D", "AttentionUNet2D", "AttentionUNet3D"]
+
+PAPER_FILTERS = (64, 128, 256, 512, 1024)
+
+
+def _filters(filters: Optional[Sequence[int]], feature_scale: Optional[int]) -> tuple[int, ...]:
+    if filters is not None and feature_scale is not None:
+        raise ValueError("give filters or feature_scale, not both")
+    if filters is None:
+        scale = 4 if feature_scale is None else feature_scale
+        if not isinstance(scale, int) or scale < 1 or any(f % scale for f in PAPER_FILTERS):
+            raise ValueError(f"feature_scale must be a positive int dividing {PAPER_FILTERS}, got {feature_scale!r}")
+        return tuple(f // scale for f in PAPER_FILTERS)
+    filters = tuple(filters)
+    if len(filters) < 2 or not all(isinstance(f, int) and f >= 1 for f in filters):
+        raise ValueError(f"filters must be at least 2 positive ints (one per level), got {filters!r}")
+    return filters
+
+
+class UNet(nn.Module):
+    """Plain U-Net, N-d, of the same shape as :class:`AttentionUNet` (no gates, no gating signal).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels.
+        out_channels: classes (logit channels).
+        filters: channels per level, top to bottom; its length is the depth.
+        feature_scale: instead of ``filters``, ``[64, 128, 256, 512, 1024] // feature_scale``
+            (the authors' parameter; default 4 gives ``[16, 32, 64, 128, 256]``).
+        norm: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
+        num_groups: groups for ``norm="group"`` (the largest divisor of the channels up to it).
+        deep_supervision: ``"fused"`` (the authors' multi-scale head), ``"per_scale"`` (a list of
+            logits per level in training, for per-scale losses) or ``"none"``; see
+            :class:`~attention_gates.blocks.DeepSupervisionHead`.
+        align_corners: for all linear resampling (``True`` for checkpoints of PyTorch < 0.4).
+
+    Any input size works: the input is padded (edge replication) to a multiple of
+    ``2^(depth - 1)`` and the outputs are cropped back.
+
+    Shapes:
+        ``forward(x: Tensor[N, in_channels, *S])`` returns ``Tensor[N, out_channels, *S]`` (a list
+        of ``Tensor[N, out_channels, *ceil(S / 2^i)]`` with ``deep_supervision="per_scale"`` in
+        training).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        filters: Optional[Sequence[int]] = None,
+        *,
+        feature_scale: Optional[int] = None,
+        norm: str = "batch",
+        num_groups: int = 8,
+        deep_supervision: str = "fused",
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_dims(spatial_dims)
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.filters = _filters(filters, feature_scale)
+        self.norm = norm
+        self.deep_supervision = deep_supervision
+        self.align_corners = align_corners
+        f = self.filters
+        self.encoders = nn.ModuleList(
+            ConvBlock(spatial_dims, in_channels if i == 0 else f[i - 1], f[i], norm, num_groups) for i in range(len(f))
+        )
+        # decoders[i] produces level i + 1 from its skip (f[i]) and the level below (f[i + 1])
+        self.decoders = nn.ModuleList(
+            UpBlock(spatial_dims, f[i], f[i + 1], f[i], norm, num_groups, align_corners) for i in range(len(f) - 1)
+        )
+        self.head = DeepSupervisionHead(spatial_dims, f[:-1], out_channels, deep_supervision, align_corners)
+        self.gating: Optional[GatingSignal] = None
+        self.gates = nn.ModuleDict()
+        init_kaiming(self)
+
+    @property
+    def depth(self) -> int:
+        return len(self.filters)
+
+    def _pool(self, h: Tensor) -> Tensor:
+        return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.spatial_dims - 1](h, 2)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects Tensor[N, {self.in_channels}, *S] with {self.spatial_dims} spatial dims, "
+                f"got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+
+    def forward(self, x: Tensor, return_attention: bool = False):
+        """Segment ``x``; with ``return_attention=True`` return ``(logits, attention)``.
+
+        ``attention`` is a tuple with one ``Tensor[N, heads, *S_level]`` per gated level
+        (ascending levels, each on its skip's grid, ``S_level = ceil(S / 2^(level - 1))``);
+        empty for :class:`UNet`.
+        """
+        self._check_input(x)
+        size = tuple(x.shape[2:])
+        m = 2 ** (self.depth - 1)
+        padded = tuple(math.ceil(s / m) * m for s in size)
+        if padded != size:
+            pad = []
+            for s, p in zip(reversed(size), reversed(padded)):
+                pad += [0, p - s]
+            x = F.pad(x, pad, mode="replicate")
+        skips = []
+        h = x
+        for i, enc in enumerate(self.encoders):
+            h = enc(h if i == 0 else self._pool(h))
+            skips.append(h)
+        below = skips.pop()
+        gating = self.gating(below) if self.gating is not None else None
+        attention = []
+        decoded = [None] * (self.depth - 1)
+        for i in reversed(range(self.depth - 1)):
+            skip = skips[i]
+            gate = self.gates[str(i + 1)] if str(i + 1) in self.gates else None
+            if gate is not None:
+                g = gating if i + 1 == self.depth - 1 else below
+                skip, alpha = gate(skip, g)
+                attention.append(_crop(alpha, size, i))
+            below = decoded[i] = self.decoders[i](skip, below)
+        out = self.head(decoded, padded)
+        if isinstance(out, list):
+            out = [_crop(o, size, i) for i, o in enumerate(out)]
+        else:
+            out = _crop(out, size, 0)
+        if return_attention:
+            return out, tuple(reversed(attention))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"filters={list(self.filters)}, norm={self.norm!r}, deep_supervision={self.deep_supervision!r}"
+        )
+
+
+def _crop(t: Tensor, size: Sequence[int], level: int) -> Tensor:
+    """Crop ``t`` (on the grid of ``level``, 0 = full resolution) to the unpadded ``ceil(size / 2^level)``."""
+    want = tuple(math.ceil(s / 2**level) for s in size)
+    if tuple(t.shape[2:]) == want:
+        return t
+    return t[(slice(None), slice(None)) + tuple(slice(0, w) for w in want)]
+
+
+class AttentionUNet(UNet):
+    """Attention U-Net (Oktay et al., 2018), N-d: :class:`UNet` with gated skips.
+
+    Args (beyond :class:`UNet`'s):
+        attention_levels: the levels whose skips are gated (1 = full resolution); default all
+            but the top one and the bottleneck (``(2, 3, 4)`` at depth 5). The deepest skip
+            (``depth - 1``) is gated by the gating signal, the others by the decoder output below.
+        heads: gates per level (2 in the paper's model; 1 for the single-attention model).
+        subsample_factor: theta's kernel and stride, an int or one per axis.
+        sigma1, sigma2, gate_output_transform: see :class:`~attention_gates.gates.GridAttentionGate`.
+        backend: the gates' implementation (see :mod:`attention_gates.ops.dispatch`).
+
+    Example:
+        >>> net = AttentionUNet(3, in_channels=1, out_channels=2)
+        >>> sum(p.numel() for p in net.parameters())
+        6472784
+        >>> logits, att = net(torch.randn(1, 1, 32, 32, 32), return_attention=True)
+        >>> logits.shape, [a.shape[1:] for a in att]
+        (torch.Size([1, 2, 32, 32, 32]), [torch.Size([2, 16, 16, 16]), torch.Size([2, 8, 8, 8]), torch.Size([2, 4, 4, 4])])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        filters: Optional[Sequence[int]] = None,
+        *,
+        attention_levels: Optional[Sequence[int]] = None,
+        heads: int = 2,
+        subsample_factor: Factor = 2,
+        sigma1: str = "relu",
+        sigma2: str = "sigmoid",
+        gate_output_transform: bool = True,
+        backend: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels, filters, **kwargs)
+        depth = self.depth
+        levels = tuple(range(2, depth)) if attention_levels is None else tuple(attention_levels)
+        if not all(isinstance(lv, int) and 1 <= lv <= depth - 1 for lv in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"attention_levels must be distinct ints in 1..{depth - 1} (the skips), got {levels!r}")
+        self.attention_levels = tuple(sorted(levels))
+        f = self.filters
+        num_groups = kwargs.get("num_groups", 8)
+        if depth - 1 in levels:
+            self.gating = GatingSignal(spatial_dims, f[-1], f[-1], self.norm, num_groups)
+            init_kaiming(self.gating)
+        for lv in self.attention_levels:
+            self.gates[str(lv)] = MultiAttentionGate(
+                spatial_dims, f[lv - 1], f[lv], inter_channels=f[lv - 1], subsample_factor=subsample_factor,
+                heads=heads, norm=self.norm, num_groups=num_groups, sigma1=sigma1, sigma2=sigma2,
+                output_transform=gate_output_transform, align_corners=self.align_corners, backend=backend,
+            )  # fmt: skip
+        self.heads = heads
+
+    def set_backend(self, backend: Optional[str]) -> "AttentionUNet":
+        """Set every gate's backend (``None`` follows the global default); returns ``self``."""
+        from .ops.dispatch import _check_name
+
+        name = None if backend is None else _check_name(backend)
+        for m in self.modules():
+            if hasattr(m, "backend") and m is not self:
+                m.backend = name
+        return self
+
+
+def _face(base: type, dims: int, name: str, doc: str) -> type:
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, filters: Optional[Sequence[int]] = None, **kwargs) -> None:
+        base.__init__(self, dims, in_channels, out_channels, filters, **kwargs)
+
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+UNet2D = _face(UNet, 2, "UNet2D", "2D :class:`UNet`: ``Tensor[N, C, H, W]`` in, ``Tensor[N, out_channels, H, W]`` out.")
+UNet3D = _face(
+    UNet, 3, "UNet3D",
+    """3D :class:`UNet`: ``Tensor[N, C, D, H, W]`` in, ``Tensor[N, out_channels, D, H, W]`` out.
+
+    Example:
+        >>> sum(p.numel() for p in UNet3D(in_channels=1, out_channels=2).parameters())
+        5887466
+    """,
+)  # fmt: skip
+AttentionUNet2D = _face(
+    AttentionUNet, 2, "AttentionUNet2D",
+    "2D :class:`AttentionUNet`: ``Tensor[N, C, H, W]`` in, ``Tensor[N, out_channels, H, W]`` out.",
+)  # fmt: skip
+AttentionUNet3D = _face(
+    AttentionUNet, 3, "AttentionUNet3D",
+    """3D :class:`AttentionUNet`, by default the paper's pancreas model.
+
+    ``Tensor[N, C, D, H, W]`` in, ``Tensor[N, out_channels, D, H, W]`` out.
+
+    Example:
+        >>> net = AttentionUNet3D(in_channels=1, out_channels=2)
+        >>> sum(p.numel() for p in net.parameters())
+        6472784
+    """,
+)  # fmt: skip
