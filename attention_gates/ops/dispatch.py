@@ -120,7 +120,7 @@ def _triton_reasons(x: Tensor, g: Tensor, **case) -> list[str]:
     else:
         reasons.append(f"device {x.device.type!r}: Triton kernels need a CUDA tensor")
     reasons += _fused_reasons("triton", x, g, **case)
-    from .triton.launch import shape_reasons
+    from .triton.support import shape_reasons
 
     reasons += shape_reasons(x, g, case["weights"][0])
     return reasons

@@ -1,0 +1,150 @@
+"""The fused gate as ``torch.library`` custom ops with registered autograd and fake kernels.
+
+``attention_gates::gate_fwd`` and ``attention_gates::gate_bwd`` wrap the launchers, so that
+``torch.compile(fullgraph=True)`` traces a model that uses them and autograd saves only
+``x``, ``g``, the weights, alpha on theta's grid and W's norm statistics (all through
+``ctx.save_for_backward``).
+
+Numerics: loads in the storage dtype (float32, float16, bfloat16), arithmetic in float32
+(``tl.dot`` in IEEE float32 for float32 inputs, TF32 for 16-bit ones); outputs in x's dtype.
+Under :func:`torch.autocast` the op runs at the dtype its inputs arrive in (it is not on
+autocast's lists); it computes in float32 regardless.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ...functional import resample
+from . import launch
+
+__all__ = ["grid_attention_triton"]
+
+
+@torch.library.custom_op("attention_gates::gate_fwd", mutates_args=())
+def gate_fwd(
+    x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor,
+    W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+    mean_in: Optional[Tensor], var_in: Optional[Tensor], use_batch_stats: bool, eps: float,
+    softplus: bool, align_corners: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.gate_forward(
+        x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in, var_in,
+        use_batch_stats, eps, softplus, align_corners,
+    )  # fmt: skip
+
+
+@gate_fwd.register_fake
+def _(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in, var_in, use_batch_stats, eps, softplus, align_corners):
+    N, C = x.shape[:2]
+    stats = (C,) if gamma is not None else (0,)
+    return (
+        torch.empty_like(x),
+        x.new_empty((N, 1) + tuple(x.shape[2:])),
+        x.new_empty((N, 1) + tuple(g.shape[2:]), dtype=torch.float32),
+        x.new_empty(stats, dtype=torch.float32),
+        x.new_empty(stats, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("attention_gates::gate_bwd", mutates_args=())
+def gate_bwd(
+    dout: Tensor, dalpha: Optional[Tensor], x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor,
+    psi_w: Tensor, psi_b: Tensor, W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor],
+    alpha_c: Tensor, mean: Tensor, var: Tensor, use_batch_stats: bool, eps: float, softplus: bool,
+    align_corners: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.gate_backward(
+        dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var,
+        use_batch_stats, eps, softplus, align_corners,
+    )  # fmt: skip
+
+
+@gate_bwd.register_fake
+def _(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, use_batch_stats, eps, softplus, align_corners):
+    f32 = torch.float32
+    C = x.shape[1]
+    empty = lambda: x.new_empty(0, dtype=f32)  # noqa: E731
+    has_w = W_w is not None
+    has_norm = gamma is not None
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(g, memory_format=torch.contiguous_format),
+        theta_w.new_empty(theta_w.shape, dtype=f32),
+        phi_w.new_empty(phi_w.shape, dtype=f32),
+        x.new_empty(phi_w.shape[:1], dtype=f32),
+        psi_w.new_empty(psi_w.shape, dtype=f32),
+        x.new_empty((1,), dtype=f32),
+        W_w.new_empty(W_w.shape, dtype=f32) if has_w else empty(),
+        x.new_empty((C,), dtype=f32) if has_w else empty(),
+        x.new_empty((C,), dtype=f32) if has_norm else empty(),
+        x.new_empty((C,), dtype=f32) if has_norm else empty(),
+    )
+
+
+_FLAGS = ("use_batch_stats", "eps", "softplus", "align_corners")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, _, _, use_batch_stats, eps, softplus, align_corners = inputs
+    _, _, alpha_c, mean, var = output
+    ctx.save_for_backward(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var)
+    ctx.flags = (use_batch_stats, eps, softplus, align_corners)
+    ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta))
+
+
+def _backward(ctx, dout, dalpha, _dac, _dmean, _dvar):
+    x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    grads = gate_bwd(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, *ctx.flags)
+    dx, dg, *dparams = grads
+    dparams = [None if dt is None else d.to(dt) for d, dt in zip(dparams, ctx.param_dtypes)]
+    return (dx, dg, *dparams, None, None, None, None, None, None)
+
+
+gate_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grid_attention_triton(
+    x: Tensor, g: Tensor, theta_weight: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
+    psi_weight: Tensor, psi_bias: Optional[Tensor], W_weight: Optional[Tensor] = None, W_bias: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None, *,
+    norm: str = "batch", num_groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+    sigma1: str = "relu", sigma2: str = "sigmoid", align_corners: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The fused gate, with :func:`~attention_gates.functional.grid_attention`'s arguments and results."""
+    C, CI = x.shape[1], theta_weight.shape[0]
+    # phi is a 1x1 conv and linear resampling weights sum to one: resampling g equals resampling phi(g)
+    coarse = tuple(s // k for s, k in zip(x.shape[2:], theta_weight.shape[2:]))
+    g = launch.flat_strides(resample(g, coarse, align_corners))
+    x = launch.flat_strides(x)
+    zeros = lambda n, ref: torch.zeros(n, device=x.device, dtype=ref.dtype)  # noqa: E731
+    phi_bias = zeros(CI, phi_weight) if phi_bias is None else phi_bias
+    psi_bias = zeros(1, psi_weight) if psi_bias is None else psi_bias
+    gamma = beta = None
+    has_norm = W_weight is not None and norm == "batch"
+    if W_weight is not None:
+        W_bias = zeros(C, W_weight) if W_bias is None else W_bias
+        if has_norm:
+            gamma = torch.ones(C, device=x.device) if norm_weight is None else norm_weight
+            beta = torch.zeros(C, device=x.device) if norm_bias is None else norm_bias
+    else:
+        W_bias = zeros(C, x)
+    use_batch_stats = has_norm and (training or running_mean is None)
+    out, alpha, _, mean, var = gate_fwd(
+        x, g, theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias, gamma, beta,
+        running_mean if has_norm and not use_batch_stats else None,
+        running_var if has_norm and not use_batch_stats else None,
+        use_batch_stats, float(eps), sigma1 == "softplus", bool(align_corners),
+    )  # fmt: skip
+    if use_batch_stats and training and running_mean is not None:
+        n = x.numel() // C
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
+    return out, alpha

@@ -1,0 +1,251 @@
+"""Launchers: the passes of the fused gate over plain tensors (no autograd here).
+
+Forward (``gate_forward``):
+  1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
+  2. alpha_c resampled onto x's grid (``F.interpolate``; alpha on x's grid is an output anyway).
+  3. training with batch norm only: ``_fine_stats`` (reads x) and a float64 combine: the
+     statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
+  4. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
+     per-channel affine map (reads x, writes out).
+Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
+  1. batch norm only: ``_fine_bwd_sums`` (reads x, dout): the norm's gradient sums.
+  2. ``_fine_bwd`` (reads x, dout; writes dx, d alpha on x's grid): W path and d alpha.
+  3. d alpha_c = adjoint of the resampling (``torch.func.vjp`` of ``F.interpolate``).
+  4. ``_coarse_bwd`` (reads x, g; adds the theta path into dx; writes dg).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ...functional import resample
+from . import kernels as K
+
+__all__ = ["gate_forward", "gate_backward"]
+
+
+def _p2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _as_3d(shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    return (1,) * (3 - len(shape)) + shape
+
+
+def flat_strides(t: Tensor) -> Tensor:
+    """``t`` itself if its spatial dims flatten to one stride (contiguous, channels-last), else a contiguous copy."""
+    sizes, strides = t.shape[2:], t.stride()[2:]
+    expect = strides[-1] if len(strides) else 1
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size != 1 and stride != expect:
+            return t.contiguous()
+        expect *= size
+    return t
+
+
+def _nsc(t: Tensor) -> tuple[int, int, int]:
+    """(batch, channel, flat spatial) strides of a tensor that passed :func:`flat_strides`."""
+    spatial = [st for s, st in zip(t.shape[2:], t.stride()[2:]) if s != 1]
+    return t.stride(0), t.stride(1), (spatial[-1] if spatial else 1)
+
+
+def _fine_blocks(C: int, S: int) -> int:
+    if _interpreting():
+        return min(256, max(16, triton.next_power_of_2(S)))
+    return 64 if C <= 64 else 32
+
+
+def _coarse_block(C: int, CI: int) -> int:
+    if _interpreting():
+        return 64
+    return 32 if max(C, CI) <= 128 else 16
+
+
+def _prec(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _warps(C: int) -> int:
+    return 4 if C <= 64 else 8
+
+
+def _weights(theta_w: Tensor, phi_w: Tensor) -> tuple[Tensor, Tensor]:
+    """theta as [K, F_l, F_int] and phi as [F_g, F_int], float32, contiguous."""
+    CI, C = theta_w.shape[:2]
+    wt = theta_w.detach().float().reshape(CI, C, -1).permute(2, 1, 0).contiguous()
+    wp = phi_w.detach().float().reshape(CI, -1).t().contiguous()
+    return wt, wp
+
+
+def _coarse_args(x: Tensor, g: Tensor, k):
+    D, H, W = _as_3d(x.shape[2:])
+    KD, KH, KW = _as_3d(k)
+    DC, HC, WC = D // KD, H // KH, W // KW
+    return (H, W, HC, WC, DC * HC * WC), (KD, KH, KW)
+
+
+def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor, softplus: bool) -> Tensor:
+    """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` float32; ``g`` already on that grid."""
+    N, C = x.shape[:2]
+    CI, CG = theta_w.shape[0], g.shape[1]
+    k = tuple(theta_w.shape[2:])
+    (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
+    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=x.device, dtype=torch.float32)
+    wt, wp = _weights(theta_w, phi_w)
+    BP = _coarse_block(C, CI)
+    K._coarse_fwd[(triton.cdiv(SC, BP), N)](
+        x, g, wt, wp, phi_b.detach().float().contiguous(), psi_w.detach().float().reshape(-1).contiguous(),
+        psi_b.detach().float().contiguous(), ac,
+        C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g),
+        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
+        SOFTPLUS=softplus, PREC=_prec(x), num_warps=_warps(max(C, CI)),
+    )  # fmt: skip
+    return ac
+
+
+def _combine_stats(mean_b: Tensor, m2_b: Tensor, cnt_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Chan's parallel combination of per-block (count, mean, M2): the mean and biased variance."""
+    mean_b, m2_b, cnt = mean_b.double(), m2_b.double(), cnt_b.double()[:, None]
+    n = cnt.sum()
+    mean = (cnt * mean_b).sum(0) / n
+    m2 = m2_b.sum(0) + (cnt * (mean_b - mean) ** 2).sum(0)
+    return mean.float(), (m2 / n).float()
+
+
+def gate_forward(
+    x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor,
+    W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+    mean_in: Optional[Tensor], var_in: Optional[Tensor], use_batch_stats: bool, eps: float,
+    softplus: bool, align_corners: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch-norm statistics used
+    (float32, ``Tensor[F_l]``; empty without a norm). ``x``, ``g`` pass :func:`flat_strides`."""
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    ac = coarse_alpha(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, softplus)
+    af = resample(ac, x.shape[2:], align_corners).contiguous()
+    has_w = W_w is not None
+    w0t = W_w.detach().float().reshape(C, C).t().contiguous() if has_w else af  # af: unused placeholder pointer
+    BS = _fine_blocks(C, S)
+    grid = (triton.cdiv(S, BS), N)
+    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), num_warps=_warps(C))
+    mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    scale = torch.ones(C, device=x.device, dtype=torch.float32)
+    shift = torch.zeros(C, device=x.device, dtype=torch.float32)
+    if has_w:
+        shift = W_b.detach().float().clone()
+    if gamma is not None:
+        if use_batch_stats:
+            nb = grid[0] * N
+            mean_b = torch.empty((nb, C), device=x.device, dtype=torch.float32)
+            m2_b = torch.empty_like(mean_b)
+            cnt_b = torch.empty(nb, device=x.device, dtype=torch.float32)
+            K._fine_stats[grid](x, af, w0t, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
+            mean, var = _combine_stats(mean_b, m2_b, cnt_b)
+            mean = mean + shift  # the conv's bias shifts the mean only
+        else:
+            mean, var = mean_in.detach().float().clone(), var_in.detach().float().clone()
+        r = torch.rsqrt(var + eps)
+        scale = gamma.detach().float() * r
+        shift = (shift - mean) * scale + beta.detach().float()
+    out = torch.empty_like(x)
+    K._fine_out[grid](x, af, w0t, scale, shift, out, C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, **common)
+    return out, af.to(x.dtype), ac, mean, var
+
+
+def gate_backward(
+    dout: Tensor, dalpha: Optional[Tensor], x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor,
+    psi_w: Tensor, psi_b: Tensor, W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor],
+    alpha_c: Tensor, mean: Tensor, var: Tensor, use_batch_stats: bool, eps: float, softplus: bool,
+    align_corners: bool,
+) -> tuple[Tensor, ...]:
+    """Gradients ``(dx, dg, dtheta, dphi_w, dphi_b, dpsi_w, dpsi_b, dW_w, dW_b, dgamma, dbeta)``
+    (float32 weights' gradients; ``dW_*``/``dgamma``/``dbeta`` empty where absent)."""
+    N, C = x.shape[:2]
+    CI, CG = theta_w.shape[0], g.shape[1]
+    S = math.prod(x.shape[2:])
+    dev, f32 = x.device, torch.float32
+    dout = flat_strides(dout)
+    af = resample(alpha_c, x.shape[2:], align_corners).contiguous()
+    has_w = W_w is not None
+    w0t = W_w.detach().float().reshape(C, C).t().contiguous() if has_w else af
+    BS = _fine_blocks(C, S)
+    grid = (triton.cdiv(S, BS), N)
+    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), num_warps=_warps(C))
+    BC = _p2(C)
+    # dz = A dout + B + E zhat with zhat = alpha u r + h
+    coef = torch.zeros((5, BC), device=dev, dtype=f32)
+    coef[0, :C] = 1.0
+    def empty() -> Tensor:  # a distinct tensor each time: custom-op outputs may not alias
+        return x.new_empty(0, dtype=f32)
+
+    dgamma, dbeta = empty(), empty()
+    if gamma is not None:
+        b = W_b.detach().float()
+        r = torch.rsqrt(var + eps)
+        h = (b - mean) * r
+        nb = grid[0] * N
+        s_do = torch.empty((nb, C), device=dev, dtype=f32)
+        s_doz = torch.empty_like(s_do)
+        K._fine_bwd_sums[grid](
+            x, af, w0t, dout, r.contiguous(), h.contiguous(), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout),
+            BLOCK_S=BS, BLOCK_C=BC, PREC=_prec(x), num_warps=_warps(C),
+        )  # fmt: skip
+        dbeta = s_do.double().sum(0).float()
+        dgamma = s_doz.double().sum(0).float()
+        gr = gamma.detach().float() * r
+        coef[0, :C] = gr
+        coef[3, :C] = r
+        coef[4, :C] = h
+        if use_batch_stats:
+            n = N * S
+            coef[1, :C] = -gr * dbeta / n
+            coef[2, :C] = -gr * dgamma / n
+    dx = torch.empty((N, C) + tuple(x.shape[2:]), device=dev, dtype=f32)
+    daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
+    dW_w = torch.zeros((C, C), device=dev, dtype=f32) if has_w else empty()
+    dW_b = torch.zeros(C, device=dev, dtype=f32) if has_w else empty()
+    has_dalpha = dalpha is not None
+    dal = dalpha.contiguous() if has_dalpha else af
+    K._fine_bwd[grid](
+        x, af, w0t, dout, dal, coef, dx, daf, dW_w if has_w else af, dW_b if has_w else af,
+        C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_DALPHA=has_dalpha, **common,
+    )  # fmt: skip
+    # the adjoint of alpha's resampling onto x's grid
+    if tuple(alpha_c.shape[2:]) == tuple(x.shape[2:]):
+        dac = daf
+    else:
+        _, vjp = torch.func.vjp(lambda a: resample(a, x.shape[2:], align_corners), alpha_c)
+        dac = vjp(daf)[0].contiguous()
+    k = tuple(theta_w.shape[2:])
+    (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
+    wt, wp = _weights(theta_w, phi_w)
+    dwt = torch.zeros_like(wt)
+    dwp = torch.zeros_like(wp)
+    dbp = torch.zeros(CI, device=dev, dtype=f32)
+    dwpsi = torch.zeros(CI, device=dev, dtype=f32)
+    dbpsi = torch.zeros(1, device=dev, dtype=f32)
+    dg = torch.empty(g.shape, device=dev, dtype=g.dtype)
+    BP = _coarse_block(C, CI)
+    K._coarse_bwd[(triton.cdiv(SC, BP), N)](
+        x, g, wt, wp, phi_b.detach().float().contiguous(), psi_w.detach().float().reshape(-1).contiguous(),
+        alpha_c, dac, dx, dg, dwt, dwp, dbp, dwpsi, dbpsi,
+        C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg),
+        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
+        SOFTPLUS=softplus, PREC=_prec(x), num_warps=_warps(max(C, CI)),
+    )  # fmt: skip
+    dtheta = dwt.permute(2, 1, 0).reshape(theta_w.shape)
+    dphi_w = dwp.t().reshape(phi_w.shape)
+    dW = dW_w.reshape(W_w.shape) if has_w else dW_w
+    return (dx.to(x.dtype), dg, dtheta, dphi_w, dbp, dwpsi.reshape(psi_w.shape), dbpsi, dW, dW_b, dgamma, dbeta)
