@@ -7,6 +7,8 @@
 
 Numerics: loads in the storage dtype (float32, float16, bfloat16), arithmetic in float32
 (``tl.dot`` in IEEE float32 for float32 inputs, TF32 for 16-bit ones); outputs in x's dtype.
+float64 inputs compute in float64 (for gradcheck; under the interpreter, and on GPUs where
+Triton compiles float64 dot products).
 Under :func:`torch.autocast` the op runs at the dtype its inputs arrive in (it is not on
 autocast's lists); it computes in float32 regardless.
 """
@@ -44,9 +46,9 @@ def _(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in,
     return (
         torch.empty_like(x),
         x.new_empty((N, 1) + tuple(x.shape[2:])),
-        x.new_empty((N, 1) + tuple(g.shape[2:]), dtype=torch.float32),
-        x.new_empty(stats, dtype=torch.float32),
-        x.new_empty(stats, dtype=torch.float32),
+        x.new_empty((N, 1) + tuple(g.shape[2:]), dtype=launch.acc_dtype(x)),
+        x.new_empty(stats, dtype=launch.acc_dtype(x)),
+        x.new_empty(stats, dtype=launch.acc_dtype(x)),
     )
 
 
@@ -65,7 +67,7 @@ def gate_bwd(
 
 @gate_bwd.register_fake
 def _(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, use_batch_stats, eps, softplus, align_corners):
-    f32 = torch.float32
+    f32 = launch.acc_dtype(x)
     C = x.shape[1]
     empty = lambda: x.new_empty(0, dtype=f32)  # noqa: E731
     has_w = W_w is not None

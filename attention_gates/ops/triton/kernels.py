@@ -2,7 +2,7 @@
 
 Tensors are seen as ``x: [N, C, S]`` with one stride per axis (contiguous and channels-last
 layouts both qualify), spatial positions flattened; 1D and 2D inputs are 3D with unit leading
-sizes. Everything is computed in float32 whatever the storage dtype.
+sizes. Everything is computed in float32 (``ACC``; float64 for float64 inputs) whatever the storage dtype.
 
 Coarse side (theta's grid ``Sc = S // k``), one program per ``BLOCK_P`` coarse positions:
     ``_coarse_fwd``   alpha_c = sigmoid(psi . sigma1(theta(x) + phi(g)) + b_psi)
@@ -33,7 +33,7 @@ def _sigma1_grad(t, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
         return 1.0 / (1.0 + tl.exp(-t))
     else:
-        return (t > 0.0).to(tl.float32)
+        return tl.where(t > 0.0, 1.0, 0.0).to(t.dtype)
 
 
 @triton.jit
@@ -41,22 +41,22 @@ def _coarse_pre(
     x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, cmask, cg, cgmask, ci, cimask,
     C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """theta(x) + phi(g) on BLOCK_P coarse positions: Tensor[BLOCK_P, BLOCK_CI], and the g tile."""
     wc = p % WC
     hc = (p // WC) % HC
     dc = p // (WC * HC)
     K: tl.constexpr = KD * KH * KW
-    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=ACC)
     xmask = pmask[:, None] & cmask[None, :]
     wmask = cmask[:, None] & cimask[None, :]
     for o in tl.static_range(K):
         s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
-        xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
         wo = tl.load(wt_ptr + o * C * CI + c[:, None] * CI + ci[None, :], mask=wmask, other=0.0)
         acc += tl.dot(xo, wo, input_precision=PREC)
-    gt = tl.load(g_ptr + n * sgn + p[:, None] * sgs + cg[None, :] * sgc, mask=pmask[:, None] & cgmask[None, :], other=0.0).to(tl.float32)
+    gt = tl.load(g_ptr + n * sgn + p[:, None] * sgs + cg[None, :] * sgc, mask=pmask[:, None] & cgmask[None, :], other=0.0).to(ACC)
     wp = tl.load(wp_ptr + cg[:, None] * CI + ci[None, :], mask=cgmask[:, None] & cimask[None, :], other=0.0)
     bp = tl.load(bp_ptr + ci, mask=cimask, other=0.0)
     acc += tl.dot(gt, wp, input_precision=PREC) + bp[None, :]
@@ -68,7 +68,7 @@ def _coarse_fwd(
     x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, wpsi_ptr, bpsi_ptr, ac_ptr,
     C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -79,7 +79,7 @@ def _coarse_fwd(
     cimask = ci < CI
     pre, gt = _coarse_pre(
         x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, c < C, cg, cg < CG, ci, cimask,
-        C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC,
+        C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC, ACC,
     )
     f = _sigma1(pre, SOFTPLUS)
     wpsi = tl.load(wpsi_ptr + ci, mask=cimask, other=0.0)
@@ -94,7 +94,7 @@ def _coarse_bwd(
     dx_ptr, dg_ptr, dwt_ptr, dwp_ptr, dbp_ptr, dwpsi_ptr, dbpsi_ptr,
     C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds, sdgn, sdgc, sdgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -107,7 +107,7 @@ def _coarse_bwd(
     cimask = ci < CI
     pre, gt = _coarse_pre(
         x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, cmask, cg, cgmask, ci, cimask,
-        C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC,
+        C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC, ACC,
     )
     f = _sigma1(pre, SOFTPLUS)
     a = tl.load(ac_ptr + n * SC + p, mask=pmask, other=0.0)
@@ -135,7 +135,7 @@ def _coarse_bwd(
     xmask = pmask[:, None] & cmask[None, :]
     for o in tl.static_range(K):
         s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
-        xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
         tl.atomic_add(
             dwt_ptr + o * C * CI + c[:, None] * CI + ci[None, :], tl.dot(tl.trans(xo), df, input_precision=PREC),
             mask=cmask[:, None] & cimask[None, :],
@@ -147,9 +147,9 @@ def _coarse_bwd(
 
 
 @triton.jit
-def _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W: tl.constexpr, PREC: tl.constexpr):
+def _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     """The x tile Tensor[BLOCK_S, BLOCK_C] (float32) and u = x @ W0^T (x itself without W)."""
-    xt = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=smask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    xt = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=smask[:, None] & cmask[None, :], other=0.0).to(ACC)
     if HAS_W:
         w0t = tl.load(w0_ptr + c[:, None] * C + c[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
         u = tl.dot(xt, w0t, input_precision=PREC)
@@ -161,7 +161,7 @@ def _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W: tl.co
 @triton.jit
 def _fine_stats(
     x_ptr, af_ptr, w0_ptr, mean_ptr, m2_ptr, cnt_ptr, C, S, sxn, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -169,10 +169,10 @@ def _fine_stats(
     smask = s < S
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC)
+    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
     a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     z = a[:, None] * u
-    cnt = tl.sum(smask.to(tl.float32), axis=0)
+    cnt = tl.sum(smask.to(ACC), axis=0)
     mean = tl.sum(z, axis=0) / cnt
     dev = tl.where(smask[:, None], z - mean[None, :], 0.0)
     tl.store(mean_ptr + blk * C + c, mean, mask=cmask)
@@ -183,14 +183,14 @@ def _fine_stats(
 @triton.jit
 def _fine_out(
     x_ptr, af_ptr, w0_ptr, scale_ptr, shift_ptr, out_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = s < S
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC)
+    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
     a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=cmask, other=0.0)
@@ -204,7 +204,7 @@ def _fine_out(
 @triton.jit
 def _fine_bwd_sums(
     x_ptr, af_ptr, w0_ptr, do_ptr, r_ptr, h_ptr, sdo_ptr, sdoz_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-block sums of dout and dout * zhat, zhat = alpha * u * r + h."""
     n = tl.program_id(1).to(tl.int64)
@@ -214,11 +214,11 @@ def _fine_bwd_sums(
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     m2 = smask[:, None] & cmask[None, :]
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, True, PREC)
+    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, True, PREC, ACC)
     a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     r = tl.load(r_ptr + c, mask=cmask, other=0.0)
     h = tl.load(h_ptr + c, mask=cmask, other=0.0)
-    do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(ACC)
     zhat = a[:, None] * u * r[None, :] + h[None, :]
     tl.store(sdo_ptr + blk * C + c, tl.sum(do, axis=0), mask=cmask)
     tl.store(sdoz_ptr + blk * C + c, tl.sum(tl.where(m2, do * zhat, 0.0), axis=0), mask=cmask)
@@ -229,7 +229,7 @@ def _fine_bwd(
     x_ptr, af_ptr, w0_ptr, do_ptr, dalpha_ptr, coef_ptr, dx_ptr, daf_ptr, dw0_ptr, db_ptr,
     C, S, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_DALPHA: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """dz = A dout + B + E zhat (zhat = alpha u r + h; coef rows A, B, E, r, h); then
     d alpha = sum_c dz u (+ the alpha output's gradient), dx = alpha W0^T dz, dW0 += dz^T (alpha x), db += sum dz."""
@@ -239,19 +239,19 @@ def _fine_bwd(
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     m2 = smask[:, None] & cmask[None, :]
-    xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC)
+    xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
     a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     A = tl.load(coef_ptr + c, mask=cmask, other=0.0)
     B = tl.load(coef_ptr + BLOCK_C + c, mask=cmask, other=0.0)
     E = tl.load(coef_ptr + 2 * BLOCK_C + c, mask=cmask, other=0.0)
     r = tl.load(coef_ptr + 3 * BLOCK_C + c, mask=cmask, other=0.0)
     h = tl.load(coef_ptr + 4 * BLOCK_C + c, mask=cmask, other=0.0)
-    do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(ACC)
     dz = A[None, :] * do + B[None, :] + E[None, :] * (a[:, None] * u * r[None, :] + h[None, :])
     dz = tl.where(m2, dz, 0.0)
     da = tl.sum(dz * u, axis=1)
     if HAS_DALPHA:
-        da += tl.load(dalpha_ptr + n * S + s, mask=smask, other=0.0).to(tl.float32)
+        da += tl.load(dalpha_ptr + n * S + s, mask=smask, other=0.0).to(ACC)
     tl.store(daf_ptr + n * S + s, da, mask=smask)
     adz = a[:, None] * dz
     if HAS_W:

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from ...functional import resample
@@ -55,7 +56,7 @@ def flat_strides(t: Tensor) -> Tensor:
 
 
 def _nsc(t: Tensor) -> tuple[int, int, int]:
-    """(batch, channel, flat spatial) strides of a tensor that passed :func:`flat_strides`."""
+    """(batch, channel, flat spatial) strides of a tensor that passed ``flat_strides``."""
     spatial = [st for s, st in zip(t.shape[2:], t.stride()[2:]) if s != 1]
     return t.stride(0), t.stride(1), (spatial[-1] if spatial else 1)
 
@@ -73,18 +74,27 @@ def _coarse_block(C: int, CI: int) -> int:
 
 
 def _prec(x: Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The compute dtype: float64 for float64 inputs (gradcheck), float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(x: Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 def _warps(C: int) -> int:
     return 4 if C <= 64 else 8
 
 
-def _weights(theta_w: Tensor, phi_w: Tensor) -> tuple[Tensor, Tensor]:
-    """theta as [K, F_l, F_int] and phi as [F_g, F_int], float32, contiguous."""
+def _weights(theta_w: Tensor, phi_w: Tensor, f32: torch.dtype) -> tuple[Tensor, Tensor]:
+    """theta as [K, F_l, F_int] and phi as [F_g, F_int], in the compute dtype, contiguous."""
     CI, C = theta_w.shape[:2]
-    wt = theta_w.detach().float().reshape(CI, C, -1).permute(2, 1, 0).contiguous()
-    wp = phi_w.detach().float().reshape(CI, -1).t().contiguous()
+    wt = theta_w.detach().to(f32).reshape(CI, C, -1).permute(2, 1, 0).contiguous()
+    wp = phi_w.detach().to(f32).reshape(CI, -1).t().contiguous()
     return wt, wp
 
 
@@ -96,31 +106,32 @@ def _coarse_args(x: Tensor, g: Tensor, k):
 
 
 def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor, softplus: bool) -> Tensor:
-    """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` float32; ``g`` already on that grid."""
+    """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` in the compute dtype; ``g`` already on that grid."""
+    f32 = acc_dtype(x)
     N, C = x.shape[:2]
     CI, CG = theta_w.shape[0], g.shape[1]
     k = tuple(theta_w.shape[2:])
     (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
-    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=x.device, dtype=torch.float32)
-    wt, wp = _weights(theta_w, phi_w)
+    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=x.device, dtype=f32)
+    wt, wp = _weights(theta_w, phi_w, f32)
     BP = _coarse_block(C, CI)
     K._coarse_fwd[(triton.cdiv(SC, BP), N)](
-        x, g, wt, wp, phi_b.detach().float().contiguous(), psi_w.detach().float().reshape(-1).contiguous(),
-        psi_b.detach().float().contiguous(), ac,
+        x, g, wt, wp, phi_b.detach().to(f32).contiguous(), psi_w.detach().to(f32).reshape(-1).contiguous(),
+        psi_b.detach().to(f32).contiguous(), ac,
         C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g),
         KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
-        SOFTPLUS=softplus, PREC=_prec(x), num_warps=_warps(max(C, CI)),
+        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
     )  # fmt: skip
     return ac
 
 
 def _combine_stats(mean_b: Tensor, m2_b: Tensor, cnt_b: Tensor) -> tuple[Tensor, Tensor]:
     """Chan's parallel combination of per-block (count, mean, M2): the mean and biased variance."""
-    mean_b, m2_b, cnt = mean_b.double(), m2_b.double(), cnt_b.double()[:, None]
+    mb, cnt = mean_b.double(), cnt_b.double()[:, None]
     n = cnt.sum()
-    mean = (cnt * mean_b).sum(0) / n
-    m2 = m2_b.sum(0) + (cnt * (mean_b - mean) ** 2).sum(0)
-    return mean.float(), (m2 / n).float()
+    mean = (cnt * mb).sum(0) / n
+    m2 = m2_b.double().sum(0) + (cnt * (mb - mean) ** 2).sum(0)
+    return mean.to(mean_b.dtype), (m2 / n).to(mean_b.dtype)
 
 
 def gate_forward(
@@ -130,35 +141,38 @@ def gate_forward(
     softplus: bool, align_corners: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch-norm statistics used
-    (float32, ``Tensor[F_l]``; empty without a norm). ``x``, ``g`` pass :func:`flat_strides`."""
+    (float32, ``Tensor[F_l]``; empty without a norm). ``x``, ``g`` pass ``flat_strides``."""
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
+    f32 = acc_dtype(x)
     ac = coarse_alpha(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, softplus)
     af = resample(ac, x.shape[2:], align_corners).contiguous()
+    if af is ac:  # factor 1 on every axis: alpha is an output of its own, not an alias of alpha_c
+        af = ac.clone()
     has_w = W_w is not None
-    w0t = W_w.detach().float().reshape(C, C).t().contiguous() if has_w else af  # af: unused placeholder pointer
+    w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af  # af: unused placeholder pointer
     BS = _fine_blocks(C, S)
     grid = (triton.cdiv(S, BS), N)
-    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), num_warps=_warps(C))
-    mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    scale = torch.ones(C, device=x.device, dtype=torch.float32)
-    shift = torch.zeros(C, device=x.device, dtype=torch.float32)
+    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
+    mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
+    scale = torch.ones(C, device=x.device, dtype=f32)
+    shift = torch.zeros(C, device=x.device, dtype=f32)
     if has_w:
-        shift = W_b.detach().float().clone()
+        shift = W_b.detach().to(f32).clone()
     if gamma is not None:
         if use_batch_stats:
             nb = grid[0] * N
-            mean_b = torch.empty((nb, C), device=x.device, dtype=torch.float32)
+            mean_b = torch.empty((nb, C), device=x.device, dtype=f32)
             m2_b = torch.empty_like(mean_b)
-            cnt_b = torch.empty(nb, device=x.device, dtype=torch.float32)
+            cnt_b = torch.empty(nb, device=x.device, dtype=f32)
             K._fine_stats[grid](x, af, w0t, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
             mean, var = _combine_stats(mean_b, m2_b, cnt_b)
             mean = mean + shift  # the conv's bias shifts the mean only
         else:
-            mean, var = mean_in.detach().float().clone(), var_in.detach().float().clone()
+            mean, var = mean_in.detach().to(f32).clone(), var_in.detach().to(f32).clone()
         r = torch.rsqrt(var + eps)
-        scale = gamma.detach().float() * r
-        shift = (shift - mean) * scale + beta.detach().float()
+        scale = gamma.detach().to(f32) * r
+        shift = (shift - mean) * scale + beta.detach().to(f32)
     out = torch.empty_like(x)
     K._fine_out[grid](x, af, w0t, scale, shift, out, C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, **common)
     return out, af.to(x.dtype), ac, mean, var
@@ -175,14 +189,14 @@ def gate_backward(
     N, C = x.shape[:2]
     CI, CG = theta_w.shape[0], g.shape[1]
     S = math.prod(x.shape[2:])
-    dev, f32 = x.device, torch.float32
+    dev, f32 = x.device, acc_dtype(x)
     dout = flat_strides(dout)
     af = resample(alpha_c, x.shape[2:], align_corners).contiguous()
     has_w = W_w is not None
-    w0t = W_w.detach().float().reshape(C, C).t().contiguous() if has_w else af
+    w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af
     BS = _fine_blocks(C, S)
     grid = (triton.cdiv(S, BS), N)
-    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), num_warps=_warps(C))
+    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
     BC = _p2(C)
     # dz = A dout + B + E zhat with zhat = alpha u r + h
     coef = torch.zeros((5, BC), device=dev, dtype=f32)
@@ -192,7 +206,7 @@ def gate_backward(
 
     dgamma, dbeta = empty(), empty()
     if gamma is not None:
-        b = W_b.detach().float()
+        b = W_b.detach().to(f32)
         r = torch.rsqrt(var + eps)
         h = (b - mean) * r
         nb = grid[0] * N
@@ -200,11 +214,11 @@ def gate_backward(
         s_doz = torch.empty_like(s_do)
         K._fine_bwd_sums[grid](
             x, af, w0t, dout, r.contiguous(), h.contiguous(), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout),
-            BLOCK_S=BS, BLOCK_C=BC, PREC=_prec(x), num_warps=_warps(C),
+            BLOCK_S=BS, BLOCK_C=BC, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C),
         )  # fmt: skip
-        dbeta = s_do.double().sum(0).float()
-        dgamma = s_doz.double().sum(0).float()
-        gr = gamma.detach().float() * r
+        dbeta = s_do.double().sum(0).to(f32)
+        dgamma = s_doz.double().sum(0).to(f32)
+        gr = gamma.detach().to(f32) * r
         coef[0, :C] = gr
         coef[3, :C] = r
         coef[4, :C] = h
@@ -222,6 +236,8 @@ def gate_backward(
         x, af, w0t, dout, dal, coef, dx, daf, dW_w if has_w else af, dW_b if has_w else af,
         C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_DALPHA=has_dalpha, **common,
     )  # fmt: skip
+    if gamma is not None and use_batch_stats:
+        dW_b.zero_()  # exactly zero: batch normalisation removes any constant added before it
     # the adjoint of alpha's resampling onto x's grid
     if tuple(alpha_c.shape[2:]) == tuple(x.shape[2:]):
         dac = daf
@@ -230,7 +246,7 @@ def gate_backward(
         dac = vjp(daf)[0].contiguous()
     k = tuple(theta_w.shape[2:])
     (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
-    wt, wp = _weights(theta_w, phi_w)
+    wt, wp = _weights(theta_w, phi_w, f32)
     dwt = torch.zeros_like(wt)
     dwp = torch.zeros_like(wp)
     dbp = torch.zeros(CI, device=dev, dtype=f32)
@@ -239,13 +255,13 @@ def gate_backward(
     dg = torch.empty(g.shape, device=dev, dtype=g.dtype)
     BP = _coarse_block(C, CI)
     K._coarse_bwd[(triton.cdiv(SC, BP), N)](
-        x, g, wt, wp, phi_b.detach().float().contiguous(), psi_w.detach().float().reshape(-1).contiguous(),
+        x, g, wt, wp, phi_b.detach().to(f32).contiguous(), psi_w.detach().to(f32).reshape(-1).contiguous(),
         alpha_c, dac, dx, dg, dwt, dwp, dbp, dwpsi, dbpsi,
         C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg),
         KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
-        SOFTPLUS=softplus, PREC=_prec(x), num_warps=_warps(max(C, CI)),
+        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
     )  # fmt: skip
-    dtheta = dwt.permute(2, 1, 0).reshape(theta_w.shape)
-    dphi_w = dwp.t().reshape(phi_w.shape)
+    dtheta = dwt.permute(2, 1, 0).contiguous().reshape(theta_w.shape)  # contiguous, as the fake kernel says
+    dphi_w = dwp.t().contiguous().reshape(phi_w.shape)
     dW = dW_w.reshape(W_w.shape) if has_w else dW_w
     return (dx.to(x.dtype), dg, dtheta, dphi_w, dbp, dwpsi.reshape(psi_w.shape), dbpsi, dW, dW_b, dgamma, dbeta)
