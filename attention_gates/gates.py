@@ -96,6 +96,10 @@ class GridAttentionGate(nn.Module):
         align_corners: for the linear resampling; ``True`` for checkpoints of PyTorch < 0.4.
         backend: implementation (see :mod:`attention_gates.ops.dispatch`); ``None`` follows the global default.
 
+    Under :class:`torch.nn.SyncBatchNorm` (after ``convert_sync_batchnorm``) the gate computes
+    ``alpha * x`` with the chosen backend and applies ``W`` as modules, so that the norm's
+    statistics are synchronised across processes.
+
     Shapes:
         ``forward(x: Tensor[N, F_l, *S], g: Tensor[N, F_g, *S_g])`` returns
         ``(out: Tensor[N, F_l, *S], alpha: Tensor[N, 1, *S])``.
@@ -136,6 +140,8 @@ class GridAttentionGate(nn.Module):
             raise ValueError(f"sigma1 must be one of {AF.SIGMA1}, got {sigma1!r}")
         if sigma2 not in AF.SIGMA2:
             raise ValueError(f"sigma2 must be one of {AF.SIGMA2}, got {sigma2!r}")
+        if norm not in AF.NORMS:
+            raise ValueError(f"norm must be one of {AF.NORMS}, got {norm!r}")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.gating_channels = gating_channels
@@ -165,6 +171,13 @@ class GridAttentionGate(nn.Module):
                 f"{type(self).__name__} expects x as Tensor[N, C, *S] with {self.spatial_dims} spatial dims, "
                 f"got {x.dim()} dims: {list(x.shape)}"
             )
+        if self.W is not None and isinstance(self.W[1], nn.SyncBatchNorm):
+            # statistics across processes: the gate gives alpha * x, the modules apply W
+            y, alpha = AF.grid_attention(
+                x, g, self.theta.weight, self.phi.weight, self.phi.bias, self.psi.weight, self.psi.bias,
+                sigma1=self.sigma1, sigma2=self.sigma2, align_corners=self.align_corners, backend=self.backend,
+            )  # fmt: skip
+            return self.W(y), alpha
         W_weight = W_bias = nw = nb = rm = rv = None
         momentum = 0.0
         eps = 1e-5

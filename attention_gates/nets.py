@@ -182,7 +182,9 @@ def _crop(t: Tensor, size: Sequence[int], level: int) -> Tensor:
 class AttentionUNet(UNet):
     """Attention U-Net (Oktay et al., 2018), N-d: :class:`UNet` with gated skips.
 
-    Args (beyond :class:`UNet`'s):
+    Takes :class:`UNet`'s arguments and these:
+
+    Args:
         attention_levels: the levels whose skips are gated (1 = full resolution); default all
             but the top one and the bottleneck (``(2, 3, 4)`` at depth 5). The deepest skip
             (``depth - 1``) is gated by the gating signal, the others by the decoder output below.
@@ -234,6 +236,17 @@ class AttentionUNet(UNet):
                 output_transform=gate_output_transform, align_corners=self.align_corners, backend=backend,
             )  # fmt: skip
         self.heads = heads
+
+    @classmethod
+    def from_unet(cls, source, **config) -> "AttentionUNet":
+        """This network with a trained :class:`UNet`'s weights and pass-through gates.
+
+        ``source`` is the U-Net, its state dict or a checkpoint path; see
+        :func:`attention_gates.finetune.attention_unet_from_unet` (called with ``model_class=cls``).
+        """
+        from .finetune import attention_unet_from_unet
+
+        return attention_unet_from_unet(source, model_class=cls, **config)
 
     def set_backend(self, backend: Optional[str]) -> "AttentionUNet":
         """Set every gate's backend (``None`` follows the global default); returns ``self``."""

@@ -1,0 +1,1 @@
+"""Worked examples for attention-gates (not part of the library API)."""
