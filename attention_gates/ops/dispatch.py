@@ -19,6 +19,7 @@ falls back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Callable, Iterator, Optional
@@ -83,6 +84,7 @@ def use_backend(name: str) -> Iterator[None]:
         _override.pop()
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -91,19 +93,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fused_reasons(backend: str, x: Tensor, g: Tensor, *, W_weight, norm, training, sigma1, sigma2, weights) -> list[str]:
+def _fused_reasons(backend: str, x: Tensor, g: Tensor, *, W_weight, norm, training, sigma1, sigma2, weights, dtypes=_FUSED_DTYPES) -> list[str]:
     """Reasons shared by the fused backends (triton, cpu)."""
     reasons = []
     if sigma2 != "sigmoid":
         reasons.append(f"sigma2={sigma2!r}: only the paper's 'sigmoid' gate is fused (softmax needs a grid-wide reduction)")
     if W_weight is not None and norm not in ("batch", "none"):
         reasons.append(f"norm={norm!r}: only 'batch' or 'none' after W are fused")
-    dtypes = {x.dtype, g.dtype}
-    if not dtypes <= set(_FUSED_DTYPES):
-        reasons.append(f"dtype {sorted(map(str, dtypes))}: supported are float32, float16, bfloat16")
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    got = {x.dtype, g.dtype}
+    if not got <= set(dtypes):
+        reasons.append(f"dtype {sorted(map(str, got))}: supported are {names}")
     for t in weights:
-        if t is not None and t.dtype not in _FUSED_DTYPES:
-            reasons.append(f"weight dtype {t.dtype}: supported are float32, float16, bfloat16")
+        if t is not None and t.dtype not in dtypes:
+            reasons.append(f"weight dtype {t.dtype}: supported are {names}")
             break
     return reasons
 
@@ -119,7 +122,9 @@ def _triton_reasons(x: Tensor, g: Tensor, **case) -> list[str]:
             reasons.append("x is on the CPU: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
     else:
         reasons.append(f"device {x.device.type!r}: Triton kernels need a CUDA tensor")
-    reasons += _fused_reasons("triton", x, g, **case)
+    # float64 (for gradcheck) only through the interpreter
+    dtypes = _FUSED_DTYPES + ((torch.float64,) if x.device.type == "cpu" else ())
+    reasons += _fused_reasons("triton", x, g, dtypes=dtypes, **case)
     from .triton.support import shape_reasons
 
     reasons += shape_reasons(x, g, case["weights"][0])
@@ -178,6 +183,8 @@ def not_supported_reasons(backend: str, x: Tensor, g: Tensor, **case) -> list[st
 def _auto_order(x: Tensor) -> tuple[str, ...]:
     if x.device.type == "cuda":
         return ("triton", "reference")
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # the dtype the cpu backend was measured in
+        return ("cpu", "reference")
     return ("reference",)
 
 
