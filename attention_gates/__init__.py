@@ -1,6 +1,16 @@
 """Grid attention gates and the Attention U-Net (Oktay et al., MIDL 2018) for PyTorch, 2D and 3D."""
 
 from .blocks import ConvBlock, DeepSupervisionHead, GatingSignal, UpBlock, deep_supervision_weights
+from .convert import load_oktay_state_dict
+from .finetune import (
+    TransferReport,
+    attention_unet_from_unet,
+    checkpoint_config,
+    freeze_backbone,
+    gate_parameters,
+    init_passthrough,
+    unfreeze,
+)
 from .functional import grid_attention
 from .gates import GridAttentionGate, GridAttentionGate2D, GridAttentionGate3D, MultiAttentionGate
 from .nets import AttentionUNet, AttentionUNet2D, AttentionUNet3D, UNet, UNet2D, UNet3D
@@ -25,6 +35,14 @@ __all__ = [
     "AttentionUNet",
     "AttentionUNet2D",
     "AttentionUNet3D",
+    "load_oktay_state_dict",
+    "attention_unet_from_unet",
+    "checkpoint_config",
+    "TransferReport",
+    "init_passthrough",
+    "gate_parameters",
+    "freeze_backbone",
+    "unfreeze",
     "use_backend",
     "get_backend",
     "BackendUnavailableError",

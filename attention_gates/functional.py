@@ -41,6 +41,12 @@ __all__ = ["grid_attention", "grid_attention_reference", "check_gate_inputs", "r
 SIGMA1 = ("relu", "softplus")
 SIGMA2 = ("sigmoid", "softmax")
 NORMS = ("batch", "instance", "group", "none")
+_SHAPE_SOURCE = {  # what fixes each weight's shape, for error messages (the rest follow x's channels)
+    "phi_weight": "g's channels and theta's F_int",
+    "phi_bias": "theta's F_int",
+    "psi_weight": "theta's F_int",
+    "psi_bias": "psi's one output channel",
+}
 
 
 def resample(t: Tensor, size, align_corners: bool = False) -> Tensor:
@@ -180,6 +186,8 @@ def check_gate_inputs(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     d = x.dim() - 2
     c_l, c_g = x.shape[1], g.shape[1]
+    if not isinstance(theta_weight, Tensor):
+        raise TypeError(f"theta_weight must be a torch.Tensor, got {type(theta_weight).__name__}")
     if theta_weight.dim() != x.dim():
         raise ValueError(
             f"theta_weight must be Tensor[F_int, F_l, *subsample_factor] with {d} kernel dims for "
@@ -208,8 +216,12 @@ def check_gate_inputs(
             if name.startswith(("norm_", "running_", "W_bias", "phi_bias", "psi_bias")):
                 continue  # optional: no affine parameters, no running statistics, no bias
             raise ValueError(f"{name} is required, got None")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {_desc(t)}")
         if tuple(t.shape) != shape:
-            what = "x's channels" if name in ("theta_weight", "W_weight") else "the layer"
+            what = _SHAPE_SOURCE.get(name, "x's channels")
             raise ValueError(
                 f"{name} must have shape {list(shape)} to match {what} (x: {_desc(x)}, g: {_desc(g)}), "
                 f"got {list(t.shape)}"
@@ -221,8 +233,8 @@ def check_gate_inputs(
     for axis, (size, kk) in enumerate(zip(x.shape[2:], k)):
         if kk < 1 or size < kk:
             raise ValueError(
-                f"subsample factor {k} does not fit x's spatial size {list(x.shape[2:])}: "
-                f"axis {axis} has {size} < {kk} voxels"
+                f"theta_weight's kernel size (the subsample factor) {k} does not fit x's spatial size "
+                f"{list(x.shape[2:])}: axis {axis} has {size} < {kk} voxels"
             )
     if norm == "batch" and W_weight is not None and training:
         n_per_channel = x.shape[0] * x[0, 0].numel()

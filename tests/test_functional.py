@@ -1,0 +1,387 @@
+"""The reference grid attention gate against a direct transcription of Oktay et al. (2018), eqs. 1-2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attention_gates.functional import check_gate_inputs, grid_attention, grid_attention_reference
+
+DT = torch.float64
+LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's equations, written out independently of the library (einsum over channels)
+# ---------------------------------------------------------------------------------------------
+
+
+def _spatial_letters(d: int) -> str:
+    return "ijk"[:d]
+
+
+def theta_patch_sum(x, w):
+    """W_x^T x on the coarse grid: for each coarse voxel, the sum over its k-patch and channels."""
+    n, c = x.shape[:2]
+    k = w.shape[2:]
+    coarse = [s // kk for s, kk in zip(x.shape[2:], k)]
+    x = x[(slice(None), slice(None)) + tuple(slice(0, s * kk) for s, kk in zip(coarse, k))]
+    patches = x.reshape([n, c] + [v for s, kk in zip(coarse, k) for v in (s, kk)])
+    sp, off = _spatial_letters(len(k)), "uvw"[: len(k)]
+    spec = f"nc{''.join(a + o for a, o in zip(sp, off))},fc{off}->nf{sp}"
+    return torch.einsum(spec, patches, w)
+
+
+def pointwise(t, w, b):
+    """A 1x1 conv: Tensor[N, C, *S] -> Tensor[N, F, *S] (weight Tensor[F, C, 1, ...])."""
+    sp = _spatial_letters(t.dim() - 2)
+    out = torch.einsum(f"nc{sp},fc->nf{sp}", t, w.reshape(w.shape[0], w.shape[1]))
+    return out if b is None else out + b.reshape([1, -1] + [1] * (t.dim() - 2))
+
+
+def resize(t, size, align_corners):
+    return F.interpolate(t, size=tuple(size), mode=LINEAR[t.dim() - 2], align_corners=align_corners)
+
+
+def normalise(y, norm, weight, bias, rm, rv, training, momentum, eps, groups):
+    """Batch/instance/group normalisation from the means and variances, updating rm/rv in place."""
+    n, c = y.shape[:2]
+    if norm == "none":
+        return y
+    if norm == "batch" and not training:
+        shape = [1, c] + [1] * (y.dim() - 2)
+        z = (y - rm.reshape(shape)) / torch.sqrt(rv.reshape(shape) + eps)
+    else:
+        if norm == "batch":
+            flat = y.transpose(0, 1).reshape(c, -1)  # [C, N * S]
+        elif norm == "instance":
+            flat = y.reshape(n * c, -1)  # [N * C, S]
+        else:
+            flat = y.reshape(n * groups, -1)  # [N * G, (C / G) * S]
+        mean = flat.mean(dim=1, keepdim=True)
+        var = ((flat - mean) ** 2).mean(dim=1, keepdim=True)  # biased, for normalising
+        zflat = (flat - mean) / torch.sqrt(var + eps)
+        if norm == "batch":
+            z = zflat.reshape([c, n] + list(y.shape[2:])).transpose(0, 1)
+            if rm is not None:
+                m = flat.shape[1]
+                with torch.no_grad():
+                    rm.mul_(1 - momentum).add_(momentum * mean.flatten())
+                    rv.mul_(1 - momentum).add_(momentum * var.flatten() * m / (m - 1))
+        else:
+            z = zflat.reshape(y.shape)
+    if weight is not None:
+        shape = [1, c] + [1] * (y.dim() - 2)
+        z = z * weight.reshape(shape) + bias.reshape(shape)
+    return z
+
+
+def paper_gate(
+    x, g, tw, pw, pb, sw, sb, Ww=None, Wb=None, nw=None, nb=None, rm=None, rv=None,
+    *, norm="batch", num_groups=1, training=False, momentum=0.1, eps=1e-5,
+    sigma1="relu", sigma2="sigmoid", align_corners=False,
+):  # fmt: skip
+    theta_x = theta_patch_sum(x, tw)
+    phi_g = resize(pointwise(g, pw, pb), theta_x.shape[2:], align_corners)
+    s = theta_x + phi_g
+    f = torch.clamp(s, min=0) if sigma1 == "relu" else torch.log1p(torch.exp(s))
+    q = pointwise(f, sw, sb)  # eq. 1
+    if sigma2 == "sigmoid":
+        a = 1 / (1 + torch.exp(-q))  # eq. 2
+    else:
+        e = torch.exp(q - q.amax(dim=tuple(range(2, q.dim())), keepdim=True))
+        a = e / e.sum(dim=tuple(range(2, q.dim())), keepdim=True)
+    alpha = resize(a, x.shape[2:], align_corners)
+    y = alpha * x
+    if Ww is not None:
+        y = normalise(pointwise(y, Ww, Wb), norm, nw, nb, rm, rv, training, momentum, eps, num_groups)
+    return y, alpha
+
+
+def make_case(
+    d=3, n=2, c_l=4, c_g=3, c_int=2, size=(7, 6, 5), g_size=(3, 2, 4), k=(2, 2, 2),
+    *, transform=True, affine=True, batch=True, bias=True, dtype=DT, seed=0,
+):  # fmt: skip
+    """Random (x, g, weights...) in the argument order of grid_attention."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    one = (1,) * d
+    x, g = r(n, c_l, *size[:d]), r(n, c_g, *g_size[:d])
+    tw = r(c_int, c_l, *k[:d], scale=1 / math.sqrt(c_l * math.prod(k[:d])))
+    pw, pb = r(c_int, c_g, *one, scale=1 / math.sqrt(c_g)), (r(c_int) if bias else None)
+    sw, sb = r(1, c_int, *one, scale=1 / math.sqrt(c_int)), (r(1) if bias else None)
+    args = [x, g, tw, pw, pb, sw, sb]
+    if transform:
+        Ww, Wb = r(c_l, c_l, *one, scale=1 / math.sqrt(c_l)), r(c_l)
+        nw, nb = (1 + 0.3 * r(c_l), r(c_l)) if affine else (None, None)
+        rm, rv = (r(c_l), 0.5 + torch.rand(c_l, generator=gen, dtype=dtype)) if batch else (None, None)
+        args += [Ww, Wb, nw, nb, rm, rv]
+    return args
+
+
+def assert_close(a, b, tol=1e-10):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# values
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, (2, 1, 3)])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_matches_paper_equations(d, k, align_corners):
+    k = (k,) * 3 if isinstance(k, int) else k
+    args = make_case(d=d, size=(7, 6, 5), g_size=(3, 5, 2), k=k)
+    out, alpha = grid_attention_reference(*args, align_corners=align_corners)
+    want, want_alpha = paper_gate(*args, align_corners=align_corners)
+    assert out.shape == args[0].shape and alpha.shape == (args[0].shape[0], 1) + args[0].shape[2:]
+    assert_close(alpha, want_alpha)
+    assert_close(out, want)
+
+
+@pytest.mark.parametrize("sigma1", ["relu", "softplus"])
+@pytest.mark.parametrize("sigma2", ["sigmoid", "softmax"])
+def test_activations(sigma1, sigma2):
+    args = make_case(d=2, size=(9, 7), g_size=(2, 3), k=(3, 2))
+    out, alpha = grid_attention_reference(*args, sigma1=sigma1, sigma2=sigma2)
+    want, want_alpha = paper_gate(*args, sigma1=sigma1, sigma2=sigma2)
+    assert_close(alpha, want_alpha)
+    assert_close(out, want)
+    if sigma2 == "softmax":  # with factor 1 and g on x's grid, alpha is unresampled: each sample sums to one
+        args = make_case(d=2, size=(5, 3), g_size=(5, 3), k=(1, 1))
+        _, alpha = grid_attention_reference(*args, sigma1=sigma1, sigma2=sigma2)
+        assert_close(alpha.sum(dim=(1, 2, 3)), torch.ones(2, dtype=DT))
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("training", [False, True])
+def test_output_transform_norms(norm, training):
+    args = make_case(d=3, c_l=6, size=(5, 4, 6), g_size=(2, 2, 3))
+    groups = 3 if norm == "group" else 1
+    before = args[11].clone()
+    mine = [a.clone() if a is not None else None for a in args]
+    out, _ = grid_attention_reference(*mine, norm=norm, num_groups=groups, training=training, momentum=0.3)
+    want, _ = paper_gate(*args, norm=norm, num_groups=groups, training=training, momentum=0.3)
+    assert_close(out, want)
+    # running statistics: updated as F.batch_norm does, by batch norm in training only
+    assert_close(mine[11], args[11])
+    assert_close(mine[12], args[12])
+    assert (not torch.equal(mine[11], before)) == (norm == "batch" and training)
+
+
+def test_running_stats_as_functional_batch_norm():
+    args = make_case(d=2, c_l=5, size=(6, 6), g_size=(3, 3))
+    rm, rv = torch.zeros(5, dtype=DT), torch.ones(5, dtype=DT)
+    args[11], args[12] = rm, rv
+    out, alpha = grid_attention_reference(*args, training=True, momentum=0.25, eps=1e-3)
+    x, Ww, Wb, nw, nb = args[0], args[7], args[8], args[9], args[10]
+    y = F.conv2d(alpha * x, Ww, Wb)
+    rm2, rv2 = torch.zeros(5, dtype=DT), torch.ones(5, dtype=DT)
+    want = F.batch_norm(y, rm2, rv2, nw, nb, True, 0.25, 1e-3)
+    assert_close(out, want)
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+    assert not torch.equal(rv, torch.ones(5, dtype=DT))
+
+
+def test_no_output_transform_is_alpha_times_x():
+    args = make_case(d=3, transform=False)
+    out, alpha = grid_attention_reference(*args)
+    assert_close(out, alpha * args[0])
+    assert_close(out, paper_gate(*args)[0])
+
+
+def test_optional_biases_and_affine():
+    args = make_case(d=2, size=(6, 5), g_size=(3, 3), bias=False, affine=False, batch=False)
+    out, alpha = grid_attention(*args, training=True)
+    want, want_alpha = paper_gate(*args, training=True)
+    assert_close(alpha, want_alpha)
+    assert_close(out, want)
+
+
+def test_g_on_theta_grid_is_not_resampled():
+    # g already on theta's grid: phi(g) is used as is, so the gate is exactly eq. 1 voxel by voxel
+    args = make_case(d=2, size=(8, 6), g_size=(4, 3), transform=False)
+    _, alpha = grid_attention_reference(*args, align_corners=True)
+    x, g, tw, pw, pb, sw, sb = args
+    q = F.conv2d(F.relu(F.conv2d(x, tw, stride=2) + F.conv2d(g, pw, pb)), sw, sb)
+    assert_close(alpha, resize(torch.sigmoid(q), (8, 6), True))
+
+
+def test_public_function_equals_reference():
+    args = make_case(d=3)
+    for training in (False, True):
+        a = [t.clone() if t is not None else None for t in args]
+        b = [t.clone() if t is not None else None for t in args]
+        out_a, alpha_a = grid_attention(*a, training=training, backend="reference")
+        out_b, alpha_b = grid_attention_reference(*b, training=training)
+        assert_close(out_a, out_b, 0)
+        assert_close(alpha_a, alpha_b, 0)
+        assert_close(a[11], b[11], 0)
+
+
+@given(
+    d=st.integers(1, 3),
+    n=st.integers(1, 2),
+    c_l=st.integers(1, 4),
+    c_g=st.integers(1, 4),
+    c_int=st.integers(1, 3),
+    k=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    extra=st.lists(st.integers(0, 4), min_size=3, max_size=3),
+    g_size=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    sigma1=st.sampled_from(["relu", "softplus"]),
+    sigma2=st.sampled_from(["sigmoid", "softmax"]),
+    norm=st.sampled_from(["batch", "instance", "group", "none"]),
+    training=st.booleans(),
+    align_corners=st.booleans(),
+)
+def test_property_matches_paper_equations(
+    d, n, c_l, c_g, c_int, k, extra, g_size, sigma1, sigma2, norm, training, align_corners
+):  # fmt: skip
+    size = [kk + e for kk, e in zip(k, extra)]  # any size, odd included, at least the factor
+    if norm == "batch" and training and n * math.prod(size[:d]) < 2:
+        size[0] += 1
+    if norm == "instance" and math.prod(size[:d]) < 2:
+        size[0] += 1
+    args = make_case(d=d, n=n, c_l=c_l, c_g=c_g, c_int=c_int, size=size, g_size=g_size, k=k)
+    kw = dict(norm=norm, training=training, sigma1=sigma1, sigma2=sigma2, align_corners=align_corners)
+    mine = [a.clone() if a is not None else None for a in args]
+    out, alpha = grid_attention(*mine, backend="reference", **kw)
+    want, want_alpha = paper_gate(*args, **kw)
+    assert_close(alpha, want_alpha)
+    assert_close(out, want)
+    assert_close(mine[11], args[11])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "d,norm,training,sigma1,sigma2",
+    [
+        (1, "batch", True, "relu", "sigmoid"),
+        (2, "batch", False, "softplus", "softmax"),
+        (2, "instance", True, "softplus", "sigmoid"),
+        (3, "group", True, "relu", "sigmoid"),
+        (2, "none", False, "relu", "softmax"),
+    ],
+)
+def test_gradcheck(d, norm, training, sigma1, sigma2):
+    args = make_case(d=d, n=2, c_l=4, c_g=2, c_int=2, size=(5, 4, 3), g_size=(2, 3, 2), k=(2, 2, 1), seed=d)
+    rm, rv = args[11], args[12]
+    diff = [i for i in range(11) if args[i] is not None]  # x, g and every weight
+    inputs = tuple(args[i].requires_grad_(True) for i in diff)
+
+    def fn(*ts):
+        full = list(args)
+        for i, t in zip(diff, ts):
+            full[i] = t
+        full[11], full[12] = rm.clone(), rv.clone()
+        return grid_attention_reference(
+            *full, norm=norm, num_groups=2, training=training, sigma1=sigma1, sigma2=sigma2
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: each names the argument, what was expected and what came
+# ---------------------------------------------------------------------------------------------
+
+
+def _with(index, value, **case):
+    args = make_case(**case)
+    args[index] = value
+    return args
+
+
+BASE = dict(d=2, n=2, c_l=4, c_g=3, c_int=2, size=(6, 6), g_size=(3, 3), k=(2, 2), dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "index,value,exc,match",
+    [
+        (0, [1.0], TypeError, r"x must be a torch\.Tensor, got list"),
+        (0, torch.ones(2, 4, 6, 6, dtype=torch.long), TypeError, r"x must be a floating-point tensor.*int64"),
+        (1, torch.ones(2, 3, 3, 3, dtype=torch.int32), TypeError, r"g must be a floating-point tensor.*int32"),
+        (0, torch.randn(2, 4), ValueError, r"x must be Tensor\[N, C, \*spatial\].*got 2 dims"),
+        (1, torch.randn(2, 3, 1, 3, 3, 3), ValueError, r"g must be Tensor\[N, C, \*spatial\].*got 6 dims"),
+        (1, torch.randn(2, 3, 3, 3, 3), ValueError, r"x and g must have the same number of spatial dims"),
+        (1, torch.randn(3, 3, 3, 3), ValueError, r"x and g must have the same batch size.*\[3, 3, 3, 3\]"),
+        (2, None, TypeError, r"theta_weight must be a torch\.Tensor, got NoneType"),
+        (2, torch.randn(2, 4, 2), ValueError, r"theta_weight must be Tensor\[F_int, F_l.*2 kernel dims.*\[2, 4, 2\]"),
+        (2, torch.randn(2, 5, 2, 2), ValueError, r"theta_weight must have shape \[2, 4, 2, 2\] to match x's channels.*got \[2, 5, 2, 2\]"),
+        (3, torch.randn(2, 4, 1, 1), ValueError, r"phi_weight must have shape \[2, 3, 1, 1\].*g's channels.*got \[2, 4, 1, 1\]"),
+        (3, None, ValueError, r"phi_weight is required, got None"),
+        (4, torch.randn(3), ValueError, r"phi_bias must have shape \[2\].*got \[3\]"),
+        (5, torch.randn(1, 3, 1, 1), ValueError, r"psi_weight must have shape \[1, 2, 1, 1\].*got \[1, 3, 1, 1\]"),
+        (5, None, ValueError, r"psi_weight is required, got None"),
+        (6, torch.randn(2), ValueError, r"psi_bias must have shape \[1\].*got \[2\]"),
+        (7, torch.randn(4, 3, 1, 1), ValueError, r"W_weight must have shape \[4, 4, 1, 1\].*got \[4, 3, 1, 1\]"),
+        (8, torch.randn(5), ValueError, r"W_bias must have shape \[4\].*got \[5\]"),
+        (9, torch.randn(3), ValueError, r"norm_weight must have shape \[4\].*got \[3\]"),
+        (10, torch.randn(3), ValueError, r"norm_bias must have shape \[4\].*got \[3\]"),
+        (11, torch.randn(2), ValueError, r"running_mean must have shape \[4\].*got \[2\]"),
+        (12, torch.randn(6), ValueError, r"running_var must have shape \[4\].*got \[6\]"),
+        (3, torch.ones(2, 3, 1, 1, dtype=torch.int64), TypeError, r"phi_weight must be a floating-point tensor.*int64"),
+        (4, [0.0, 0.0], TypeError, r"phi_bias must be a torch\.Tensor or None, got list"),
+        (2, torch.randn(2, 4, 7, 2), ValueError, r"theta_weight's kernel size \(the subsample factor\) \(7, 2\) does not fit.*\[6, 6\]"),
+    ],
+)
+def test_input_errors(index, value, exc, match):
+    with pytest.raises(exc, match=match):
+        grid_attention(*_with(index, value, **BASE))
+
+
+@pytest.mark.parametrize("index,name", [(2, "theta_weight"), (3, "phi_weight"), (7, "W_weight"), (11, "running_mean")])
+def test_weight_on_another_device(index, name):
+    args = make_case(**BASE)
+    args[index] = args[index].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu"):
+        grid_attention(*args)
+
+
+def test_g_on_another_device():
+    args = make_case(**BASE)
+    args[1] = args[1].to("meta")
+    with pytest.raises(ValueError, match=r"x is on cpu but g is on meta"):
+        grid_attention(*args)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(sigma1="gelu"), r"sigma1 must be one of \('relu', 'softplus'\), got 'gelu'"),
+        (dict(sigma2="tanh"), r"sigma2 must be one of \('sigmoid', 'softmax'\), got 'tanh'"),
+        (dict(norm="layer"), r"norm must be one of .*got 'layer'"),
+        (dict(backend="cuda"), r"backend must be one of .*got 'cuda'"),
+        (dict(norm="group", num_groups=3), r"num_groups=3 must divide x's 4 channels"),
+    ],
+)
+def test_option_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        grid_attention(*make_case(**BASE), **kw)
+
+
+def test_batch_norm_training_needs_two_values():
+    args = make_case(**{**BASE, "n": 1, "size": (1, 1), "g_size": (1, 1), "k": (1, 1)})
+    with pytest.raises(ValueError, match=r"batch normalisation in training needs more than one value per channel"):
+        grid_attention(*args, training=True)
+    out, _ = grid_attention(*args, training=False)  # eval uses the running statistics: fine
+    assert out.shape == args[0].shape
+
+
+def test_check_gate_inputs_accepts_valid_call():
+    assert check_gate_inputs(*make_case(**BASE)) is None
