@@ -1,0 +1,1 @@
+"""Benchmarks of the grid attention gate and the Attention U-Net (run as ``python -m benchmarks.<name>``)."""

@@ -1,0 +1,176 @@
+"""The benchmark scripts run (``--quick``), write well-formed JSON and plots, and compute what they claim.
+
+No test asserts a timing: timings only have to be positive and the derived numbers (ratios,
+GB/s) have to follow from the per-model numbers in the same file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import common, gates, overhead
+
+HAS_MONAI = importlib.util.find_spec("monai") is not None
+
+
+def _positive_stats(stats: dict) -> None:
+    assert 0 < stats["q1"] <= stats["median"] <= stats["q3"]
+    assert stats["iqr"] == pytest.approx(stats["q3"] - stats["q1"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    """The scripts run on 1 thread here (``--threads 1``: quick and steady on a busy 2-core runner)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def overhead_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("overhead")
+    result = overhead.main(["--quick", "--device", "cpu", "--rss", "none", "--threads", "1", "--out", str(out)])
+    return out, result
+
+
+def test_overhead_quick_writes_well_formed_results(overhead_run):
+    out, returned = overhead_run
+    data = json.loads((out / "overhead.json").read_text())
+    assert data["benchmark"] == "overhead"
+    for key in ("machine", "load_average", "settings", "monai", "backends", "models", "notes", "results", "ratios", "targets"):
+        assert key in data, key
+    machine = data["machine"]
+    assert machine["device"] == "cpu" and machine["torch"] == torch.__version__
+    assert machine["torch_threads"] >= 1 and isinstance(machine["malloc_env"], dict)
+    assert len(data["load_average"]["start"]) == 3 and len(data["load_average"]["end"]) == 3
+    assert "reference" in data["backends"]["used"]
+    assert data["monai"]["available"] is HAS_MONAI
+
+    expected_models = {"unet", *(f"attention_unet[{b}]" for b in data["backends"]["used"])}
+    if HAS_MONAI:
+        expected_models |= {"monai_unet", "monai_attention_unet"}
+    assert set(data["models"]) == expected_models
+    assert {(r["dims"], r["model"]) for r in data["results"]} == {(d, m) for d in (2, 3) for m in expected_models}
+    for r in data["results"]:
+        assert r["params"] > 0 and r["forward_flops"] > 0
+        assert r["saved_bytes"] > 0 and r["output_bytes"] == 4 * r["batch"] * 2 * math.prod(r["size"])
+        assert r["saved_plus_output_bytes"] == r["saved_bytes"] + r["output_bytes"]
+        _positive_stats(r["inference_s"])
+        _positive_stats(r["train_step_s"])
+        assert len(r["train_step_s"]["samples"]) == data["settings"]["repeats"]
+    by = {(r["dims"], r["model"]): r for r in data["results"]}
+    assert by[(3, "unet")]["params"] == 5887466
+    assert by[(3, "attention_unet[reference]")]["params"] == 6472784
+    assert data == json.loads(json.dumps(returned))  # the JSON is what main returned
+
+
+def test_overhead_ratios_follow_from_the_rows(overhead_run):
+    out, _ = overhead_run
+    data = json.loads((out / "overhead.json").read_text())
+    by = {(r["dims"], r["model"]): r for r in data["results"]}
+    pairs = {(r["dims"], r["numerator"], r["denominator"]) for r in data["ratios"]}
+    for dims in (2, 3):
+        assert (dims, "attention_unet[reference]", "unet") in pairs
+        if HAS_MONAI:
+            assert (dims, "attention_unet[reference]", "monai_attention_unet") in pairs
+            assert (dims, "unet", "monai_unet") in pairs
+    for r in data["ratios"]:
+        num, den = by[(r["dims"], r["numerator"])], by[(r["dims"], r["denominator"])]
+        assert r["inference"] == pytest.approx(num["inference_s"]["median"] / den["inference_s"]["median"])
+        assert r["train_step"] == pytest.approx(num["train_step_s"]["median"] / den["train_step_s"]["median"])
+        per_round = sorted(a / b for a, b in zip(num["train_step_s"]["samples"], den["train_step_s"]["samples"]))
+        assert r["train_step_paired"] == pytest.approx(sum(per_round) / 2)  # the median of the 2 quick rounds
+        assert r["forward_flops"] == pytest.approx(num["forward_flops"] / den["forward_flops"])
+        assert r["saved_plus_output_bytes"] == pytest.approx(num["saved_plus_output_bytes"] / den["saved_plus_output_bytes"])
+        assert "peak_rss" not in r and "cuda_step_bytes" not in r  # not measured: --rss none, CPU
+    names = [t["name"] for t in data["targets"]]
+    assert any("inference time" in n for n in names) and any("train_step time" in n for n in names)
+    for t in data["targets"]:
+        if t["measured"] is not None and t["target"] is not None:
+            assert t["met"] is (t["measured"] <= t["target"])
+    triton = next(t for t in data["targets"] if "(triton)" in t["name"])
+    assert triton["measured"] is None and "CUDA" in triton["note"]
+
+
+def test_overhead_plots_exist(overhead_run):
+    out, _ = overhead_run
+    data = json.loads((out / "overhead.json").read_text())
+    assert sorted(data["plots"]) == ["overhead_memory_cpu.png", "overhead_time_cpu.png"]
+    for name in data["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_without_monai_notes_the_skip(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "monai_nets", lambda: None)
+    data = overhead.main(["--quick", "--device", "cpu", "--rss", "none", "--threads", "1", "--dims", "2", "--out", str(tmp_path)])
+    assert data["monai"] == {"available": False, "note": "skipped: monai not installed"}
+    assert "MONAI: skipped: monai not installed" in data["notes"]
+    assert not any(r["family"] == "monai" for r in data["results"])
+
+
+def test_peak_rss_of_a_fresh_process():
+    rss = overhead.measure_rss(overhead.Model("unet", "ours", "unet"), 2, (32, 16), 1)
+    assert 0 < rss["step_rss_bytes"] < rss["peak_rss_bytes"]
+
+
+def test_model_descriptions_and_bad_sizes():
+    assert overhead.parse_size("160x160x96", 3) == (160, 160, 96)
+    assert overhead.parse_size("48", 2) == (48, 48)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        overhead.parse_size("40", 3)
+    with pytest.raises(ValueError, match="3 ints"):
+        overhead.parse_size("64x64", 3)
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--repeats", "0"])
+
+
+def test_gate_shapes_are_the_paper_models():
+    shapes = {lv: gates.level_shapes((160, 160, 96), 2, lv) for lv in gates.LEVELS}
+    assert shapes[2] == ((2, 32, 80, 80, 48), (2, 64, 40, 40, 24))
+    assert shapes[3] == ((2, 64, 40, 40, 24), (2, 128, 20, 20, 12))
+    assert shapes[4] == ((2, 128, 20, 20, 12), (2, 256, 10, 10, 6))
+
+
+def test_gate_byte_floor_counts_each_tensor_once():
+    case = gates.GateCase("reference", 2, (2, 4, 8, 8, 8), (2, 6, 4, 4, 4), torch.device("cpu"))
+    x_bytes, g_bytes, alpha_bytes = 2 * 4 * 512 * 4, 2 * 6 * 64 * 4, 2 * 512 * 4
+    # theta 4*4*8 (no bias), phi 4*6 + 4, psi 4 + 1, W 4*4 + 4, BN weight + bias 4 + 4
+    params = 4 * (128 + 28 + 5 + 20 + 8)
+    buffers = 4 * (4 + 4)  # running mean and var
+    ev = gates.byte_floor(case.gate, case.x, case.g, "eval")
+    assert ev["total"] == x_bytes + g_bytes + x_bytes + alpha_bytes + params + buffers
+    tr = gates.byte_floor(case.gate, case.x, case.g, "train")
+    assert tr["total"] == ev["total"] + 2 * x_bytes + g_bytes + params + buffers
+
+
+def test_gates_quick_writes_well_formed_results(tmp_path):
+    data = gates.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "gates.json").read_text()) == json.loads(json.dumps(data))
+    assert data["benchmark"] == "gates" and data["copy"]["GBps"] > 0
+    used = data["backends"]["used"]
+    assert "reference" in used
+    assert {(r["level"], r["mode"], r["backend"]) for r in data["results"]} == {
+        (lv, m, b) for lv in gates.LEVELS for m in ("eval", "train") for b in used
+    }
+    for r in data["results"]:
+        _positive_stats(r["time_s"])
+        assert r["GBps"] == pytest.approx(r["floor_bytes"]["total"] / r["time_s"]["median"] / 1e9)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["GBps"] / data["copy"]["GBps"])
+    assert data["plots"] == ["gates_bandwidth_cpu.png"]
+    assert (tmp_path / "gates_bandwidth_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_and_interleaving():
+    s = common.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["n"]) == (3.0, 2.0, 4.0, 2.0, 1.0, 5)
+    calls = []
+    times = common.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2, device=torch.device("cpu")
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then round-robin, alternating order
+    assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
