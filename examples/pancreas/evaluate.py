@@ -1,0 +1,134 @@
+"""Whole-volume evaluation: sliding-window inference, per-case metrics, mean +- std.
+
+Cases go through the data's evaluation transforms (resampled to the training spacing, whole
+volumes, no cropping) and the model's softmax is computed with MONAI's
+``sliding_window_inference`` over windows of the training patch size (Gaussian blending).
+The metrics (:mod:`examples.pancreas.metrics`) are measured on that grid, in mm.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .metrics import case_metrics
+
+__all__ = ["infer", "evaluate", "summarize", "write_results", "METRICS"]
+
+#: Metric columns of the per-case rows, in table order.
+METRICS = ("dice", "precision", "recall", "assd", "hd95", "surface_distance")
+DISTANCES = ("assd", "hd95", "surface_distance")
+
+
+@torch.no_grad()
+def infer(model: nn.Module, image: Tensor, cfg: Config, device: Union[str, torch.device] = "cpu") -> Tensor:
+    """Class probabilities of one volume by sliding-window inference.
+
+    ``image``: ``Tensor[1, X, Y, Z]`` (channel first, preprocessed); returns
+    ``Tensor[out_channels, X, Y, Z]`` (softmax, float32, on the CPU).
+    """
+    from monai.inferers import sliding_window_inference
+
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be Tensor[1, X, Y, Z], got shape {list(image.shape)}")
+    device = torch.device(device)
+    x = image.as_tensor() if hasattr(image, "as_tensor") else image
+    x = x[None].float().to(device)
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        logits = sliding_window_inference(
+            x, cfg.patch_size, cfg.sw_batch_size, model, overlap=cfg.sw_overlap, mode="gaussian"
+        )
+    return torch.softmax(logits.float(), dim=1)[0].cpu()
+
+
+def _spacing(t: Any, fallback: Sequence[float]) -> tuple[float, ...]:
+    pixdim = getattr(t, "pixdim", None)
+    return tuple(float(s) for s in pixdim[:3]) if pixdim is not None else tuple(fallback)
+
+
+def evaluate(
+    model: nn.Module,
+    cases: Sequence[dict[str, Any]],
+    cfg: Config,
+    device: Union[str, torch.device] = "cpu",
+    keep: int = 0,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Segment and score ``cases`` (dicts with ``"image"``, ``"label"``, ``"case_id"``).
+
+    Returns ``(rows, kept)``: one row of :func:`~examples.pancreas.metrics.case_metrics`
+    (plus ``"case_id"``) per case, and for the first ``keep`` cases the preprocessed arrays
+    ``{"case_id", "image": np.ndarray[X, Y, Z], "label", "pred", "spacing"}`` for the figures.
+    """
+    from . import data
+
+    transform = data.eval_transforms(cfg)
+    rows, kept = [], []
+    for i, case in enumerate(cases):
+        d = transform(dict(case))
+        image, label = d["image"], d["label"]
+        pred = infer(model, image, cfg, device).argmax(0).numpy().astype(np.uint8)
+        gt = (np.asarray(label[0]) > 0).astype(np.uint8)
+        spacing = _spacing(image, cfg.spacing)
+        rows.append({"case_id": case["case_id"], **case_metrics(pred, gt, spacing)})
+        if i < keep:
+            kept.append({"case_id": case["case_id"], "image": np.asarray(image[0]), "label": gt, "pred": pred, "spacing": spacing})
+    return rows, kept
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, std, and counts of every metric over cases.
+
+    Infinite distances (an empty prediction) are not averaged: each distance reports its mean
+    and std over the finite cases and ``n_inf``, the number of cases left out; ``empty_pred``
+    counts the cases with an empty prediction. Dice, precision and recall are averaged over
+    all cases (an empty prediction scores 0).
+    """
+    if not rows:
+        raise ValueError("summarize needs at least one case row, got none")
+    out: dict[str, Any] = {"cases": len(rows), "empty_pred": int(sum(r["empty_pred"] for r in rows))}
+    for m in METRICS:
+        values = np.array([r[m] for r in rows], dtype=float)
+        finite = values[np.isfinite(values)]
+        out[m] = {
+            "mean": float(finite.mean()) if finite.size else math.inf,
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
+            "n": int(finite.size),
+            "n_inf": int((~np.isfinite(values)).sum()),
+        }
+    return out
+
+
+def write_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: Union[str, Path], name: str = "test",
+                  extra: Optional[dict[str, Any]] = None) -> tuple[Path, Path]:  # fmt: skip
+    """Write ``metrics_<name>.json`` (``{"summary", "cases", **extra}``) and
+    ``metrics_<name>.csv`` (one row per case; ``inf`` written as ``inf``) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / f"metrics_{name}.json", out / f"metrics_{name}.csv"
+    doc = {"summary": summary, "cases": list(rows), **(extra or {})}
+    # JSON has no infinity: write it as the string "inf"
+    json_path.write_text(json.dumps(_jsonable(doc), indent=2))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return json_path, csv_path
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

@@ -1,0 +1,412 @@
+"""Tests of the pancreas example's training side: metrics, training, resume, checkpoints,
+prediction geometry, the 2-process run and the command line's errors.
+
+Runs on CPU with the ``"tiny"`` preset (a 40x40x32 phantom, 16^3 patches, a 3-level model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+nib = pytest.importorskip("nibabel")
+
+from attention_gates import AttentionUNet, UNet, deep_supervision_weights  # noqa: E402
+from examples.pancreas.__main__ import main  # noqa: E402
+from examples.pancreas.compare import paired_test  # noqa: E402
+from examples.pancreas.config import Config, preset  # noqa: E402
+from examples.pancreas.evaluate import summarize  # noqa: E402
+from examples.pancreas.metrics import case_metrics, slicewise_surface_distance, surface_metrics  # noqa: E402
+from examples.pancreas.train import (  # noqa: E402
+    CheckpointError,
+    PatchStream,
+    _loss_fn,
+    load_cases,
+    load_checkpoint,
+    model_from_checkpoint,
+    split_cases,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _cube(shape, lo, n):
+    m = np.zeros(shape, bool)
+    m[lo[0] : lo[0] + n, lo[1] : lo[1] + n, lo[2] : lo[2] + n] = True
+    return m
+
+
+def _boundary(mask):
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _brute_assd(a, b, spacing):
+    """Mean over both surfaces of the distance to the other surface, by all pairs."""
+    pa = np.argwhere(_boundary(a)) * np.asarray(spacing)
+    pb = np.argwhere(_boundary(b)) * np.asarray(spacing)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return float(np.concatenate([d.min(1), d.min(0)]).mean())
+
+
+def test_identical_masks_score_perfectly():
+    m = _cube((20, 20, 20), (5, 5, 5), 8)
+    r = case_metrics(m, m, (1.5, 1.5, 2.0))
+    assert r["dice"] == r["precision"] == r["recall"] == 1.0
+    assert r["assd"] == r["hd95"] == r["surface_distance"] == 0.0
+    assert r["gt_ml"] == pytest.approx(8**3 * 1.5 * 1.5 * 2.0 / 1000)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_cubes_offset_by_k_voxels(k):
+    n, spacing = 10, (2.0, 1.0, 1.5)
+    a = _cube((24, 24, 24), (5, 6, 7), n)
+    b = _cube((24, 24, 24), (5 + k, 6, 7), n)  # shifted by k voxels = 2k mm along x
+    r = case_metrics(a, b, spacing)
+    assert r["dice"] == pytest.approx((n - k) / n)
+    assert r["precision"] == pytest.approx((n - k) / n)
+    assert r["recall"] == pytest.approx((n - k) / n)
+    # the faces normal to x are 2k mm apart and hold more than 5% of the surface
+    assert r["hd95"] == pytest.approx(k * spacing[0])
+    assert r["assd"] == pytest.approx(_brute_assd(a, b, spacing), rel=1e-6)
+    # authors' distance: every axial slice holds the same two squares offset by k along x
+    sq_a, sq_b = a[:, :, 7:8], b[:, :, 7:8]
+    expected = _brute_assd_2d(sq_a[:, :, 0], sq_b[:, :, 0], spacing[:2])
+    assert r["surface_distance"] == pytest.approx(expected, rel=1e-6)
+    assert 0 < r["surface_distance"] <= k * spacing[0]
+
+
+def _brute_assd_2d(a, b, spacing):
+    from scipy import ndimage
+
+    ca, cb = a & ~ndimage.binary_erosion(a, border_value=0), b & ~ndimage.binary_erosion(b, border_value=0)
+    pa, pb = np.argwhere(ca) * np.asarray(spacing), np.argwhere(cb) * np.asarray(spacing)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    return float(np.concatenate([d.min(1), d.min(0)]).mean())
+
+
+def test_slicewise_distance_uses_only_slices_with_both_masks():
+    a = _cube((20, 20, 20), (4, 4, 4), 8)
+    b = a.copy()
+    b[:, :, 4:8] = False  # b lacks the lower half: those slices are skipped, the rest agree
+    assert slicewise_surface_distance(a, b, (1, 1, 1)) == 0.0
+    assert surface_metrics(a, b, (1, 1, 1))["assd"] > 0
+
+
+def test_empty_prediction_is_infinite_and_counted_apart():
+    gt = _cube((16, 16, 16), (4, 4, 4), 6)
+    empty = np.zeros_like(gt)
+    r = case_metrics(empty, gt, (1, 1, 1))
+    assert r["dice"] == 0.0 and r["precision"] == 0.0 and r["recall"] == 0.0
+    assert math.isinf(r["assd"]) and math.isinf(r["hd95"]) and math.isinf(r["surface_distance"])
+    assert r["empty_pred"] == 1.0
+    good = case_metrics(gt, gt, (1, 1, 1))
+    s = summarize([{"case_id": "a", **r}, {"case_id": "b", **good}])
+    assert s["empty_pred"] == 1
+    assert s["dice"]["mean"] == pytest.approx(0.5) and s["dice"]["n_inf"] == 0
+    assert s["assd"] == {"mean": 0.0, "std": 0.0, "n": 1, "n_inf": 1}
+
+
+def test_metric_inputs_are_checked():
+    with pytest.raises(ValueError, match="same shape"):
+        case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 0, 1))
+
+
+def test_paired_test_known_answers():
+    a = [0.8, 0.82, 0.85, 0.79, 0.9, 0.88, 0.84, 0.86]
+    b = [x - 0.01 * (i + 1) for i, x in enumerate(a)]  # a always better: exact p = 2 / 2^8
+    r = paired_test(a, b)
+    assert r["p_value"] == pytest.approx(2 / 2**8)
+    assert r["mean_difference"] == pytest.approx(0.045)
+    assert "little power" in r["note"]
+    assert "cannot show a difference" in paired_test(a[:4], b[:4])["note"]
+    assert math.isnan(paired_test(a, a)["p_value"])
+    with pytest.raises(ValueError, match="same length"):
+        paired_test(a, b[:3])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_checks_and_round_trip():
+    cfg = preset("tiny", model="unet")
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="model must be one of"):
+        preset("tiny", model="vnet")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        preset("tiny", patch_size=(16, 16, 18))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        Config.from_dict({**cfg.to_dict(), "learning_rate": 1.0})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset("huge")
+    paper = preset("paper")
+    assert paper.filters == (16, 32, 64, 128, 256) and paper.spacing == (2.0, 2.0, 2.0) and paper.batch_size == 2
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny_cases():
+    return load_cases(preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_cases):
+    out = tmp_path_factory.mktemp("run")
+    cfg = preset("tiny", steps=4, checkpoint_every=2)
+    result = train(cfg, out, progress=False, cases=tiny_cases)
+    return cfg, out, result
+
+
+def test_training_writes_checkpoint_log_and_learns_something(tiny_run):
+    cfg, out, result = tiny_run
+    assert len(result["losses"]) == 4 and all(math.isfinite(v) for v in result["losses"])
+    assert result["losses"][-1] < result["losses"][0]
+    for name in ("checkpoint.pt", "config.json", "splits.json", "log.csv"):
+        assert (out / name).is_file()
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary files
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+
+
+def test_checkpoint_alone_rebuilds_the_model(tiny_run):
+    cfg, out, _ = tiny_run
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # no pickled code inside
+    assert ckpt["step"] == 4
+    expected = {"arch": "AttentionUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                "filters": [4, 8, 16], "norm": "batch", "deep_supervision": "fused", "heads": 2}  # fmt: skip
+    assert {k: ckpt["config"][k] for k in expected} == expected
+    assert Config.from_dict(ckpt["args"]) == cfg
+    model = model_from_checkpoint(out / "checkpoint.pt")
+    assert isinstance(model, AttentionUNet) and not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k
+    x = torch.rand(1, 1, 16, 16, 16)
+    logits, att = model(x, return_attention=True)
+    assert logits.shape == (1, 2, 16, 16, 16) and len(att) == 1  # depth 3: level 2 is gated
+
+
+def test_load_checkpoint_names_what_is_wrong(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"missing \['model', 'config', 'step'\]"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_unet_and_per_scale_deep_supervision_train(tmp_path, tiny_cases):
+    cfg = preset("tiny", model="unet", deep_supervision="per_scale", loss="dice_ce", optimizer="sgd", steps=2)
+    result = train(cfg, tmp_path, progress=False, cases=tiny_cases)
+    assert all(math.isfinite(v) for v in result["losses"])
+    model = model_from_checkpoint(tmp_path / "checkpoint.pt")
+    assert type(model) is UNet and model.deep_supervision == "per_scale"
+
+
+def test_init_from_unet_trains_only_the_gates(tmp_path, tiny_cases):
+    unet_cfg = preset("tiny", model="unet", steps=2)
+    train(unet_cfg, tmp_path / "unet", progress=False, cases=tiny_cases)
+    unet = model_from_checkpoint(tmp_path / "unet" / "checkpoint.pt")
+    cfg = preset("tiny", init_from=str(tmp_path / "unet" / "checkpoint.pt"), train_params="gates", steps=2)
+    train(cfg, tmp_path / "att", progress=False, cases=tiny_cases)
+    net = model_from_checkpoint(tmp_path / "att" / "checkpoint.pt")
+    assert isinstance(net, AttentionUNet)
+    for k, v in unet.state_dict().items():  # the backbone, its batch-norm statistics included, is untouched
+        assert torch.equal(net.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="needs model='attention'"):
+        preset("tiny", model="unet", train_params="gates")
+
+
+def test_per_scale_loss_weights_downsampled_labels():
+    cfg = preset("tiny", deep_supervision="per_scale")
+    loss = _loss_fn(cfg)
+    base = _loss_fn(preset("tiny"))
+    torch.manual_seed(0)
+    label = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
+    outs = [torch.randn(2, 2, 8, 8, 8), torch.randn(2, 2, 4, 4, 4)]
+    w = deep_supervision_weights(2)
+    expected = w[0] * base(outs[0], label) + w[1] * base(outs[1], label[:, :, ::2, ::2, ::2])
+    assert loss(outs, label).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_patch_stream_depends_only_on_seed_step_rank(tiny_cases):
+    from examples.pancreas import data
+
+    cfg = preset("tiny")
+    train_cases = split_cases(cfg, tiny_cases)["train"]
+    s = PatchStream(train_cases, data.train_transforms(cfg), seed=3, batch_size=2)
+    x5, y5 = s.batch(5)
+    s.batch(1)
+    x5b, y5b = s.batch(5)
+    assert x5.shape == (2, 1, 16, 16, 16) and torch.equal(x5, x5b) and torch.equal(y5, y5b)
+    assert not torch.equal(s.batch(6)[0], x5)
+    other_rank = PatchStream(train_cases, data.train_transforms(cfg), seed=3, batch_size=2, rank=1, world=2)
+    assert not torch.equal(other_rank.batch(5)[0], x5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_repeats_the_losses(tmp_path, tiny_cases):
+    cfg = preset("tiny", steps=6, checkpoint_every=2, deterministic=True, lr=3e-3, schedule="poly", warmup_steps=2)
+    full = train(cfg, tmp_path / "full", progress=False, cases=tiny_cases)["losses"]
+
+    def crash(step, loss):
+        if step == 5:  # after the checkpoint of step 4: step 5 is lost
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, tmp_path / "cut", progress=False, cases=tiny_cases, on_step=crash)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, cases=tiny_cases)["losses"]
+    assert len(resumed) == 6
+    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+    assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
+    from examples.pancreas.phantom import generate_phantom
+    from examples.pancreas.predict import predict
+
+    _, out, _ = tiny_run
+    case = generate_phantom(7, shape=(36, 30, 20), spacing=(2.0, 2.5, 3.0))
+    c, s = math.cos(0.3), math.sin(0.3)
+    affine = np.array([[-2.0 * c, 2.5 * s, 0, 31.5], [-2.0 * s, -2.5 * c, 0, -12.0], [0, 0, 3.0, -80.25], [0, 0, 0, 1]])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(case["image"].astype(np.int16), affine), str(inputs / "ct.nii.gz"))
+    written = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
+    assert [p.name for p in written] == ["ct_seg.nii.gz"]
+    seg = nib.load(str(written[0]))
+    assert seg.shape == (36, 30, 20)
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_predict_preprocessing_matches_evaluation(tiny_cases):
+    from examples.pancreas import data
+    from examples.pancreas.predict import image_transforms
+
+    cfg = preset("tiny")
+    case = tiny_cases[0]
+    a = data.eval_transforms(cfg)(dict(case))["image"]
+    b = image_transforms(cfg)({"image": case["image"]})["image"]
+    assert a.shape == b.shape
+    torch.testing.assert_close(a.as_tensor(), b.as_tensor())
+    np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine))
+
+
+# ----------------------------------------------------------------------------- command line errors
+
+
+def _cli(*args):
+    return main([*map(str, args)])
+
+
+def test_cli_resume_without_a_run(tmp_path, capsys):
+    assert _cli("train", "--preset", "tiny", "--out", tmp_path / "none", "--resume") == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
+    cfg, _, _ = tiny_run
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert _cli("train", "--out", tmp_path, "--resume") == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert _cli("predict", "--checkpoint", tmp_path / "checkpoint.pt", "--input", tmp_path, "--out", tmp_path / "o") == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_cli_refuses_other_config_and_overwriting_a_run(tiny_run, capsys):
+    _, out, _ = tiny_run
+    before = (out / "checkpoint.pt").read_bytes()
+    assert _cli("train", "--out", out, "--resume", "--lr", "0.5") == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "lr: saved 0.001, given 0.5" in err
+    assert _cli("train", "--out", out, "--resume", "--preset", "demo") == 2
+    assert "'tiny' run" in capsys.readouterr().err
+    assert _cli("train", "--preset", "tiny", "--out", out) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing lost
+
+
+def test_cli_predict_needs_nifti(tiny_run, tmp_path, capsys):
+    _, out, _ = tiny_run
+    assert _cli("predict", "--checkpoint", out / "checkpoint.pt", "--input", tmp_path, "--out", tmp_path / "o") == 2
+    assert "no NIfTI volumes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_process_gloo_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "examples.pancreas", "train", "--preset", "tiny", "--steps", "3", "--checkpoint-every", "2",
+           "--out", str(tmp_path), "--no-progress", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 3
+    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 4  # header + 3 steps
+    assert (tmp_path / "results.json").is_file()  # rank 0 evaluated
+
+
+def test_cli_evaluate_writes_per_case_metrics(tiny_run, tmp_path, capsys):
+    cfg, out, _ = tiny_run
+    assert _cli("evaluate", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path) == 0
+    assert "dice" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "metrics_test.json").read_text())
+    test_ids = json.loads((out / "splits.json").read_text())["test"]
+    assert [c["case_id"] for c in doc["cases"]] == test_ids
+    assert doc["summary"]["cases"] == len(test_ids)
+    header = (tmp_path / "metrics_test.csv").read_text().splitlines()[0]
+    assert header.startswith("case_id,dice,precision,recall,assd,hd95,surface_distance")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_compare_writes_report_table_and_figures(tmp_path, capsys):
+    from examples.pancreas.compare import compare
+
+    doc = compare(preset("tiny", steps=2), tmp_path, device="cpu", progress=False, isolate=False)
+    printed = capsys.readouterr().out
+    assert "Attention U-Net" in printed and "threshold baseline Dice" in printed
+    report = (tmp_path / "report.md").read_text()
+    assert "| DSC |" in report and "Threshold baseline" in report and "Wilcoxon" in report
+    for png in ("training_curves.png", "attention/attention.png", "attention/prediction.png", "unet/prediction.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+    a, u = doc["results"]["attention"], doc["results"]["unet"]
+    assert a["test_cases"] == u["test_cases"]  # the same split for both models
+    assert a["params"] > u["params"]
+    assert 0.0 <= doc["threshold_baseline"]["dice"] <= 1.0
+
+
+def test_cli_demo_refuses_to_replace_a_run(tmp_path, capsys):
+    (tmp_path / "attention").mkdir()
+    (tmp_path / "attention" / "checkpoint.pt").write_bytes(b"earlier run")
+    assert _cli("demo", "--out", tmp_path) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "attention" / "checkpoint.pt").read_bytes() == b"earlier run"
