@@ -91,7 +91,11 @@ def main(argv=None) -> int:
     out_dir = Path(argv[0] if argv else "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    result = {"small": [], "paper": []}
+    from .common import machine_info
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {"machine": machine_info(dev), "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+              "small": [], "paper": []}
     # 1. counted, both backends, small shape
     small = (2, 32, 16, 16, 12)
     x = torch.randn(small, requires_grad=True)

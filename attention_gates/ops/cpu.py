@@ -1,0 +1,347 @@
+"""The grid attention gate for CPU tensors: channel matrix products and a recomputing backward.
+
+Every 1x1 convolution of the gate is a matrix product over the channels of a
+``Tensor[N, C, S]`` view (``S`` = the flattened spatial grid), done in the tensor's own
+layout: ``[C, S]`` matrices for contiguous tensors, ``[S, C]`` matrices for channels-last
+ones, so no operand is copied. The output transform never materialises ``alpha * x``::
+
+    W(alpha * x) = alpha * (W0 @ x) + b                          (per voxel, W0 = Tensor[C, C])
+
+so it is one product over ``x`` and an in-place epilogue. Batch normalisation is folded
+into ``W0`` and ``b`` in evaluation, and computed from the product in training.
+
+The forward keeps for the backward (``_GridAttentionCPU``) only its inputs, theta's output
+on the coarse grid and the batch ``1/std``, nothing of ``x``'s size: the backward recomputes the
+attention map from them, gets every gradient of the output transform from ``C x C`` products
+(``P = sum dy (alpha x)^T``, ``Q = sum (alpha x)(alpha x)^T``, ``alpha x`` centred in training)
+and theta's input gradient as one product on the coarse grid added onto ``x``'s patches.
+Under :func:`torch.compile` the dispatcher's ``"auto"`` takes the reference instead (the
+backward calls :func:`torch.autograd.grad`, which dynamo does not trace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..functional import resample
+
+__all__ = ["grid_attention_cpu"]
+
+_CONV = (F.conv1d, F.conv2d, F.conv3d)
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+@dataclass(frozen=True)
+class _Config:
+    norm: str  # "batch" or "none"; "none" also when there is no W
+    training: bool
+    momentum: float
+    eps: float
+    sigma1: str
+    align_corners: bool
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``Tensor[N, C, *S]`` is stored channels-last (and not also contiguous)."""
+    fmt = _CHANNELS_LAST.get(t.dim())
+    return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
+
+
+def _dense(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in ``like``'s layout (channels-last or contiguous), copied only if it is not already."""
+    fmt = _CHANNELS_LAST[t.dim()] if _channels_last(like) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def _rows(X: Tensor) -> bool:
+    """Whether ``X = Tensor[N, C, S]`` is stored as ``[N, S, C]`` (a channels-last tensor's view)."""
+    return X.shape[1] > 1 and X.stride(1) == 1 and X.transpose(1, 2).is_contiguous()
+
+
+def _mm(w: Tensor, X: Tensor, acc: Optional[Tensor] = None) -> Tensor:
+    """``w @ X[n]`` for every sample: ``w = Tensor[Co, C]``, ``X = Tensor[N, C, S]``.
+
+    The result is ``Tensor[N, Co, S]`` in ``X``'s layout. A channels-last ``X`` (``X[n]`` stored
+    as ``[S, C]``) is multiplied as ``X[n]^T @ w^T``, all samples in one product. With ``acc``
+    (same shape as the result) the product is added into ``acc`` in place.
+    """
+    n, c, s = X.shape
+    if acc is not None and _rows(acc) != _rows(X):
+        return acc.add_(_mm(w, X))
+    if _rows(X):
+        rows = X.transpose(1, 2).reshape(n * s, c)  # a view
+        if acc is None:
+            return (rows @ w.t()).view(n, s, -1).transpose(1, 2)
+        acc.transpose(1, 2).view(n * s, -1).addmm_(rows, w.t())
+        return acc
+    if n == 1:  # torch.matmul would multiply X^T and copy the product back into [C, S] order
+        if acc is None:
+            return torch.mm(w, X[0]).unsqueeze(0)
+        acc[0].addmm_(w, X[0])
+        return acc
+    if acc is None:
+        return torch.bmm(w.expand(n, -1, -1), X)
+    return acc.baddbmm_(w.expand(n, -1, -1), X)
+
+
+def _gram(A: Tensor, B: Tensor) -> Tensor:
+    """``sum_n A[n] @ B[n]^T`` for ``Tensor[N, C, S]`` operands: ``Tensor[C, C]``."""
+    return torch.matmul(A, B.mT).sum(0)
+
+
+def _conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 convolution of ``Tensor[N, C, *S]`` as a channel matrix product: ``Tensor[N, Co, *S]``."""
+    y = _mm(weight.flatten(1), t.flatten(2))
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(t.shape[0], -1, *t.shape[2:])
+
+
+def _theta(x: Tensor, weight: Tensor) -> Tensor:
+    """``W_x^T x`` on the coarse grid: the strided convolution (kernel = stride = subsample factor)."""
+    k = tuple(weight.shape[2:])
+    if all(kk == 1 for kk in k):
+        return _conv1x1(x, weight, None)
+    return _CONV[x.dim() - 3](x, weight, None, stride=k)
+
+
+def _theta_backward(dt: Tensor, x: Tensor, weight: Tensor, dx: Optional[Tensor], need_weight: bool) -> Optional[Tensor]:
+    """Backward of :func:`_theta` from ``dt = Tensor[N, F_int, *T]``: adds ``x``'s gradient into ``dx``
+    (``Tensor[N, F_l, *S]``, unless ``None``) and returns the weight's gradient (if ``need_weight``).
+
+    ``x``'s gradient is ``weight^T @ dt`` on the coarse grid, one product, scattered onto the
+    ``k``-patches of ``x``'s grid by a strided in-place add (voxels beyond ``T * k`` get none).
+    """
+    k = tuple(weight.shape[2:])
+    d = len(k)
+    D = _dense(dt, x).flatten(2)
+    if all(kk == 1 for kk in k):
+        if dx is not None:
+            _mm(weight.flatten(1).t(), D, acc=dx.flatten(2))
+        return _gram(D, x.flatten(2)).view(weight.shape) if need_weight else None
+    if dx is not None:
+        T = dt.shape[2:]
+        patches = _mm(weight.flatten(1).t(), D).view(dt.shape[0], x.shape[1], *k, *T)  # [N, F_l, *k, *T]
+        target = dx[(..., *(slice(0, t * kk) for t, kk in zip(T, k)))]
+        for i in range(d):  # [N, F_l, T1, k1, T2, k2, ...]
+            target = target.unflatten(2 + 2 * i, (T[i], k[i]))
+        order = [0, 1, *(3 + 2 * i for i in range(d)), *(2 + 2 * i for i in range(d))]
+        target.permute(order).add_(patches)
+    if not need_weight:
+        return None
+    zeros = [0] * d
+    return torch.ops.aten.convolution_backward(
+        dt, x, weight, None, list(k), zeros, [1] * d, False, zeros, 1, [False, True, False]
+    )[1]
+
+
+def _attention(t: Tensor, g, phi_weight, phi_bias, psi_weight, psi_bias, cfg: _Config) -> Tensor:
+    """Eqs. 1-2 on theta's grid ``T``, from ``t = W_x^T x``: ``sigmoid(q_att)`` as ``Tensor[N, 1, *T]``."""
+    p = resample(_conv1x1(g, phi_weight, phi_bias), t.shape[2:], cfg.align_corners)
+    f = (t + p).relu_() if cfg.sigma1 == "relu" else F.softplus(t + p)
+    return _conv1x1(f, psi_weight, psi_bias).sigmoid_()
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+class _GridAttentionCPU(torch.autograd.Function):
+    """``(out, alpha)`` of the gate; saves the inputs, theta's output (coarse) and the batch ``invstd``."""
+
+    @staticmethod
+    def forward(ctx, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b, running_mean, running_var, cfg):
+        dtype = _compute_dtype(x)
+        xs, gs = x.to(dtype), g.to(dtype)
+        coarse = [_cast(t, dtype) for t in (theta_w, phi_w, phi_b, psi_w, psi_b)]
+        t = _theta(xs, coarse[0])  # [N, F_int, *T], saved: the backward starts from it
+        alpha = resample(_attention(t, gs, *coarse[1:], cfg), x.shape[2:], cfg.align_corners)  # [N, 1, *S]
+        a, X = alpha.flatten(2), xs.flatten(2)
+        stats: tuple = ()
+        if W_w is None:
+            out = xs * alpha
+        else:
+            W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
+            if cfg.norm == "batch" and cfg.training:
+                U = _mm(W0, X)  # W0 x
+                n = U.shape[0] * U.shape[2]
+                mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
+                torch.addcmul(-mean[:, None], U, a, out=U)  # alpha * W0 x - mean, in place
+                var = torch.linalg.vector_norm(U, dim=(0, 2)).square_() / n
+                invstd = torch.rsqrt(var + cfg.eps)
+                torch.addcmul(beta[:, None], U, (gamma * invstd)[:, None], out=U)
+                if running_mean is not None:
+                    m = cfg.momentum
+                    running_mean.mul_(1 - m).add_((mean + b).to(running_mean.dtype), alpha=m)
+                    running_var.mul_(1 - m).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=m)
+                stats = (invstd,)
+            else:
+                if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
+                    s = gamma * torch.rsqrt(running_var.to(dtype) + cfg.eps)
+                    W0, b = W0 * s[:, None], (b - running_mean.to(dtype)) * s + beta
+                U = _mm(W0, X)
+                torch.addcmul(b[:, None], U, a, out=U)  # alpha * (W0 x) + b, in place
+            out = U.view(x.shape)
+        keep_stats = cfg.norm == "batch" and not cfg.training and W_w is not None
+        ctx.cfg = cfg
+        ctx.save_for_backward(
+            x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b,
+            running_mean if keep_stats else None, running_var if keep_stats else None, t, *stats,
+        )  # fmt: skip
+        return out.to(x.dtype), alpha.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out, d_alpha):
+        x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b, rm, rv, t, *stats = ctx.saved_tensors
+        cfg: _Config = ctx.cfg
+        needs = ctx.needs_input_grad
+        dtype = _compute_dtype(x)
+        # recompute alpha from theta's output with a graph over the coarse inputs that need gradients
+        needs_t = needs[0] or needs[2]
+        coarse_in = [t, g, phi_w, phi_b, psi_w, psi_b]
+        coarse_needs = [needs_t, needs[1], *needs[3:7]]
+        leaves = [None if v is None else v.detach().to(dtype).requires_grad_(n) for v, n in zip(coarse_in, coarse_needs)]
+        wanted = [i for i, v in enumerate(leaves) if v is not None and v.requires_grad]
+        with torch.enable_grad():
+            alpha = resample(_attention(*leaves, cfg), x.shape[2:], cfg.align_corners)
+        xs = x.detach().to(dtype)
+        a, X = alpha.detach().flatten(2), xs.flatten(2)
+        dy = _dense(d_out.to(dtype), xs).flatten(2)
+        grads: list[Optional[Tensor]] = [None] * 11
+        if W_w is None:
+            h = dy  # d(alpha x)
+        else:
+            h, w_grads = _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            grads[7:11] = w_grads
+        if wanted:
+            d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
+            coarse_grads = dict(zip(wanted, torch.autograd.grad(alpha, [leaves[i] for i in wanted], d_alpha)))
+            grads[1], grads[3:7] = coarse_grads.get(1), [coarse_grads.get(i) for i in range(2, 6)]
+            if needs[0]:
+                grads[0] = h.view(x.shape) * alpha.detach()  # through alpha * x
+            if needs_t:
+                grads[2] = _theta_backward(coarse_grads[0], xs, theta_w.to(dtype), grads[0], needs[2])
+        inputs = (x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b)
+        grads = [None if gr is None else gr.to(inp.dtype).view(inp.shape) for gr, inp in zip(grads, inputs)]
+        return (*grads, None, None, None)
+
+
+def _output_params(W_w, W_b, norm_w, norm_b, dtype):
+    """``W0 = Tensor[C, C]``, ``b``, and the norm's ``gamma``/``beta`` (identity when absent), in ``dtype``."""
+    W0 = W_w.flatten(1).to(dtype)
+    c = W0.shape[0]
+    b = W_b.to(dtype) if W_b is not None else W0.new_zeros(c)
+    gamma = norm_w.to(dtype) if norm_w is not None else W0.new_ones(c)
+    beta = norm_b.to(dtype) if norm_b is not None else W0.new_zeros(c)
+    return W0, b, gamma, beta
+
+
+def _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
+    """Gradients through ``out = norm(alpha * (W0 x) + b)``, from ``C x C`` products.
+
+    Let ``ax = alpha * x`` and ``dv`` be the gradient at the norm's input; per channel
+    ``dv = k1 dy`` without batch statistics. With them (training), ``ax`` is first centred over
+    the voxels (``axc = ax - mean(ax)``, so the sums below do not cancel), ``xhat = invstd W0 axc``
+    and ``dv = k1 dy + k2 W0 axc + k3``; since ``sum dv = 0``::
+
+        dW0 = sum dv ax^T = k1 P + k2 W0 Q,             P = sum dy axc^T, Q = sum axc axc^T
+        h   = W0^T dv     = (W0^T k1) dy + (W0^T k2 W0) axc + W0^T k3
+
+    Returns ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
+    """
+    W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
+    n = X.shape[0] * X.shape[2]
+    d_beta = dy.sum((0, 2))
+    if cfg.norm == "batch" and cfg.training:
+        (invstd,) = stats
+        ax_mean = torch.matmul(X, a.mT).sum(0) / n  # [C, 1]
+        axc = torch.addcmul(-ax_mean, X, a, out=torch.empty_like(X))
+        P = _gram(dy, axc)
+        d_gamma = invstd * (W0 * P).sum(1)  # sum over voxels of dy * xhat
+        k1 = gamma * invstd
+        k2 = -k1 * invstd * d_gamma / n
+        k3 = -k1 * d_beta / n
+        d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
+        d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
+        h = _mm((W0 * k1[:, None]).t(), dy)
+        _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
+        h += (W0.t() @ k3)[:, None]
+    else:
+        P = _gram(dy, torch.mul(X, a, out=torch.empty_like(X)))  # sum dy ax^T
+        k1, d_gamma = gamma.new_ones(()), None
+        if cfg.norm == "batch":
+            inv = torch.rsqrt(rv.to(dtype) + cfg.eps)
+            k1 = gamma * inv
+            d_gamma = inv * ((W0 * P).sum(1) + (b - rm.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
+        d_W0 = k1[..., None] * P
+        d_b = k1 * d_beta
+        h = _mm((W0 * k1[..., None]).t(), dy)
+    return h, [
+        d_W0 if needs[7] else None,
+        d_b if needs[8] and W_b is not None else None,
+        d_gamma if needs[9] and norm_w is not None else None,
+        d_beta if needs[10] and norm_b is not None else None,
+    ]
+
+
+def grid_attention_cpu(
+    x: Tensor,
+    g: Tensor,
+    theta_weight: Tensor,
+    phi_weight: Tensor,
+    phi_bias: Optional[Tensor],
+    psi_weight: Tensor,
+    psi_bias: Optional[Tensor],
+    W_weight: Optional[Tensor] = None,
+    W_bias: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    *,
+    norm: str = "batch",
+    num_groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    sigma1: str = "relu",
+    sigma2: str = "sigmoid",
+    align_corners: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The grid attention gate on CPU tensors; same arguments, results and gradients as
+    :func:`attention_gates.functional.grid_attention_reference`.
+
+    ``x = Tensor[N, F_l, *S]`` and ``g = Tensor[N, F_g, *S_g]`` with 1, 2 or 3 spatial dims, any
+    subsample factor; returns ``(out: Tensor[N, F_l, *S], alpha: Tensor[N, 1, *S])``, ``out`` in
+    ``x``'s memory format. Updates ``running_mean``/``running_var`` in place when ``training`` and
+    ``norm="batch"``. Supports ``sigma2="sigmoid"`` and ``norm`` ``"batch"`` or ``"none"`` (or no
+    ``W``); ``num_groups`` is accepted for the common signature and unused. float16/bfloat16
+    inputs are computed in float32, float64 in float64.
+
+    Use it through :func:`attention_gates.functional.grid_attention` with ``backend="cpu"``,
+    which checks the inputs first.
+    """
+    if sigma2 != "sigmoid":
+        raise ValueError(f"sigma2 must be 'sigmoid' for the cpu backend, got {sigma2!r}")
+    if W_weight is not None and norm not in ("batch", "none"):
+        raise ValueError(f"norm must be 'batch' or 'none' for the cpu backend, got {norm!r}")
+    if W_weight is None:
+        norm = "none"
+    if norm == "batch" and not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var are required for norm='batch' when training=False, got None")
+    x = x if _channels_last(x) else x.contiguous()
+    g = g if _channels_last(g) else g.contiguous()
+    cfg = _Config(norm, training, momentum, eps, sigma1, align_corners)
+    return _GridAttentionCPU.apply(
+        x, g, theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias,
+        norm_weight, norm_bias, running_mean, running_var, cfg,
+    )  # fmt: skip

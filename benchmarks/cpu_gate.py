@@ -1,0 +1,195 @@
+"""The cpu backend against the reference on the CPU: the paper model's level-2 gate and the whole net.
+
+Run ``python -m benchmarks.cpu_gate`` (``--help`` for options). Measured, never asserted:
+
+* the level-2 gate of the paper's model (``x: Tensor[1, 32, 48, 48, 48]``,
+  ``g: Tensor[1, 64, 24, 24, 24]``, ``W`` = 1x1 conv + BatchNorm), eval forward under
+  :func:`torch.inference_mode` and training forward + backward, for backends ``reference``,
+  ``cpu`` (and ``compile`` with ``--compile``), interleaved call by call, medians;
+* its byte floor: reading ``x`` and ``g`` once and writing ``out`` and ``alpha`` once, at the
+  bandwidth of a large ``Tensor.copy_`` measured in the same run (target: eval within 3x of it);
+* the model: ``AttentionUNet3D`` with its gates on ``reference`` and on ``cpu``, and ``UNet3D``,
+  eval inference of ``Tensor[1, 1, S, S, S]``, interleaved (target: AttentionUNet3D(cpu) /
+  UNet3D <= 1.03);
+* the glibc allocator: the model benchmark in two subprocesses, without and with
+  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` (big tensors then stay in the heap
+  instead of being mapped, page-faulted and unmapped on every call): time and peak RSS.
+
+The machine may be shared: timings are interleaved so noise hits every variant alike, the load
+average is recorded before and after, and the thread count and ``MALLOC_*`` variables are part
+of the JSON written to ``benchmarks/results/cpu_gate/``. The table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import common
+from .gates import GateCase, copy_bandwidth, tensor_bytes
+
+OUT_DIR = common.RESULTS_DIR / "cpu_gate"
+X_SHAPE, G_SHAPE = (1, 32, 48, 48, 48), (1, 64, 24, 24, 24)  # level 2 of the paper model, 96^3 input
+ALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def gate_bench(backends: list[str], warmup: int, repeats: int) -> dict:
+    """Level-2 gate, eval and train, per backend: timing summaries and the eval byte floor bytes."""
+    cpu = torch.device("cpu")
+    cases = {name: GateCase(name, 2, X_SHAPE, G_SHAPE, cpu) for name in backends}
+    out = {}
+    for mode in ("eval", "train"):
+        times = common.time_interleaved({n: c.fn(mode) for n, c in cases.items()}, warmup=warmup, repeats=repeats, device=cpu)
+        out[mode] = {n: common.summarize(t) for n, t in times.items()}
+    case = next(iter(cases.values()))
+    alpha_bytes = case.x.numel() // case.x.shape[1] * case.x.element_size()
+    out["floor_bytes"] = 2 * tensor_bytes(case.x) + tensor_bytes(case.g) + alpha_bytes  # x, g in; out, alpha out
+    return out
+
+
+def _nets(size: int) -> dict[str, Callable[[], object]]:
+    from attention_gates import AttentionUNet3D, UNet3D
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, size, size, size)
+    nets = {
+        "UNet3D": UNet3D().eval(),
+        "AttentionUNet3D[reference]": AttentionUNet3D(backend="reference").eval(),
+        "AttentionUNet3D[cpu]": AttentionUNet3D(backend="cpu").eval(),
+    }
+    nets["AttentionUNet3D[cpu]"].load_state_dict(nets["AttentionUNet3D[reference]"].state_dict())
+
+    def call(net):
+        def f():
+            with torch.inference_mode():
+                net(x)
+
+        return f
+
+    return {name: call(net) for name, net in nets.items()}
+
+
+def model_bench(size: int, warmup: int, repeats: int) -> dict:
+    times = common.time_interleaved(_nets(size), warmup=warmup, repeats=repeats, device=torch.device("cpu"))
+    return {name: common.summarize(t) for name, t in times.items()}
+
+
+def allocator_bench(size: int, warmup: int, repeats: int) -> dict:
+    """The model benchmark in a subprocess per allocator setting, alternating, twice each: time and peak RSS."""
+    runs: dict[str, list[dict]] = {"default": [], "no-mmap": []}
+    for _ in range(2):
+        for name in runs:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            if name == "no-mmap":
+                env.update(ALLOC_ENV)
+            cmd = [sys.executable, "-m", "benchmarks.cpu_gate", "--model-child", "--size", str(size),
+                   "--warmup", str(warmup), "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]  # fmt: skip
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    out = {}
+    for name, results in runs.items():
+        out[name] = {
+            "env": ALLOC_ENV if name == "no-mmap" else {},
+            "best_run_median_s": {net: sorted(r["model"][net]["median"] for r in results)[0] for net in results[0]["model"]},
+            "peak_rss_bytes": max((r["peak_rss_bytes"] or 0) for r in results) or None,
+            "minor_page_faults": min(r["minor_page_faults"] for r in results),
+            "runs": results,
+        }
+    return out
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory: ``VmHWM`` (``ru_maxrss`` would report the parent's from
+    before ``exec``); ``None`` without ``/proc``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _model_child(args) -> None:
+    result = {"model": model_bench(args.size, args.warmup, args.repeats)}
+    result["peak_rss_bytes"] = _peak_rss()
+    result["minor_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # memory faulted in afresh
+    print(json.dumps(result))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per measurement (default 15)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--size", type=int, default=64, help="model input edge S (input 1x1xSxSxS, default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also time the 'compile' backend on the gate")
+    p.add_argument("--skip-alloc", action="store_true", help="skip the allocator subprocesses")
+    p.add_argument("--out", default=None, help=f"JSON file (default {OUT_DIR}/<time>.json)")
+    p.add_argument("--model-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model_child:
+        _model_child(args)
+        return 0
+
+    cpu = torch.device("cpu")
+    result: dict = {"machine": common.machine_info(cpu), "load_average_before": common.load_average()}
+    result["config"] = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                        "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size}  # fmt: skip
+    bw = copy_bandwidth(cpu, 2**25, args.warmup, max(args.repeats, 5))
+    result["copy_bandwidth"] = bw
+    backends = ["reference", "cpu"] + (["compile"] if args.compile else [])
+    if args.compile:
+        common.allow_recompiles()
+    t0 = time.perf_counter()
+    gate = gate_bench(backends, args.warmup, args.repeats)
+    gate["floor_s"] = gate["floor_bytes"] / (bw["GBps"] * 1e9)
+    result["gate_level2"] = gate
+    result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3))
+    if not args.skip_alloc:
+        result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3))
+    result["wall_s"] = time.perf_counter() - t0
+    result["load_average_after"] = common.load_average()
+
+    rows = []
+    for mode in ("eval", "train"):
+        ref = gate[mode]["reference"]["median"]
+        for name in backends:
+            s = gate[mode][name]
+            vs_floor = common.fmt_ratio(s["median"] / gate["floor_s"]) if mode == "eval" else "-"
+            rows.append([f"gate L2 {mode}", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
+                         common.fmt_ratio(ref / s["median"]), vs_floor])  # fmt: skip
+    unet = result["model"]["UNet3D"]["median"]
+    for name, s in result["model"].items():
+        rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
+                     "-", f"{s['median'] / unet:.3f} x UNet3D"])  # fmt: skip
+    for name, a in result.get("allocator", {}).items():
+        for net, med in a["best_run_median_s"].items():
+            rows.append([f"alloc {name}", net, common.fmt_seconds(med), "-", "-",
+                         f"peak RSS {common.fmt_bytes(a['peak_rss_bytes'])}, {a['minor_page_faults']} page faults"])  # fmt: skip
+    headers = ["case", "variant", "median", "IQR", "speed-up vs reference", "vs floor / note"]
+    result["table"] = [dict(zip(headers, row)) for row in rows]  # as printed (the docs render it)
+    path = Path(args.out) if args.out else OUT_DIR / time.strftime("%Y%m%d-%H%M%S.json")
+    common.write_json(path, result)
+    print(f"threads {torch.get_num_threads()}, MALLOC_* {result['machine']['malloc_env'] or 'unset'}, "
+          f"load average {result['load_average_before']} -> {result['load_average_after']}; "
+          f"copy {bw['GBps']:.1f} GB/s, L2 eval byte floor {common.fmt_seconds(gate['floor_s'])} "
+          f"({common.fmt_bytes(gate['floor_bytes'])}); JSON: {path}")  # fmt: skip
+    print(common.format_table(headers, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The cpu backend (attention_gates.ops.cpu) against the reference gate: outputs, every gradient,
+running statistics, layouts, dtypes, and the dispatcher's choice of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_gates import GridAttentionGate2D, GridAttentionGate3D
+from attention_gates.functional import grid_attention, grid_attention_reference
+from attention_gates.ops import BackendUnavailableError, not_supported_reasons, use_backend
+from attention_gates.ops.cpu import grid_attention_cpu
+from attention_gates.ops.dispatch import select
+
+# Tolerance per compute dtype, as (rtol, atol) on max|cpu - reference| <= atol + rtol * max|reference|.
+# float64: both sides are exact up to summation order (~1e-16 relative per operation).
+# float32: the cpu path sums in another order (channel products instead of convolutions, batch
+#   statistics and weight gradients from C x C Gram matrices over every voxel), so values agree to
+#   ~1e-6 relative and gradients, sums over up to ~1e4 voxels here, to ~1e-5.
+# bfloat16/float16 inputs are computed in float32 and compared with the float32 reference on the
+#   same (rounded) inputs: the only difference is the final rounding to 8 (bf16) or 11 (fp16) bits.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+PARAMS = ("theta_weight", "phi_weight", "phi_bias", "psi_weight", "psi_bias", "W_weight", "W_bias", "norm_weight", "norm_bias")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, scale=None) -> None:
+    """``scale``: the magnitude errors are relative to (default: ``max|expected|``)."""
+    rtol, atol = TOL[dtype]
+    assert actual.shape == expected.shape, what
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = atol + rtol * (expected.double().abs().max().item() if scale is None else scale)
+    assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def make_case(
+    dims: int, *, n: int = 2, c: int = 5, c_g: int = 6, c_int: int = 3, size=None, factor=2, g_size=None,
+    W: bool = True, norm: str = "batch", dtype=torch.float64, seed: int = 0,
+):  # fmt: skip
+    """Random gate inputs: ``(x, g, params, running_stats)`` with parameters away from identity."""
+    gen = torch.Generator().manual_seed(seed)
+    size = tuple(size or (9, 7, 6)[:dims])
+    k = (factor,) * dims if isinstance(factor, int) else tuple(factor)
+    g_size = tuple(g_size or [s // kk for s, kk in zip(size, k)])
+    one = (1,) * dims
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    x, g = rnd(n, c, *size), rnd(n, c_g, *g_size)
+    params = {
+        "theta_weight": rnd(c_int, c, *k, scale=0.5),
+        "phi_weight": rnd(c_int, c_g, *one, scale=0.5),
+        "phi_bias": rnd(c_int),
+        "psi_weight": rnd(1, c_int, *one),
+        "psi_bias": rnd(1),
+    }
+    stats = {}
+    if W:
+        params.update(W_weight=rnd(c, c, *one, scale=0.5), W_bias=rnd(c))
+        if norm == "batch":
+            params.update(norm_weight=(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(dtype), norm_bias=rnd(c))
+            stats = {"running_mean": rnd(c), "running_var": (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(dtype)}
+    return x, g, params, stats
+
+
+def run(fn, x, g, params, stats, *, grad_out=True, grad_alpha=True, requires=None, **kw):
+    """Call ``fn`` on fresh leaf copies, back-propagate fixed random weights of out and alpha.
+
+    Returns ``(out, alpha, grads, stats_after)`` with ``grads`` keyed by input name.
+    """
+    requires = set(requires if requires is not None else ["x", "g", *params])
+    leaves = {"x": x.clone(), "g": g.clone(), **{k: v.clone() for k, v in params.items() if v is not None}}
+    for name, t in leaves.items():
+        t.requires_grad_(name in requires)
+    stats = {k: v.clone() for k, v in stats.items()}
+    args = {**params, **{k: v for k, v in leaves.items() if k not in ("x", "g")}}
+    out, alpha = fn(leaves["x"], leaves["g"], **args, **stats, **kw)
+    gen = torch.Generator().manual_seed(123)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    w_alpha = torch.randn(alpha.shape, generator=gen, dtype=torch.float64).to(alpha.dtype)
+    loss = (out * w_out).sum() * grad_out + (alpha * w_alpha).sum() * grad_alpha
+    grads = {}
+    if any(t.requires_grad for t in leaves.values()):
+        loss.backward()
+        grads = {k: t.grad for k, t in leaves.items() if t.requires_grad}
+    return out.detach(), alpha.detach(), grads, stats
+
+
+def compare(case, dtype=torch.float64, ref_case=None, **kw):
+    """The cpu backend and the reference on the same case: every output, gradient and statistic."""
+    got = run(grid_attention_cpu, *case, **kw)
+    want = run(grid_attention_reference, *(ref_case or case), **kw)
+    assert_close(got[0], want[0].to(got[0].dtype), dtype, "out")
+    assert_close(got[1], want[1].to(got[1].dtype), dtype, "alpha")
+    assert set(got[2]) == set(want[2])
+    for name in want[2]:
+        assert got[2][name] is not None, f"no gradient for {name}"
+        assert got[2][name].dtype == {"x": case[0], "g": case[1], **case[2]}[name].dtype
+        scale = None
+        if name == "W_bias" and kw.get("training") and "norm_weight" in want[2]:
+            # exactly 0 through training-mode batch norm (the cpu path returns 0): the reference's
+            # value is the rounding noise of a sum over every voxel, as large as d(norm_bias)'s eps
+            scale = want[2]["norm_bias"].abs().max().item()
+        assert_close(got[2][name], want[2][name].to(got[2][name].dtype), dtype, f"d{name}", scale)
+    for name in want[3]:
+        assert_close(got[3][name], want[3][name], dtype, name)
+    return got, want
+
+
+OUTPUT_SIDE = [
+    pytest.param(dict(W=False), dict(), id="no-W"),
+    pytest.param(dict(norm="none"), dict(norm="none"), id="W-none"),
+    pytest.param(dict(), dict(training=False), id="W-batch-eval"),
+    pytest.param(dict(), dict(training=True, momentum=0.3), id="W-batch-train"),
+]
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("sigma1", ["relu", "softplus"])
+@pytest.mark.parametrize("case_kw,call_kw", OUTPUT_SIDE)
+def test_matches_reference(dims, sigma1, case_kw, call_kw):
+    case = make_case(dims, **case_kw)
+    got, want = compare(case, sigma1=sigma1, **call_kw)
+    if call_kw.get("training"):  # the running statistics moved, identically
+        assert not torch.equal(got[3]["running_mean"], case[3]["running_mean"])
+
+
+@pytest.mark.parametrize(
+    "dims,size,factor,g_size",
+    [
+        (3, (9, 11, 7), (2, 3, 1), (3, 5, 4)),  # odd sizes, per-axis factors, g of another size
+        (3, (8, 8, 8), 1, (3, 3, 3)),  # theta as a 1x1 product
+        (2, (13, 10), (3, 2), (7, 7)),
+        (1, (17,), 4, (6,)),
+    ],
+)
+@pytest.mark.parametrize("training", [False, True])
+def test_shapes(dims, size, factor, g_size, training):
+    compare(make_case(dims, size=size, factor=factor, g_size=g_size), training=training)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_align_corners_and_batch_of_one(align_corners):
+    case = make_case(3, n=1, size=(8, 10, 6), g_size=(3, 4, 5))
+    compare(case, training=True, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_channels_last(dims, training):
+    """Channels-last x is computed as [S, C] matrices and gives a channels-last out."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    x, g, params, stats = make_case(dims, size=(8, 6, 10)[:dims])
+    x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    got, _ = compare((x, g, params, stats), training=training)
+    assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize(
+    "requires,grad_out,grad_alpha",
+    [
+        (["x"], True, False),  # frozen gate
+        (["W_weight", "norm_weight", "norm_bias"], True, False),  # only the output transform trains
+        (["g", "psi_weight"], False, True),  # only alpha is used
+        (["theta_weight"], True, True),  # x needs no gradient, theta does
+    ],
+)
+def test_partial_gradients(requires, grad_out, grad_alpha):
+    compare(make_case(3), requires=requires, grad_out=grad_out, grad_alpha=grad_alpha, training=True)
+
+
+def test_no_affine_no_bias():
+    x, g, params, stats = make_case(2)
+    for name in ("phi_bias", "psi_bias", "W_bias", "norm_weight", "norm_bias"):
+        params[name] = None
+    compare((x, g, params, stats), training=True)
+    compare((x, g, params, {}), training=True)  # no running statistics either
+
+
+def test_float32():
+    compare(make_case(3, c=8, c_g=12, c_int=4, size=(12, 10, 8), dtype=torch.float32), torch.float32, training=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype):
+    """Half inputs: computed in float32, so the result is the float32 reference rounded once."""
+    case = make_case(3, size=(8, 8, 6), dtype=dtype)
+    ref_case = tuple(
+        {k: v.float() for k, v in part.items()} if isinstance(part, dict) else part.float() for part in case
+    )
+    got, _ = compare(case, dtype, ref_case=ref_case, training=False)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+
+
+def test_gradcheck_float64():
+    x, g, params, stats = make_case(3, n=2, c=2, c_g=2, c_int=2, size=(4, 3, 2), factor=(2, 2, 1), g_size=(3, 2, 1))
+    names = list(params)
+
+    def f(x, g, *ps):
+        return grid_attention_cpu(x, g, **dict(zip(names, ps)), training=True, momentum=0.0, sigma1="softplus")
+
+    inputs = [t.clone().requires_grad_() for t in (x, g, *params.values())]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+    x, g, params, _ = make_case(2, n=1, c=2, c_g=2, c_int=2, size=(5, 4), W=False)
+    inputs = [t.clone().requires_grad_() for t in (x, g, *params.values())]
+    assert torch.autograd.gradcheck(lambda x, g, *ps: grid_attention_cpu(x, g, *ps), inputs, eps=1e-6, atol=1e-7)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    dims=st.integers(1, 3),
+    n=st.integers(1, 3),
+    c=st.integers(1, 6),
+    c_int=st.integers(1, 4),
+    factors=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    extra=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+    g_sizes=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    training=st.booleans(),
+)
+def test_hypothesis_shapes(dims, n, c, c_int, factors, extra, g_sizes, training):
+    k = factors[:dims]
+    size = [2 * kk + e for kk, e in zip(k, extra)]
+    case = make_case(dims, n=n, c=c, c_int=c_int, size=size, factor=k, g_size=g_sizes[:dims])
+    compare(case, training=training)
+
+
+def test_gate_module_training_step_matches_reference():
+    """A module in training mode: outputs, gradients and running statistics (momentum=None too)."""
+    torch.manual_seed(0)
+    ref_gate = GridAttentionGate2D(6, 8, 4, subsample_factor=(2, 3), backend="reference")
+    ref_gate.W[1].momentum = None  # cumulative average: the counter must advance the same way
+    cpu_gate = GridAttentionGate2D(6, 8, 4, subsample_factor=(2, 3), backend="cpu")
+    cpu_gate.load_state_dict(ref_gate.state_dict())
+    cpu_gate.W[1].momentum = None
+    x, g = torch.randn(2, 6, 10, 12), torch.randn(2, 8, 5, 4)
+    # a loss linear in out: one such as sum(out^2) makes dW a small difference of large sums, where
+    # both sides' float32 rounding, not the backend, decides the digits compared
+    w_out, w_alpha = torch.randn(2, 6, 10, 12), torch.randn(2, 1, 10, 12)
+    for _ in range(2):
+        results = []
+        for gate in (ref_gate, cpu_gate):
+            gate.zero_grad()
+            out, alpha = gate(x, g)
+            ((out * w_out).sum() + (alpha * w_alpha).sum()).backward()
+            results.append((out, alpha, {k: p.grad for k, p in gate.named_parameters()}, list(gate.buffers())))
+        (o1, a1, g1, b1), (o2, a2, g2, b2) = results
+        assert_close(o2, o1, torch.float32, "out")
+        assert_close(a2, a1, torch.float32, "alpha")
+        for name in g1:  # W's bias: exactly 0 on the cpu path, rounding noise in the reference
+            scale = g1["W.1.bias"].abs().max().item() if name == "W.0.bias" else None
+            assert_close(g2[name], g1[name], torch.float32, f"d{name}", scale)
+        for t1, t2 in zip(b1, b2):
+            assert_close(t2.double(), t1.double(), torch.float32, "buffer")
+
+
+def test_inference_mode_eval():
+    gate = GridAttentionGate3D(4, 6, backend="cpu").eval()
+    ref = GridAttentionGate3D(4, 6, backend="reference").eval()
+    ref.load_state_dict(gate.state_dict())
+    x, g = torch.randn(1, 4, 8, 8, 8), torch.randn(1, 6, 4, 4, 4)
+    with torch.inference_mode():
+        (o1, a1), (o2, a2) = gate(x, g), ref(x, g)
+    assert_close(o1, o2, torch.float32, "out")
+    assert_close(a1, a2, torch.float32, "alpha")
+
+
+def test_eval_batch_norm_needs_running_stats():
+    x, g, params, _ = make_case(2)
+    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+        grid_attention_cpu(x, g, **params, training=False)
+
+
+def _case_kwargs(params, **kw):
+    return dict(W_weight=params.get("W_weight"), weights=tuple(params.values()), **kw)
+
+
+def test_dispatcher_refuses_unsupported_cases_with_reasons():
+    x, g, params, stats = make_case(3, dtype=torch.float32)
+    with pytest.raises(BackendUnavailableError, match=r"(?s)backend 'cpu' cannot run.*sigma2='softmax'"):
+        grid_attention(x, g, **params, **stats, sigma2="softmax", backend="cpu")
+    reasons = not_supported_reasons(
+        "cpu", x, g, **_case_kwargs(params, norm="group", training=True, sigma1="relu", sigma2="softmax")
+    )
+    assert len(reasons) == 2 and "softmax" in reasons[0] and "norm='group'" in reasons[1]
+    x64, g64 = x.double(), g.double()
+    reasons = not_supported_reasons(
+        "cpu", x64, g64, **_case_kwargs(params, norm="batch", training=True, sigma1="relu", sigma2="sigmoid")
+    )
+    assert reasons and "float64" in reasons[0]
+    with pytest.raises(ValueError, match="sigma2 must be 'sigmoid'"):
+        grid_attention_cpu(x, g, **params, **stats, sigma2="softmax")
+
+
+def test_auto_picks_cpu_for_supported_float32_cpu_calls():
+    x, g, params, stats = make_case(3, dtype=torch.float32)
+    case = _case_kwargs(params, norm="batch", training=False, sigma1="relu", sigma2="sigmoid")
+    with use_backend("auto"):
+        assert select(None, x, g, **case).__name__ == "_cpu_impl"
+        assert select(None, x, g, **{**case, "sigma2": "softmax"}) is grid_attention_reference
+        x16, g16 = x.bfloat16(), g.bfloat16()  # measured only in float32: auto keeps the reference
+        assert select(None, x16, g16, **case) is grid_attention_reference
+    out, alpha = grid_attention(x, g, **params, **stats, backend="auto")
+    want = grid_attention_reference(x, g, **params, **stats)
+    assert_close(out, want[0], torch.float32, "out")
+
+
+@pytest.mark.slow  # about 10 s of compilation on 2 cores
+def test_auto_under_torch_compile_uses_the_reference():
+    """torch.compile(fullgraph=True) traces "auto" gates: they take the reference there."""
+    torch.manual_seed(0)
+    gate = GridAttentionGate2D(4, 6).train()  # backend None: the global default, "auto"
+    x, g = torch.randn(2, 4, 8, 6, requires_grad=True), torch.randn(2, 6, 4, 3)
+    out, alpha = torch.compile(gate, fullgraph=True, backend="aot_eager")(x, g)
+    out.sum().backward()
+    with use_backend("reference"):
+        assert_close(out, gate(x, g)[0], torch.float32, "out")
