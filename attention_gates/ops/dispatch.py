@@ -19,7 +19,6 @@ falls back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Callable, Iterator, Optional
@@ -84,9 +83,11 @@ def use_backend(name: str) -> Iterator[None]:
         _override.pop()
 
 
-@functools.cache
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once; does not import it
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def _interpreting() -> bool:

@@ -39,7 +39,7 @@ if os.environ.get("DOCS_INTERSPHINX") == "1":  # off by default: CI builds offli
     }
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_generated"]  # _generated: included pieces, not pages
+exclude_patterns = ["_build", "_generated", "_static"]  # _generated: included pieces; _static: files, not pages
 templates_path = ["_templates"]
 html_theme = "furo"
 html_title = f"attention-gates {release}"
