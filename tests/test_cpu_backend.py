@@ -298,11 +298,17 @@ def test_dispatcher_refuses_unsupported_cases_with_reasons():
         grid_attention_cpu(x, g, **params, **stats, sigma2="softmax")
 
 
-def test_auto_picks_cpu_for_supported_float32_cpu_calls():
+def test_auto_picks_cpu_for_float32_cpu_inference():
     x, g, params, stats = make_case(3, dtype=torch.float32)
     case = _case_kwargs(params, norm="batch", training=False, sigma1="relu", sigma2="sigmoid")
     with use_backend("auto"):
-        assert select(None, x, g, **case).__name__ == "_cpu_impl"
+        with torch.no_grad():  # inference: the cpu backend is the faster one there
+            assert select(None, x, g, **case).__name__ == "_cpu_impl"
+        # training (a gradient needed): the reference, faster than the cpu backend's recomputing backward
+        assert select(None, x.requires_grad_(), g, **case) is grid_attention_reference
+        x = x.detach()
+        with torch.inference_mode():
+            assert select(None, x, g, **case).__name__ == "_cpu_impl"
         assert select(None, x, g, **{**case, "sigma2": "softmax"}) is grid_attention_reference
         x16, g16 = x.bfloat16(), g.bfloat16()  # measured only in float32: auto keeps the reference
         assert select(None, x16, g16, **case) is grid_attention_reference

@@ -7,7 +7,8 @@ says, for a given call, why it cannot run (``not_supported_reasons``):
 ``"compile"``    :func:`torch.compile` of the reference.
 ``"triton"``     fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 ``"cpu"``        the gate as channel matrix products with a recomputing backward, for CPU tensors.
-``"auto"``       the first of triton (CUDA), cpu (CPU) that supports the call, else the reference.
+``"auto"``       triton on CUDA tensors, cpu on float32 CPU tensors when no gradient is needed
+                 (inference), when they support the call; else the reference.
 
 The backend is chosen per call (``backend=``), per module (the ``backend=`` constructor
 argument) or globally, with :func:`use_backend` or the environment variable
@@ -181,12 +182,22 @@ def not_supported_reasons(backend: str, x: Tensor, g: Tensor, **case) -> list[st
     return _REGISTRY[_check_name(backend)][0](x, g, **case)
 
 
-def _auto_order(x: Tensor) -> tuple[str, ...]:
+def _needs_grad(x: Tensor, g: Tensor, weights) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, *weights))
+
+
+def _auto_order(x: Tensor, g: Tensor, weights) -> tuple[str, ...]:
     if x.device.type == "cuda":
         return ("triton", "reference")
-    # cpu: measured in float32; under torch.compile the compiler fuses the reference (the cpu
-    # backend's backward calls torch.autograd.grad, which dynamo does not trace)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+    # cpu: faster than the reference for inference in float32 (1.8x on the paper's level-2 gate,
+    # benchmarks/cpu_gate.py), not for training (0.9x); under torch.compile the compiler fuses
+    # the reference (the cpu backend's backward calls torch.autograd.grad, which dynamo does not trace)
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not _needs_grad(x, g, weights)
+        and not torch.compiler.is_compiling()
+    ):
         return ("cpu", "reference")
     return ("reference",)
 
@@ -195,7 +206,7 @@ def select(backend: Optional[str], x: Tensor, g: Tensor, **case) -> Callable:
     """The implementation that runs this call (see the module docstring for the rules)."""
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
-        for candidate in _auto_order(x):
+        for candidate in _auto_order(x, g, case["weights"]):
             if not not_supported_reasons(candidate, x, g, **case):
                 return _REGISTRY[candidate][1]
         raise AssertionError("unreachable: the reference supports every call")
