@@ -3,12 +3,12 @@
 Every backend computes :func:`attention_gates.functional.grid_attention_reference` and
 says, for a given call, why it cannot run (``not_supported_reasons``):
 
-``"reference"``  eager PyTorch, every case.
-``"compile"``    :func:`torch.compile` of the reference.
-``"triton"``     fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-``"cpu"``        the gate as channel matrix products with a recomputing backward, for CPU tensors.
-``"auto"``       triton on CUDA tensors, cpu on float32 CPU tensors when no gradient is needed
-                 (inference), when they support the call; else the reference.
+- ``"reference"``: eager PyTorch, every case.
+- ``"compile"``: :func:`torch.compile` of the reference.
+- ``"triton"``: fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+- ``"cpu"``: the gate as channel matrix products with a recomputing backward, for CPU tensors.
+- ``"auto"``: triton on CUDA tensors, cpu on float32 CPU tensors when no gradient is needed
+  (inference), when they support the call; else the reference.
 
 The backend is chosen per call (``backend=``), per module (the ``backend=`` constructor
 argument) or globally, with :func:`use_backend` or the environment variable
