@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import json
 import math
 import os
@@ -277,3 +280,20 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes.
+
+    Linux's ``VmHWM`` belongs to the process's own address space; ``getrusage``'s ``ru_maxrss``
+    would also carry the parent's peak at ``fork`` across ``exec``, so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

@@ -107,22 +107,9 @@ def allocator_bench(size: int, warmup: int, repeats: int) -> dict:
     return out
 
 
-def _peak_rss() -> int | None:
-    """This process's peak resident memory: ``VmHWM`` (``ru_maxrss`` would report the parent's from
-    before ``exec``); ``None`` without ``/proc``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
 def _model_child(args) -> None:
     result = {"model": model_bench(args.size, args.warmup, args.repeats)}
-    result["peak_rss_bytes"] = _peak_rss()
+    result["peak_rss_bytes"] = common.peak_rss()
     result["minor_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # memory faulted in afresh
     print(json.dumps(result))
 

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -222,23 +221,6 @@ def cuda_step_bytes(runner: Runner, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def peak_rss() -> int:
-    """This process's peak resident set size in bytes.
-
-    Linux's ``VmHWM`` belongs to the process's own address space; ``getrusage``'s ``ru_maxrss``
-    would also carry the parent's peak at ``fork`` across ``exec``, so it is only the fallback.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def rss_child(spec: dict) -> dict:
     """In a fresh process: build, then one training step; peak RSS before and after it."""
     common.set_threads(spec["threads"])
@@ -246,9 +228,9 @@ def rss_child(spec: dict) -> dict:
         common.allow_recompiles()
     model = Model(spec["key"], spec["family"], spec["kind"], spec["backend"])
     runner = Runner(build(model, spec["dims"]), *make_input(spec["size"], spec["batch"], torch.device("cpu")))
-    before = peak_rss()
+    before = common.peak_rss()
     runner.train_step()
-    peak = peak_rss()
+    peak = common.peak_rss()
     return {"peak_rss_bytes": peak, "step_rss_bytes": peak - before}
 
 

@@ -147,15 +147,25 @@ def _coarse_bwd(
 
 
 @triton.jit
-def _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    """The x tile Tensor[BLOCK_S, BLOCK_C] (float32) and u = x @ W0^T (x itself without W)."""
+def _fine_tile(
+    x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    """This program's block of x's grid: batch index, positions, channels, their masks, the x tile
+    Tensor[BLOCK_S, BLOCK_C], u = x @ W0^T (x itself without W) and alpha Tensor[BLOCK_S]."""
+    n = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
     xt = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=smask[:, None] & cmask[None, :], other=0.0).to(ACC)
     if HAS_W:
         w0t = tl.load(w0_ptr + c[:, None] * C + c[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
         u = tl.dot(xt, w0t, input_precision=PREC)
     else:
         u = xt
-    return xt, u
+    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
+    return n, s, smask, c, cmask, xt, u, a
 
 
 @triton.jit
@@ -163,14 +173,8 @@ def _fine_stats(
     x_ptr, af_ptr, w0_ptr, mean_ptr, m2_ptr, cnt_ptr, C, S, sxn, sxc, sxs,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
-    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     z = a[:, None] * u
     cnt = tl.sum(smask.to(ACC), axis=0)
     mean = tl.sum(z, axis=0) / cnt
@@ -185,13 +189,7 @@ def _fine_out(
     x_ptr, af_ptr, w0_ptr, scale_ptr, shift_ptr, out_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
-    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
     scale = tl.load(scale_ptr + c, mask=cmask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=cmask, other=0.0)
     out = a[:, None] * u * scale[None, :] + shift[None, :]
@@ -207,15 +205,9 @@ def _fine_bwd_sums(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-block sums of dout and dout * zhat, zhat = alpha * u * r + h."""
-    n = tl.program_id(1).to(tl.int64)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, True, PREC, ACC)
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
     m2 = smask[:, None] & cmask[None, :]
-    _, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, True, PREC, ACC)
-    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     r = tl.load(r_ptr + c, mask=cmask, other=0.0)
     h = tl.load(h_ptr + c, mask=cmask, other=0.0)
     do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(ACC)
@@ -233,14 +225,8 @@ def _fine_bwd(
 ):
     """dz = A dout + B + E zhat (zhat = alpha u r + h; coef rows A, B, E, r, h); then
     d alpha = sum_c dz u (+ the alpha output's gradient), dx = alpha W0^T dz, dW0 += dz^T (alpha x), db += sum dz."""
-    n = tl.program_id(1).to(tl.int64)
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
     m2 = smask[:, None] & cmask[None, :]
-    xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, c, cmask, sxn, sxc, sxs, C, HAS_W, PREC, ACC)
-    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
     A = tl.load(coef_ptr + c, mask=cmask, other=0.0)
     B = tl.load(coef_ptr + BLOCK_C + c, mask=cmask, other=0.0)
     E = tl.load(coef_ptr + 2 * BLOCK_C + c, mask=cmask, other=0.0)
