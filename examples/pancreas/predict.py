@@ -56,7 +56,7 @@ def image_transforms(cfg: Config):
     low, high = (float(v) for v in cfg.hu_window)
     return Compose([
         LoadCased("image"),
-        Orientationd("image", axcodes="RAS"),
+        Orientationd("image", axcodes="RAS", labels=None),  # as data.eval_transforms: the space of the image
         Spacingd("image", pixdim=tuple(float(s) for s in cfg.spacing), mode="bilinear"),
         ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
         EnsureTyped("image", dtype=torch.float32),
