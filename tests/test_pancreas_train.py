@@ -410,3 +410,33 @@ def test_cli_demo_refuses_to_replace_a_run(tmp_path, capsys):
     assert _cli("demo", "--out", tmp_path) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "attention" / "checkpoint.pt").read_bytes() == b"earlier run"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_compare_with_the_attention_unet_made_from_the_unet(tmp_path, capsys):
+    """--finetune adds a third model, started from the trained U-Net's weights, gates only trained."""
+    import torch
+
+    from examples.pancreas.compare import compare
+    from examples.pancreas.train import CHECKPOINT
+
+    doc = compare(preset("tiny", steps=2), tmp_path, device="cpu", progress=False, isolate=False, finetune="gates")
+    f, u = doc["results"]["finetuned"], doc["results"]["unet"]
+    assert f["test_cases"] == u["test_cases"] and f["params"] == doc["results"]["attention"]["params"]
+    assert doc["paired_test_finetuned_vs_unet"]["n"] == len(u["test_cases"])
+    assert "Attention U-Net from the U-Net" in (tmp_path / "report.md").read_text()
+    # the backbone was frozen: the fine-tuned model's encoder equals the U-Net's
+    unet = torch.load(tmp_path / "unet" / CHECKPOINT, weights_only=False)["model"]
+    tuned = torch.load(tmp_path / "finetuned" / CHECKPOINT, weights_only=False)["model"]
+    for key in ("encoders.0.conv1.0.weight", "decoders.0.conv.conv2.0.bias", "head.fuse.weight"):
+        assert torch.equal(tuned[key], unet[key]), key
+    assert not torch.equal(tuned["gates.2.gates.0.psi.weight"], torch.zeros_like(tuned["gates.2.gates.0.psi.weight"]))
+
+
+def test_cli_folds_flags_reach_the_config():
+    from examples.pancreas.__main__ import _config, parser
+
+    args = parser().parse_args(["train", "--out", "x", "--folds", "4", "--fold", "2"])
+    cfg = _config(args)
+    assert (cfg.folds, cfg.fold) == (4, 2)

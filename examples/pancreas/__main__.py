@@ -54,6 +54,8 @@ CONFIG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--amp": ("amp", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast (CUDA)")),
     "--deterministic": ("deterministic", dict(action=argparse.BooleanOptionalAction, help="deterministic algorithms")),
     "--seed": ("seed", dict(type=int, help="training seed")),
+    "--folds": ("folds", dict(type=int, help="k-fold cross-validation: number of folds (the test cases stay fixed)")),
+    "--fold": ("fold", dict(type=int, help="with --folds: the fold validated on (0-based)")),
     "--checkpoint-every": ("checkpoint_every", dict(type=int, help="steps between checkpoints")),
     "--threads": ("threads", dict(type=int, help="CPU threads per process (0: PyTorch's default)")),
     "--init-from": ("init_from", dict(help="a trained U-Net checkpoint to add (pass-through) gates to")),
@@ -121,7 +123,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     cfg = preset(args.preset or "demo", **_overrides(args))
     checkpoints = {k: v for k, v in (("attention", args.attention_checkpoint), ("unet", args.unet_checkpoint)) if v}
-    compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+    compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+            finetune=args.finetune)  # fmt: skip
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -179,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--attention-checkpoint", help="use this trained Attention U-Net instead of training one")
     q.add_argument("--unet-checkpoint", help="use this trained U-Net instead of training one")
+    q.add_argument("--finetune", choices=("gates", "all"),
+                   help="add a third model: the Attention U-Net made from the trained U-Net, its gates (or all) trained")
     _add_config_flags(q, with_model=False)
     common(q)
     q.set_defaults(func=_cmd_compare)

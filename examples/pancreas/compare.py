@@ -29,7 +29,7 @@ from .train import CHECKPOINT, LOG, CheckpointError, _read_log, load_cases, mode
 
 __all__ = ["paired_test", "run", "compare"]
 
-NAMES = {"attention": "Attention U-Net", "unet": "U-Net"}
+NAMES = {"attention": "Attention U-Net", "unet": "U-Net", "finetuned": "Attention U-Net from the U-Net"}
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
@@ -174,32 +174,46 @@ def compare(
     progress: bool = True,
     title: Optional[str] = None,
     isolate: bool = True,
+    finetune: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train (or load, ``checkpoints``: model name -> path) both models the same way on the
     same split, print the comparison table and write ``report.md`` (with the phantom's
     threshold baseline when the data are the phantom), ``comparison.json`` and the figures in
     ``out``; each model's own run lives in ``out/attention`` and ``out/unet``. With
     ``isolate`` each model runs in a process of its own, so that the CPU peak memory is
-    measured per model; without, both run in this process (faster to start)."""
+    measured per model; without, both run in this process (faster to start).
+
+    ``finetune`` (``"gates"`` or ``"all"``) adds a third model in ``out/finetuned``: an
+    Attention U-Net made from the trained U-Net (pass-through gates,
+    :meth:`~attention_gates.AttentionUNet.from_unet`), trained for the same number of steps,
+    the gates only or everything, and compared with the U-Net it started from."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = dict(checkpoints or {})
+    if finetune not in (None, "gates", "all"):
+        raise ValueError(f"finetune must be None, 'gates' or 'all', got {finetune!r}")
     unknown = sorted(set(checkpoints) - set(NAMES))
     if unknown:
         raise ValueError(f"checkpoints keys must be in {tuple(NAMES)}, got {unknown}")
-    for model in NAMES:
+    runs = {"attention": cfg.replace(model="attention"), "unet": cfg.replace(model="unet")}
+    if finetune is not None:  # after the U-Net: it starts from the U-Net's checkpoint
+        unet_ckpt = checkpoints.get("unet", out / "unet" / CHECKPOINT)
+        runs["finetuned"] = cfg.replace(model="attention", init_from=str(unet_ckpt), train_params=finetune)
+    for model in runs:
         if model not in checkpoints and not overwrite and (out / model / CHECKPOINT).exists():
             raise CheckpointError(f"{out / model} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
     start, load0 = time.perf_counter(), os.getloadavg()
     cases = load_cases(cfg)
     results = {}
-    for model in ("attention", "unet"):
-        model_cfg, model_out, checkpoint = cfg.replace(model=model), out / model, checkpoints.get(model)
+    for model, model_cfg in runs.items():
+        model_out, checkpoint = out / model, checkpoints.get(model)
         if isolate:
             results[model] = _run_in_child(model_cfg, model_out, cases, checkpoint, overwrite, device, progress)
         else:
             results[model] = run(model_cfg, model_out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)
-    test = paired_test([r["dice"] for r in results["attention"]["cases"]], [r["dice"] for r in results["unet"]["cases"]])
+    dice = {m: [r["dice"] for r in res["cases"]] for m, res in results.items()}
+    test = paired_test(dice["attention"], dice["unet"])
+    test_finetuned = paired_test(dice["finetuned"], dice["unet"]) if "finetuned" in dice else None
     baseline = None
     if cfg.data is None:
         from .phantom import threshold_baseline
@@ -216,6 +230,9 @@ def compare(
     figures += [("Attention U-Net on held-out cases: ground truth (green), prediction (red)", "attention/prediction.png"),
                 ("U-Net on held-out cases: ground truth (green), prediction (red)", "unet/prediction.png"),
                 ("Attention coefficients of every gate head of the Attention U-Net", "attention/attention.png")]  # fmt: skip
+    if "finetuned" in results:
+        figures += [(f"{NAMES['finetuned']} ({finetune}) on held-out cases", "finetuned/prediction.png"),
+                    (f"Attention coefficients of the {NAMES['finetuned']}", "finetuned/attention.png")]  # fmt: skip
     seconds = time.perf_counter() - start
     load1 = os.getloadavg()
     named = {NAMES[m]: r for m, r in results.items()}
@@ -224,9 +241,17 @@ def compare(
         f"load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end ({os.cpu_count()} CPUs)",
         *(f"{NAMES[m]}: training {r['train_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s" for m, r in results.items()),
     ]
+    if test_finetuned is not None:
+        notes.append(
+            f"{NAMES['finetuned']} (trained: {finetune}, {cfg.steps} steps from the U-Net's weights) vs the U-Net, "
+            f"paired on Dice ({test_finetuned['test']}, n = {test_finetuned['n']}): mean difference "
+            f"{test_finetuned['mean_difference']:+.3f}, p = {test_finetuned['p_value']:.3g}. {test_finetuned['note']}"
+        )
     write_report(out / "report.md", title or f"Attention U-Net vs U-Net on the pancreas ({cfg.preset} preset)", cfg.to_dict(), named,
                  baseline=baseline, test=test, figures=figures, notes=notes)  # fmt: skip
     doc = {"results": results, "paired_test": test, "threshold_baseline": baseline, "seconds": seconds, "config": cfg.to_dict()}
+    if test_finetuned is not None:
+        doc["paired_test_finetuned_vs_unet"] = test_finetuned
     (out / "comparison.json").write_text(json.dumps(_jsonable(doc), indent=2))
     print(plain_table(results_table(named)))
     print(f"paired test on Dice ({test['test']}): p = {test['p_value']:.3g}. {test['note']}")
