@@ -66,7 +66,7 @@ def as_tuple(value: Factor, spatial_dims: int, name: str = "subsample_factor") -
 def init_kaiming(module: nn.Module) -> None:
     """The authors' initialisation: Kaiming-normal (fan-in) conv weights, zero biases, norms at identity."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -171,17 +171,13 @@ class GridAttentionGate(nn.Module):
                 f"{type(self).__name__} expects x as Tensor[N, C, *S] with {self.spatial_dims} spatial dims, "
                 f"got {x.dim()} dims: {list(x.shape)}"
             )
-        if self.W is not None and isinstance(self.W[1], nn.SyncBatchNorm):
-            # statistics across processes: the gate gives alpha * x, the modules apply W
-            y, alpha = AF.grid_attention(
-                x, g, self.theta.weight, self.phi.weight, self.phi.bias, self.psi.weight, self.psi.bias,
-                sigma1=self.sigma1, sigma2=self.sigma2, align_corners=self.align_corners, backend=self.backend,
-            )  # fmt: skip
-            return self.W(y), alpha
+        # under SyncBatchNorm the gate gives alpha * x and the modules apply W, so that W's
+        # statistics are synchronised across processes
+        sync = self.W is not None and isinstance(self.W[1], nn.SyncBatchNorm)
         W_weight = W_bias = nw = nb = rm = rv = None
         momentum = 0.0
         eps = 1e-5
-        if self.W is not None:
+        if self.W is not None and not sync:
             conv, nrm = self.W[0], self.W[1]
             W_weight, W_bias = conv.weight, conv.bias
             if not isinstance(nrm, nn.Identity):
@@ -189,15 +185,15 @@ class GridAttentionGate(nn.Module):
                 eps = nrm.eps
             if isinstance(nrm, nn.modules.batchnorm._BatchNorm):
                 momentum = _bn_momentum(nrm, self.training)
-                if self.training or nrm.track_running_stats:
-                    rm, rv = nrm.running_mean, nrm.running_var
-        return AF.grid_attention(
+                rm, rv = nrm.running_mean, nrm.running_var  # None without track_running_stats
+        out, alpha = AF.grid_attention(
             x, g, self.theta.weight, self.phi.weight, self.phi.bias, self.psi.weight, self.psi.bias,
             W_weight, W_bias, nw, nb, rm, rv,
             norm=self.norm, num_groups=self.num_groups, training=self.training or rm is None,
             momentum=momentum, eps=eps, sigma1=self.sigma1, sigma2=self.sigma2,
             align_corners=self.align_corners, backend=self.backend,
         )  # fmt: skip
+        return (self.W(out) if sync else out), alpha
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
+import torch  # noqa: F401  (the docstring examples use it)
 import torch.nn.functional as F
 from torch import Tensor, nn
 

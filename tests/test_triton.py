@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from attention_gates.functional import grid_attention, grid_attention_reference  # noqa: E402
+from attention_gates.functional import grid_attention  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.cuda)]
 # atol per dtype, relative to each quantity's magnitude: float32 reductions in another order

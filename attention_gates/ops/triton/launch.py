@@ -90,38 +90,44 @@ def _warps(C: int) -> int:
     return 4 if C <= 64 else 8
 
 
-def _weights(theta_w: Tensor, phi_w: Tensor, f32: torch.dtype) -> tuple[Tensor, Tensor]:
-    """theta as [K, F_l, F_int] and phi as [F_g, F_int], in the compute dtype, contiguous."""
-    CI, C = theta_w.shape[:2]
-    wt = theta_w.detach().to(f32).reshape(CI, C, -1).permute(2, 1, 0).contiguous()
-    wp = phi_w.detach().to(f32).reshape(CI, -1).t().contiguous()
-    return wt, wp
+def _fine_setup(x: Tensor):
+    """The grid (position blocks x batch) and compile-time constants of the fine-grid kernels."""
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    BS = _fine_blocks(C, S)
+    return (triton.cdiv(S, BS), N), dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
 
 
-def _coarse_args(x: Tensor, g: Tensor, k):
+def _coarse_setup(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, softplus: bool):
+    """What both coarse kernels take: their grid; theta as ``[K, F_l, F_int]``, phi as
+    ``[F_g, F_int]``, ``b_g`` and psi as a vector (compute dtype, contiguous); the sizes; the
+    compile-time constants."""
+    f32 = acc_dtype(x)
+    N, C = x.shape[:2]
+    CI, CG = theta_w.shape[0], g.shape[1]
     D, H, W = _as_3d(x.shape[2:])
-    KD, KH, KW = _as_3d(k)
-    DC, HC, WC = D // KD, H // KH, W // KW
-    return (H, W, HC, WC, DC * HC * WC), (KD, KH, KW)
+    KD, KH, KW = _as_3d(theta_w.shape[2:])
+    HC, WC = H // KH, W // KW
+    SC = (D // KD) * HC * WC
+    weights = (
+        theta_w.detach().to(f32).reshape(CI, C, -1).permute(2, 1, 0).contiguous(),
+        phi_w.detach().to(f32).reshape(CI, -1).t().contiguous(),
+        phi_b.detach().to(f32).contiguous(),
+        psi_w.detach().to(f32).reshape(-1).contiguous(),
+    )
+    BP = _coarse_block(C, CI)
+    meta = dict(
+        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
+        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
+    )
+    return (triton.cdiv(SC, BP), N), weights, (C, CG, CI, H, W, HC, WC, SC), meta
 
 
 def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor, softplus: bool) -> Tensor:
     """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` in the compute dtype; ``g`` already on that grid."""
-    f32 = acc_dtype(x)
-    N, C = x.shape[:2]
-    CI, CG = theta_w.shape[0], g.shape[1]
-    k = tuple(theta_w.shape[2:])
-    (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
-    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=x.device, dtype=f32)
-    wt, wp = _weights(theta_w, phi_w, f32)
-    BP = _coarse_block(C, CI)
-    K._coarse_fwd[(triton.cdiv(SC, BP), N)](
-        x, g, wt, wp, phi_b.detach().to(f32).contiguous(), psi_w.detach().to(f32).reshape(-1).contiguous(),
-        psi_b.detach().to(f32).contiguous(), ac,
-        C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g),
-        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
-        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
-    )  # fmt: skip
+    grid, weights, sizes, meta = _coarse_setup(x, g, theta_w, phi_w, phi_b, psi_w, softplus)
+    ac = torch.empty((x.shape[0], 1) + tuple(g.shape[2:]), device=x.device, dtype=acc_dtype(x))
+    K._coarse_fwd[grid](x, g, *weights, psi_b.detach().to(ac.dtype).contiguous(), ac, *sizes, *_nsc(x), *_nsc(g), **meta)
     return ac
 
 
@@ -151,9 +157,7 @@ def gate_forward(
         af = ac.clone()
     has_w = W_w is not None
     w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af  # af: unused placeholder pointer
-    BS = _fine_blocks(C, S)
-    grid = (triton.cdiv(S, BS), N)
-    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
+    grid, common = _fine_setup(x)
     mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
     scale = torch.ones(C, device=x.device, dtype=f32)
     shift = torch.zeros(C, device=x.device, dtype=f32)
@@ -187,17 +191,15 @@ def gate_backward(
     """Gradients ``(dx, dg, dtheta, dphi_w, dphi_b, dpsi_w, dpsi_b, dW_w, dW_b, dgamma, dbeta)``
     (float32 weights' gradients; ``dW_*``/``dgamma``/``dbeta`` empty where absent)."""
     N, C = x.shape[:2]
-    CI, CG = theta_w.shape[0], g.shape[1]
+    CI = theta_w.shape[0]
     S = math.prod(x.shape[2:])
     dev, f32 = x.device, acc_dtype(x)
     dout = flat_strides(dout)
     af = resample(alpha_c, x.shape[2:], align_corners).contiguous()
     has_w = W_w is not None
     w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af
-    BS = _fine_blocks(C, S)
-    grid = (triton.cdiv(S, BS), N)
-    common = dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
-    BC = _p2(C)
+    grid, common = _fine_setup(x)
+    BC = common["BLOCK_C"]
     # dz = A dout + B + E zhat with zhat = alpha u r + h
     coef = torch.zeros((5, BC), device=dev, dtype=f32)
     coef[0, :C] = 1.0
@@ -213,8 +215,7 @@ def gate_backward(
         s_do = torch.empty((nb, C), device=dev, dtype=f32)
         s_doz = torch.empty_like(s_do)
         K._fine_bwd_sums[grid](
-            x, af, w0t, dout, r.contiguous(), h.contiguous(), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout),
-            BLOCK_S=BS, BLOCK_C=BC, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C),
+            x, af, w0t, dout, r.contiguous(), h.contiguous(), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
         )  # fmt: skip
         dbeta = s_do.double().sum(0).to(f32)
         dgamma = s_doz.double().sum(0).to(f32)
@@ -244,22 +245,16 @@ def gate_backward(
     else:
         _, vjp = torch.func.vjp(lambda a: resample(a, x.shape[2:], align_corners), alpha_c)
         dac = vjp(daf)[0].contiguous()
-    k = tuple(theta_w.shape[2:])
-    (H, W, HC, WC, SC), (KD, KH, KW) = _coarse_args(x, g, k)
-    wt, wp = _weights(theta_w, phi_w, f32)
-    dwt = torch.zeros_like(wt)
-    dwp = torch.zeros_like(wp)
+    grid, weights, sizes, meta = _coarse_setup(x, g, theta_w, phi_w, phi_b, psi_w, softplus)
+    dwt = torch.zeros_like(weights[0])
+    dwp = torch.zeros_like(weights[1])
     dbp = torch.zeros(CI, device=dev, dtype=f32)
     dwpsi = torch.zeros(CI, device=dev, dtype=f32)
     dbpsi = torch.zeros(1, device=dev, dtype=f32)
     dg = torch.empty(g.shape, device=dev, dtype=g.dtype)
-    BP = _coarse_block(C, CI)
-    K._coarse_bwd[(triton.cdiv(SC, BP), N)](
-        x, g, wt, wp, phi_b.detach().to(f32).contiguous(), psi_w.detach().to(f32).reshape(-1).contiguous(),
-        alpha_c, dac, dx, dg, dwt, dwp, dbp, dwpsi, dbpsi,
-        C, CG, CI, H, W, HC, WC, SC, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg),
-        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
-        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
+    K._coarse_bwd[grid](
+        x, g, *weights, alpha_c, dac, dx, dg, dwt, dwp, dbp, dwpsi, dbpsi,
+        *sizes, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg), **meta,
     )  # fmt: skip
     dtheta = dwt.permute(2, 1, 0).contiguous().reshape(theta_w.shape)  # contiguous, as the fake kernel says
     dphi_w = dwp.t().contiguous().reshape(phi_w.shape)
