@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as AF
+from .ops.cpu import conv
 from .ops.dispatch import _check_name
 
 __all__ = [
@@ -36,31 +37,18 @@ class Conv3d(nn.Conv3d):
     PyTorch picks its CPU convolution by a rule written for 2D: with batch 1 and kernels of
     at most 3 it takes oneDNN only when ``N * C * D * H > 20480``, which leaves many layers
     of a 3D U-Net at batch 1 (for example ``Tensor[1, 16, 32, 32, 32]`` with a 3x3x3 kernel)
-    on its slow reference loop, 3-5x slower than oneDNN on 2 cores. This subclass calls
-    oneDNN directly for a float32 CPU input of batch 1 when oneDNN is available and enabled
-    (``torch.backends.mkldnn.enabled``, so it can be turned off), and is :class:`nn.Conv3d`
-    otherwise: same parameters, state dict and results up to float32 rounding. Under
-    :func:`torch.compile` and under a dispatch mode (``FlopCounterMode``, fake tensors,
-    :func:`torch.export.export`) it is plain :class:`nn.Conv3d`, so they see ``aten.convolution``.
+    on its slow reference loop, 3-5x slower than oneDNN on 2 cores. For inputs of batch 1
+    this subclass calls :func:`attention_gates.ops.cpu.conv`, which takes oneDNN for float32 CPU
+    tensors when it is available and enabled (``torch.backends.mkldnn.enabled``, so it can be
+    turned off). Otherwise it is :class:`nn.Conv3d`: same parameters, state dict and results up
+    to float32 rounding. Under :func:`torch.compile` and dispatch modes (``FlopCounterMode``, fake
+    tensors, :func:`torch.export.export`) it is plain :class:`nn.Conv3d` too: they see
+    ``aten.convolution``.
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if (
-            not torch.compiler.is_compiling()
-            and not torch._C._len_torch_dispatch_stack()
-            and input.dim() == 5
-            and input.shape[0] == 1
-            and input.device.type == "cpu"
-            and input.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
-        ):
-            return torch.ops.aten.mkldnn_convolution(
-                input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups
-            )
+        if input.dim() == 5 and input.shape[0] == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -5,12 +5,15 @@ Run ``python -m benchmarks.cpu_gate`` (``--help`` for options). Measured, never 
 * the level-2 gate of the paper's model (``x: Tensor[1, 32, 48, 48, 48]``,
   ``g: Tensor[1, 64, 24, 24, 24]``, ``W`` = 1x1 conv + BatchNorm), eval forward under
   :func:`torch.inference_mode` and training forward + backward, for backends ``reference``,
-  ``cpu`` (and ``compile`` with ``--compile``), interleaved call by call, medians;
+  ``cpu`` (and ``compile`` with ``--compile``), with ``x`` and ``g`` contiguous and
+  channels-last, all interleaved call by call, medians;
 * its byte floor: reading ``x`` and ``g`` once and writing ``out`` and ``alpha`` once, at the
   bandwidth of a large ``Tensor.copy_`` measured in the same run (target: eval within 3x of it);
+  and its FLOP floor: the eval forward's multiply-adds (``FlopCounterMode``) at the rate of a
+  1024^3 float32 matrix product measured in the same run;
 * the model: ``AttentionUNet3D`` with its gates on ``reference`` and on ``cpu``, and ``UNet3D``,
-  eval inference of ``Tensor[1, 1, S, S, S]``, interleaved (target: AttentionUNet3D(cpu) /
-  UNet3D <= 1.03);
+  eval inference of ``Tensor[1, 1, S, S, S]``, contiguous and channels-last, interleaved
+  (target: AttentionUNet3D(cpu) / UNet3D <= 1.03);
 * the glibc allocator: the model benchmark in two subprocesses, without and with
   ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` (big tensors then stay in the heap
   instead of being mapped, page-faulted and unmapped on every call): time and peak RSS.
@@ -23,6 +26,7 @@ of the JSON written to ``benchmarks/results/cpu_gate/``. The table comes last.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -30,9 +34,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import common
 from .gates import GateCase, copy_bandwidth, tensor_bytes
@@ -42,21 +47,44 @@ X_SHAPE, G_SHAPE = (1, 32, 48, 48, 48), (1, 64, 24, 24, 24)  # level 2 of the pa
 ALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
-def gate_bench(backends: list[str], warmup: int, repeats: int) -> dict:
-    """Level-2 gate, eval and train, per backend: timing summaries and the eval byte floor bytes."""
+LAYOUTS = {"contiguous": False, "channels_last": True}
+
+
+def gate_bench(backends: list[str], warmup: int, repeats: int, x_shape=X_SHAPE, g_shape=G_SHAPE) -> dict:
+    """Level-2 gate per layout, mode and backend: timing summaries, the byte floor and the FLOPs.
+
+    Every (layout, backend) pair of one mode is timed in the same interleaved rounds, so their
+    ratios are paired.
+    """
     cpu = torch.device("cpu")
-    cases = {name: GateCase(name, 2, X_SHAPE, G_SHAPE, cpu) for name in backends}
-    out = {}
+    cases = {(lay, name): GateCase(name, 2, x_shape, g_shape, cpu, channels_last=cl) for lay, cl in LAYOUTS.items() for name in backends}
+    out: dict = {lay: {} for lay in LAYOUTS}
     for mode in ("eval", "train"):
-        times = common.time_interleaved({n: c.fn(mode) for n, c in cases.items()}, warmup=warmup, repeats=repeats, device=cpu)
-        out[mode] = {n: common.summarize(t) for n, t in times.items()}
+        fns = {f"{lay}/{n}": c.fn(mode) for (lay, n), c in cases.items()}
+        times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=cpu)
+        for (lay, n) in cases:
+            out[lay].setdefault(mode, {})[n] = common.summarize(times[f"{lay}/{n}"])
     case = next(iter(cases.values()))
     alpha_bytes = case.x.numel() // case.x.shape[1] * case.x.element_size()
     out["floor_bytes"] = 2 * tensor_bytes(case.x) + tensor_bytes(case.g) + alpha_bytes  # x, g in; out, alpha out
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        case.gate.eval()(case.x.detach(), case.g.detach())
+    out["eval_flops"] = counter.get_total_flops()  # theta, phi, psi and W as convolutions (multiply-add = 2)
     return out
 
 
+def gemm_rate(warmup: int, repeats: int, n: int = 1024) -> dict:
+    """FLOP/s of a float32 ``n x n x n`` matrix product: what the machine's arithmetic gives at best."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = common.time_interleaved({"mm": lambda: a @ b}, warmup=warmup, repeats=repeats, device=torch.device("cpu"))["mm"]
+    median = common.summarize(times)["median"]
+    return {"n": n, "median_s": median, "GFLOPps": 2 * n**3 / median / 1e9}
+
+
 def _nets(size: int) -> dict[str, Callable[[], object]]:
+    """``UNet3D`` and ``AttentionUNet3D`` (gates on ``reference`` and ``cpu``), each contiguous and
+    channels-last (network and input converted once, outside the timing)."""
     from attention_gates import AttentionUNet3D, UNet3D
 
     torch.manual_seed(0)
@@ -68,14 +96,19 @@ def _nets(size: int) -> dict[str, Callable[[], object]]:
     }
     nets["AttentionUNet3D[cpu]"].load_state_dict(nets["AttentionUNet3D[reference]"].state_dict())
 
-    def call(net):
+    def call(net, inp):
         def f():
             with torch.inference_mode():
-                net(x)
+                net(inp)
 
         return f
 
-    return {name: call(net) for name, net in nets.items()}
+    fns = {}
+    for name, net in nets.items():
+        fns[name] = call(net, x)
+        cl = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
+        fns[f"{name}, channels_last"] = call(cl, x.contiguous(memory_format=torch.channels_last_3d))
+    return fns
 
 
 def model_bench(size: int, warmup: int, repeats: int) -> dict:
@@ -83,10 +116,10 @@ def model_bench(size: int, warmup: int, repeats: int) -> dict:
     return {name: common.summarize(t) for name, t in times.items()}
 
 
-def allocator_bench(size: int, warmup: int, repeats: int) -> dict:
-    """The model benchmark in a subprocess per allocator setting, alternating, twice each: time and peak RSS."""
+def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> dict:
+    """The model benchmark in a subprocess per allocator setting, alternating, ``rounds`` each: time and peak RSS."""
     runs: dict[str, list[dict]] = {"default": [], "no-mmap": []}
-    for _ in range(2):
+    for _ in range(rounds):
         for name in runs:
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             if name == "no-mmap":
@@ -114,7 +147,7 @@ def _model_child(args) -> None:
     print(json.dumps(result))
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> Optional[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per measurement (default 15)")
     p.add_argument("--warmup", type=int, default=2)
@@ -123,45 +156,54 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also time the 'compile' backend on the gate")
     p.add_argument("--skip-alloc", action="store_true", help="skip the allocator subprocesses")
     p.add_argument("--out", default=None, help=f"JSON file (default {OUT_DIR}/<time>.json)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a small gate and model, 2 rounds, one allocator run each")
     p.add_argument("--model-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.size = 2, 1, 16
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model_child:
         _model_child(args)
-        return 0
+        return None
 
     cpu = torch.device("cpu")
     result: dict = {"machine": common.machine_info(cpu), "load_average_before": common.load_average()}
     result["config"] = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                        "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size}  # fmt: skip
+                        "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size, "quick": args.quick}  # fmt: skip
     bw = copy_bandwidth(cpu, 2**25, args.warmup, max(args.repeats, 5))
     result["copy_bandwidth"] = bw
+    result["gemm"] = gemm = gemm_rate(args.warmup, max(args.repeats, 5))
     backends = ["reference", "cpu"] + (["compile"] if args.compile else [])
     if args.compile:
         common.allow_recompiles()
     t0 = time.perf_counter()
-    gate = gate_bench(backends, args.warmup, args.repeats)
+    shapes = ((1, 8, 16, 16, 16), (1, 16, 8, 8, 8)) if args.quick else (X_SHAPE, G_SHAPE)
+    gate = gate_bench(backends, args.warmup, args.repeats, *shapes)
     gate["floor_s"] = gate["floor_bytes"] / (bw["GBps"] * 1e9)
+    gate["flop_floor_s"] = gate["eval_flops"] / (gemm["GFLOPps"] * 1e9)
     result["gate_level2"] = gate
     result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3))
     if not args.skip_alloc:
-        result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3))
+        result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3), rounds=1 if args.quick else 2)
     result["wall_s"] = time.perf_counter() - t0
     result["load_average_after"] = common.load_average()
 
     rows = []
-    for mode in ("eval", "train"):
-        ref = gate[mode]["reference"]["median"]
-        for name in backends:
-            s = gate[mode][name]
-            vs_floor = common.fmt_ratio(s["median"] / gate["floor_s"]) if mode == "eval" else "-"
-            rows.append([f"gate L2 {mode}", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
-                         common.fmt_ratio(ref / s["median"]), vs_floor])  # fmt: skip
-    unet = result["model"]["UNet3D"]["median"]
+    for lay in LAYOUTS:
+        for mode in ("eval", "train"):
+            ref = gate[lay][mode]["reference"]["median"]
+            for name in backends:
+                s = gate[lay][mode][name]
+                note = "-"
+                if mode == "eval":
+                    note = f"{s['median'] / gate['floor_s']:.1f} x bytes, {s['median'] / gate['flop_floor_s']:.1f} x FLOPs"
+                rows.append([f"gate L2 {mode}, {lay}", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
+                             common.fmt_ratio(ref / s["median"]), note])  # fmt: skip
     for name, s in result["model"].items():
+        unet = result["model"]["UNet3D, channels_last" if name.endswith("channels_last") else "UNet3D"]["median"]
         rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
-                     "-", f"{s['median'] / unet:.3f} x UNet3D"])  # fmt: skip
+                     "-", f"{s['median'] / unet:.3f} x UNet3D (same layout)"])  # fmt: skip
     for name, a in result.get("allocator", {}).items():
         for net, med in a["best_run_median_s"].items():
             rows.append([f"alloc {name}", net, common.fmt_seconds(med), "-", "-",
@@ -173,10 +215,11 @@ def main(argv=None) -> int:
     print(f"threads {torch.get_num_threads()}, MALLOC_* {result['machine']['malloc_env'] or 'unset'}, "
           f"load average {result['load_average_before']} -> {result['load_average_after']}; "
           f"copy {bw['GBps']:.1f} GB/s, L2 eval byte floor {common.fmt_seconds(gate['floor_s'])} "
-          f"({common.fmt_bytes(gate['floor_bytes'])}); JSON: {path}")  # fmt: skip
+          f"({common.fmt_bytes(gate['floor_bytes'])}); {gemm['n']}^3 float32 matmul {gemm['GFLOPps']:.0f} GFLOP/s, "
+          f"L2 eval FLOP floor {common.fmt_seconds(gate['flop_floor_s'])} ({gate['eval_flops'] / 1e9:.2f} GFLOP); JSON: {path}")  # fmt: skip
     print(common.format_table(headers, rows))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

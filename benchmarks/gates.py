@@ -73,15 +73,19 @@ def byte_floor(gate: GridAttentionGate3D, x: torch.Tensor, g: torch.Tensor, mode
 
 
 class GateCase:
-    """One gate (one backend) at one level: eval forward and train forward+backward callables."""
+    """One gate (one backend) at one level: eval forward and train forward+backward callables.
 
-    def __init__(self, backend: str, level: int, x_shape, g_shape, device: torch.device) -> None:
+    ``channels_last``: x, g and the output gradient stored channels_last_3d.
+    """
+
+    def __init__(self, backend: str, level: int, x_shape, g_shape, device: torch.device, channels_last: bool = False) -> None:
         torch.manual_seed(level)
         self.gate = GridAttentionGate3D(x_shape[1], g_shape[1], x_shape[1], backend=backend).to(device)
         gen = torch.Generator(device=device).manual_seed(level)
-        self.x = torch.randn(x_shape, device=device, generator=gen).requires_grad_()
-        self.g = torch.randn(g_shape, device=device, generator=gen).requires_grad_()
-        self.dout = torch.randn(x_shape, device=device, generator=gen)
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.x = torch.randn(x_shape, device=device, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+        self.g = torch.randn(g_shape, device=device, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+        self.dout = torch.randn(x_shape, device=device, generator=gen).contiguous(memory_format=fmt)
         self.grads = [self.x, self.g, *self.gate.parameters()]
 
     def eval_forward(self) -> None:

@@ -174,3 +174,24 @@ def test_summarize_and_interleaving():
     )
     assert calls == ["a", "b", "a", "b", "b", "a"]  # warm-up, then round-robin, alternating order
     assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
+    from benchmarks import cpu_gate
+
+    path = tmp_path / "cpu_gate.json"
+    data = cpu_gate.main(["--quick", "--threads", "1", "--out", str(path)])
+    assert json.loads(path.read_text())["config"]["quick"] is True
+    gate = data["gate_level2"]
+    for layout in cpu_gate.LAYOUTS:
+        for mode in ("eval", "train"):
+            assert set(gate[layout][mode]) == {"reference", "cpu"}
+            assert all(s["n"] == 2 and s["median"] > 0 for s in gate[layout][mode].values())
+    # x = 1x8x16^3, g = 1x16x8^3, F_int = 8: theta 8x(8*8) per coarse voxel, phi 8x16, psi 1x8, W 8x8 per voxel
+    coarse, fine = 8**3, 16**3
+    assert gate["eval_flops"] == 2 * (coarse * (8 * 64 + 8 * 16 + 8) + fine * 8 * 8)
+    assert gate["flop_floor_s"] == pytest.approx(gate["eval_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
+    assert {n.split(",")[0] for n in data["model"]} == {"UNet3D", "AttentionUNet3D[reference]", "AttentionUNet3D[cpu]"}
+    assert len(data["model"]) == 6
+    assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
+    assert len(data["table"]) == 8 + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)

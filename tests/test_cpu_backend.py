@@ -188,6 +188,26 @@ def test_float32():
     compare(make_case(3, c=8, c_g=12, c_int=4, size=(12, 10, 8), dtype=torch.float32), torch.float32, training=True)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_float32_channels_last_takes_onednn(dims, training):
+    """float32 channels-last: the 1x1 products (phi, psi, W, and W's transpose in backward) run as
+    oneDNN convolutions on the tensors in place, with the reference's results and a channels-last out."""
+    from torch.profiler import profile
+
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    x, g, params, stats = make_case(dims, c=8, c_g=12, c_int=4, size=(12, 10, 8)[:dims], dtype=torch.float32)
+    x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    got, _ = compare((x, g, params, stats), torch.float32, training=training)
+    assert got[0].is_contiguous(memory_format=fmt)
+    with profile() as prof:
+        run(grid_attention_cpu, x, g, params, stats, training=training)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    # forward: theta, phi, psi, W; backward: phi and psi again (alpha recomputed), W^T
+    assert calls.get("aten::mkldnn_convolution") == 7, calls
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(dtype):
     """Half inputs: computed in float32, so the result is the float32 reference rounded once."""

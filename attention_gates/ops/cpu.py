@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..functional import resample
 
-__all__ = ["grid_attention_cpu"]
+__all__ = ["grid_attention_cpu", "conv", "onednn_applies"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -94,9 +94,46 @@ def _gram(A: Tensor, B: Tensor) -> Tensor:
     return torch.matmul(A, B.mT).sum(0)
 
 
+def onednn_applies(t: Tensor) -> bool:
+    """Whether oneDNN can take ``t``: a float32 CPU tensor, oneDNN built and enabled
+    (``torch.backends.mkldnn``), outside :func:`torch.compile` and dispatch modes (which should
+    see ``aten.convolution``, for example ``FlopCounterMode`` and fake tensors)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
+def conv(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """``F.conv1d/2d/3d`` of ``Tensor[N, C, *S]``, by oneDNN whenever :func:`onednn_applies`.
+
+    PyTorch chooses its CPU convolution by a rule written for 2D batches: with one sample it
+    takes its slow reference loop when ``N * C * D * H <= 20480`` (3D) or for 1x1 kernels on one
+    thread, 3-5x slower than oneDNN on 2 cores, and that loop copies a channels-last input.
+    Results equal torch's up to float32 rounding. ``padding`` is an int or a tuple of ints.
+    """
+    d = t.dim() - 2
+    if d in (2, 3) and onednn_applies(t) and weight.dtype == torch.float32:
+        as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * d  # noqa: E731
+        return torch.ops.aten.mkldnn_convolution(t, weight, bias, as_list(padding), as_list(stride), as_list(dilation), groups)
+    return _CONV[d - 1](t, weight, bias, stride, padding, dilation, groups)
+
+
 def _conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """A 1x1 convolution of ``Tensor[N, C, *S]`` as a channel matrix product: ``Tensor[N, Co, *S]``."""
-    y = _mm(weight.flatten(1), t.flatten(2))
+    """A 1x1 convolution of ``Tensor[N, C, *S]`` (``weight``: ``Tensor[Co, C]`` or ``Tensor[Co, C, 1, ...]``):
+    ``Tensor[N, Co, *S]`` in ``t``'s layout.
+
+    A channels-last float32 ``t`` goes to oneDNN (which reads its ``[S, C]`` rows in place, about
+    1.5x faster than a matrix product on them); anything else is a matrix product (:func:`_mm`).
+    """
+    w = weight.flatten(1)
+    if _channels_last(t) and onednn_applies(t) and w.dtype == torch.float32:
+        return conv(t, w.view(*w.shape, *[1] * (t.dim() - 2)), bias)
+    y = _mm(w, t.flatten(2))
     if bias is not None:
         y = y + bias[:, None]
     return y.view(t.shape[0], -1, *t.shape[2:])
@@ -107,7 +144,7 @@ def _theta(x: Tensor, weight: Tensor) -> Tensor:
     k = tuple(weight.shape[2:])
     if all(kk == 1 for kk in k):
         return _conv1x1(x, weight, None)
-    return _CONV[x.dim() - 3](x, weight, None, stride=k)
+    return conv(x, weight, None, stride=k)
 
 
 def _theta_backward(dt: Tensor, x: Tensor, weight: Tensor, dx: Optional[Tensor], need_weight: bool) -> Optional[Tensor]:
@@ -172,7 +209,7 @@ class _GridAttentionCPU(torch.autograd.Function):
         else:
             W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
             if cfg.norm == "batch" and cfg.training:
-                U = _mm(W0, X)  # W0 x
+                U = _conv1x1(xs, W0, None).flatten(2)  # W0 x
                 n = U.shape[0] * U.shape[2]
                 mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
                 torch.addcmul(-mean[:, None], U, a, out=U)  # alpha * W0 x - mean, in place
@@ -188,7 +225,7 @@ class _GridAttentionCPU(torch.autograd.Function):
                 if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
                     s = gamma * torch.rsqrt(running_var.to(dtype) + cfg.eps)
                     W0, b = W0 * s[:, None], (b - running_mean.to(dtype)) * s + beta
-                U = _mm(W0, X)
+                U = _conv1x1(xs, W0, None).flatten(2)
                 torch.addcmul(b[:, None], U, a, out=U)  # alpha * (W0 x) + b, in place
             out = U.view(x.shape)
         keep_stats = cfg.norm == "batch" and not cfg.training and W_w is not None
@@ -220,7 +257,7 @@ class _GridAttentionCPU(torch.autograd.Function):
         if W_w is None:
             h = dy  # d(alpha x)
         else:
-            h, w_grads = _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            h, w_grads = _output_backward(dy, X, a, xs.shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
             grads[7:11] = w_grads
         if wanted:
             d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
@@ -245,7 +282,7 @@ def _output_params(W_w, W_b, norm_w, norm_b, dtype):
     return W0, b, gamma, beta
 
 
-def _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
+def _output_backward(dy, X, a, shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
     """Gradients through ``out = norm(alpha * (W0 x) + b)``, from ``C x C`` products.
 
     Let ``ax = alpha * x`` and ``dv`` be the gradient at the norm's input; per channel
@@ -256,7 +293,8 @@ def _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Co
         dW0 = sum dv ax^T = k1 P + k2 W0 Q,             P = sum dy axc^T, Q = sum axc axc^T
         h   = W0^T dv     = (W0^T k1) dy + (W0^T k2 W0) axc + W0^T k3
 
-    Returns ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
+    ``dy``, ``X`` and ``a`` are ``Tensor[N, C, S]`` views of tensors of ``shape``. Returns
+    ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
     """
     W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
     n = X.shape[0] * X.shape[2]
@@ -272,7 +310,7 @@ def _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Co
         k3 = -k1 * d_beta / n
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
-        h = _mm((W0 * k1[:, None]).t(), dy)
+        h = _conv1x1(dy.view(shape), (W0 * k1[:, None]).t(), None).flatten(2)
         _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
         h += (W0.t() @ k3)[:, None]
     else:
@@ -284,7 +322,7 @@ def _output_backward(dy, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Co
             d_gamma = inv * ((W0 * P).sum(1) + (b - rm.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
-        h = _mm((W0 * k1[..., None]).t(), dy)
+        h = _conv1x1(dy.view(shape), (W0 * k1[..., None]).t(), None).flatten(2)
     return h, [
         d_W0 if needs[7] else None,
         d_b if needs[8] and W_b is not None else None,
