@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as AF
-from .ops.cpu import conv
-from .ops.dispatch import _check_name
+from .ops.cpu import conv, multi_gate_inference_cpu
+from .ops.dispatch import _check_name, chosen
 
 __all__ = [
     "GridAttentionGate",
@@ -302,5 +302,78 @@ class MultiAttentionGate(nn.Module):
         init_kaiming(self.combine)
 
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        folded = self._folded(x, g)
+        if folded is not None:
+            A, c = folded
+            heads = [(gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias) for gate in self.gates]
+            gate = self.gates[0]
+            return multi_gate_inference_cpu(x, g, heads, A, c, sigma1=gate.sigma1, align_corners=gate.align_corners)
         outs, alphas = zip(*(gate(x, g) for gate in self.gates))
         return self.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
+
+    def folded_output_map(self) -> Optional[tuple[Tensor, Tensor]]:
+        """Everything after the gates' attention maps as one affine map, in evaluation mode.
+
+        Each gate's output is ``alpha_i * (M_i x) + b_i`` per voxel (its ``W`` with the norm
+        folded in), and ``combine`` is ``relu(S (Wc [out_1; ...] + bc) + t)``, so the block is
+        ``relu(c + sum_i alpha_i * (A_i x))`` with ``A_i = S Wc_i M_i`` and
+        ``c = S (bc + sum_i Wc_i b_i) + t``.
+
+        Returns ``(A: Tensor[heads * F_l, F_l], c: Tensor[F_l])``, or ``None`` when a norm has
+        no evaluation-mode affine form (instance or group norm, batch norm in training or
+        without running statistics) or a gate has no ``W``.
+        """
+        combine = _eval_affine(self.combine[1], self.combine[0])
+        if combine is None or any(gate.W is None for gate in self.gates):
+            return None
+        maps = [(_eval_affine(gate.W[1], gate.W[0]), gate.W[0]) for gate in self.gates]
+        if any(affine is None for affine, _ in maps):
+            return None
+        conv_c = self.combine[0]
+        Wc = conv_c.weight.flatten(1).split(self.gates[0].in_channels, dim=1)
+        sc, tc = combine
+        A, c = [], conv_c.bias if conv_c.bias is not None else torch.zeros_like(sc)
+        for (s, t), conv_w, Wc_i in zip((m[0] for m in maps), (m[1] for m in maps), Wc):
+            M = s[:, None] * conv_w.weight.flatten(1)
+            b = t + (s * conv_w.bias if conv_w.bias is not None else 0)
+            A.append(sc[:, None] * (Wc_i @ M))
+            c = c + Wc_i @ b
+        return torch.cat(A), sc * c + tc
+
+    def _folded(self, x: Tensor, g: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """:meth:`folded_output_map` when this call takes
+        :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu` (in evaluation mode, when the gates'
+        calls would run on the ``cpu`` backend: ``"auto"`` takes it for float32 CPU inference), else ``None``."""
+        if self.training or not isinstance(x, Tensor) or x.dim() != self.gates[0].spatial_dims + 2:
+            return None
+        gate = self.gates[0]
+        if gate.W is None or isinstance(gate.W[1], nn.SyncBatchNorm) or any(gt.backend != gate.backend for gt in self.gates):
+            return None
+        weights = tuple(self.parameters())
+        AF.check_gate_inputs(
+            x, g, gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
+            norm=gate.norm, num_groups=gate.num_groups, training=False, sigma1=gate.sigma1, sigma2=gate.sigma2,
+        )  # fmt: skip
+        name = chosen(
+            gate.backend, x, g, W_weight=gate.W[0].weight, norm=gate.norm, training=False,
+            sigma1=gate.sigma1, sigma2=gate.sigma2, weights=weights,
+        )  # fmt: skip
+        return self.folded_output_map() if name == "cpu" else None
+
+
+def _eval_affine(norm: nn.Module, conv: nn.Module) -> Optional[tuple[Tensor, Tensor]]:
+    """``(scale, shift)`` of the norm layer after ``conv`` in evaluation mode as a per-channel affine
+    map, or ``None`` when it has none (instance/group norm, batch norm in training or without
+    running statistics)."""
+    if isinstance(norm, nn.Identity):
+        ones = conv.weight.new_ones(conv.weight.shape[0])
+        return ones, torch.zeros_like(ones)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if norm.training or norm.running_mean is None:
+            return None
+        scale = torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        return scale, shift if norm.bias is None else shift + norm.bias
+    return None

@@ -11,6 +11,7 @@ from torch import nn
 
 from attention_gates import GridAttentionGate, GridAttentionGate2D, GridAttentionGate3D, MultiAttentionGate
 from attention_gates.functional import grid_attention_reference
+from attention_gates.ops.cpu import multi_gate_inference_cpu
 
 DT = torch.float64
 
@@ -309,3 +310,90 @@ def test_forward_channel_error_names_argument():
     x, g = inputs(c_g=5)
     with pytest.raises(ValueError, match=r"phi_weight must have shape \[2, 5, 1, 1, 1\]"):
         gate.double()(x, g)
+
+
+# The folded inference path of MultiAttentionGate (cpu backend)
+# ---------------------------------------------------------------------------------------------
+
+
+def _unfolded(block, x, g):
+    """The block computed head by head on the reference, then concatenated and combined."""
+    outs, alphas = [], []
+    for gate in block.gates:
+        if isinstance(gate.W[1], nn.Identity):
+            args, kw = [
+                gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias, gate.W[0].weight, gate.W[0].bias,
+            ], {"norm": "none"}  # fmt: skip
+        else:
+            args, kw = functional_args(gate), {}
+        out, alpha = grid_attention_reference(x, g, *args, **kw)
+        outs.append(out)
+        alphas.append(alpha)
+    return block.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("dims, heads", [(3, 2), (2, 1), (2, 3)])
+def test_multi_gate_folded_inference_equals_head_by_head(dims, heads, norm, channels_last):
+    """In float32 CPU inference the block is relu(c + sum_i alpha_i * (A_i x)): one product over x."""
+    block = randomise(MultiAttentionGate(dims, 8, 12, inter_channels=6, heads=heads, norm=norm)).eval()
+    x, g = inputs(d=dims, c_l=8, c_g=12, size=(12, 10, 6), g_size=(6, 5, 3))
+    x, g = x.float(), g.float()
+    if channels_last:
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        want32 = _unfolded(block, x, g)
+        truth = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())
+    with torch.no_grad():
+        assert block._folded(x, g) is not None
+        out, alpha = block(x, g)
+    A, c = block.folded_output_map()
+    assert A.shape == (heads * 8, 8) and c.shape == (8,)
+    # exact algebra: the folded computation in float64 equals the head-by-head one to rounding
+    block64 = copy.deepcopy(block).double()
+    heads_params = [(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in block64.gates]
+    with torch.no_grad():
+        out64, _ = multi_gate_inference_cpu(x.double(), g.double(), heads_params, *block64.folded_output_map())
+    assert (out64 - truth[0]).abs().max().item() <= 1e-12 * truth[0].abs().max().item()
+    # float32: each entry of A is a sum of products of three float32 factors (combine's conv, W's
+    # conv, the norms' scales) that may cancel, so the fold's rounding is tens of float32 ulps of
+    # the output here, against a few for the head-by-head computation; 1e-5 relative catches any
+    # wrong term (those are O(1))
+    scale = truth[0].abs().max().item()
+    assert (out.double() - truth[0]).abs().max().item() <= 1e-5 * scale
+    assert (want32[0].double() - truth[0]).abs().max().item() <= 1e-5 * scale
+    assert (alpha.double() - truth[1]).abs().max().item() <= 1e-6
+    assert out.is_contiguous(memory_format=fmt) if channels_last else out.is_contiguous()
+
+
+def test_multi_gate_folds_only_for_cpu_backend_inference():
+    block = randomise(MultiAttentionGate(3, 8, 12, inter_channels=6)).eval()
+    x, g = (t.float() for t in inputs(c_l=8, c_g=12))
+    with torch.no_grad():
+        assert block._folded(x, g) is not None
+        assert block._folded(x.double(), g.double()) is None  # auto: float64 runs on the reference
+        block.train()
+        assert block._folded(x, g) is None  # batch statistics do not fold
+        block.eval()
+        for gate in block.gates:
+            gate.backend = "reference"
+        assert block._folded(x, g) is None  # an explicit backend is honoured
+        block.gates[0].backend = "cpu"
+        assert block._folded(x, g) is None  # heads on different backends
+    for gate in block.gates:
+        gate.backend = "auto"
+    assert block._folded(x, g) is None  # gradients wanted: auto takes the reference
+    instance = randomise(MultiAttentionGate(3, 8, 12, inter_channels=6, norm="instance")).eval()
+    with torch.no_grad():
+        assert instance.folded_output_map() is None and instance._folded(x, g) is None
+
+
+def test_multi_gate_folded_path_checks_its_inputs():
+    block = MultiAttentionGate(3, 8, 12, inter_channels=6).eval()
+    x, g = torch.randn(1, 8, 8, 8, 8), torch.randn(1, 12, 4, 4, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="g"):
+        block(x, g[:, :5])
+    with torch.no_grad(), pytest.raises(ValueError, match="spatial"):
+        block(x[0], g)

@@ -22,7 +22,7 @@ backward calls :func:`torch.autograd.grad`, which dynamo does not trace).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..functional import resample
 
-__all__ = ["grid_attention_cpu", "conv", "onednn_applies"]
+__all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "onednn_applies"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -383,3 +383,40 @@ def grid_attention_cpu(
         x, g, theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias,
         norm_weight, norm_bias, running_mean, running_var, cfg,
     )  # fmt: skip
+
+
+def multi_gate_inference_cpu(
+    x: Tensor,
+    g: Tensor,
+    heads: Sequence[tuple[Tensor, Tensor, Optional[Tensor], Tensor, Optional[Tensor]]],
+    A: Tensor,
+    c: Tensor,
+    *,
+    sigma1: str = "relu",
+    align_corners: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Several sigmoid gates on one ``(x, g)`` whose outputs meet one affine map and a ReLU, in inference.
+
+    With every map after the gates affine (each gate's ``W`` with its norm in evaluation, the
+    fusing 1x1 conv and its norm), the block's output is, per voxel::
+
+        out = relu(c + sum_i alpha_i * (A_i x)),          A = [A_1; ...; A_heads] = Tensor[heads * C, C]
+
+    so it is one product over ``x`` and one epilogue, instead of a product per head, a
+    concatenation and a product over it. ``heads`` holds each gate's ``(theta_weight, phi_weight,
+    phi_bias, psi_weight, psi_bias)``; ``A`` and ``c = Tensor[C]`` are the folded map
+    (:meth:`attention_gates.MultiAttentionGate.folded_output_map`).
+
+    Returns ``(out: Tensor[N, C, *S], alpha: Tensor[N, heads, *S])``, in ``x``'s layout and dtype
+    (float32; no autograd: use it under :func:`torch.no_grad` or :func:`torch.inference_mode`).
+    """
+    x = x if _channels_last(x) else x.contiguous()
+    g = g if _channels_last(g) else g.contiguous()
+    cfg = _Config("none", False, 0.0, 0.0, sigma1, align_corners)
+    alphas = [resample(_attention(_theta(x, h[0]), g, *h[1:], cfg), x.shape[2:], align_corners) for h in heads]
+    C = x.shape[1]
+    P = _conv1x1(x, A, None).flatten(2)  # [N, heads * C, S]
+    out = torch.addcmul(c[:, None], P[:, :C], alphas[0].flatten(2))
+    for i in range(1, len(heads)):
+        out.addcmul_(P[:, i * C : (i + 1) * C], alphas[i].flatten(2))
+    return out.relu_().view(x.shape), torch.cat(alphas, dim=1)

@@ -36,6 +36,7 @@ __all__ = [
     "use_backend",
     "not_supported_reasons",
     "select",
+    "chosen",
 ]
 
 BACKENDS = ("auto", "reference", "compile", "triton", "cpu")
@@ -202,13 +203,16 @@ def _auto_order(x: Tensor, g: Tensor, weights) -> tuple[str, ...]:
     return ("reference",)
 
 
-def select(backend: Optional[str], x: Tensor, g: Tensor, **case) -> Callable:
-    """The implementation that runs this call (see the module docstring for the rules)."""
+def chosen(backend: Optional[str], x: Tensor, g: Tensor, **case) -> str:
+    """The name of the backend that runs this call (see the module docstring for the rules).
+
+    Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run it.
+    """
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         for candidate in _auto_order(x, g, case["weights"]):
             if not not_supported_reasons(candidate, x, g, **case):
-                return _REGISTRY[candidate][1]
+                return candidate
         raise AssertionError("unreachable: the reference supports every call")
     reasons = not_supported_reasons(name, x, g, **case)
     if reasons:
@@ -216,4 +220,9 @@ def select(backend: Optional[str], x: Tensor, g: Tensor, **case) -> Callable:
             f"backend {name!r} cannot run this call (x: {list(x.shape)} {x.dtype} on {x.device}):\n  - "
             + "\n  - ".join(reasons)
         )
-    return _REGISTRY[name][1]
+    return name
+
+
+def select(backend: Optional[str], x: Tensor, g: Tensor, **case) -> Callable:
+    """The implementation that runs this call: that of :func:`chosen`."""
+    return _REGISTRY[chosen(backend, x, g, **case)][1]
