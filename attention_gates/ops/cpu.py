@@ -412,11 +412,24 @@ def multi_gate_inference_cpu(
     """
     x = x if _channels_last(x) else x.contiguous()
     g = g if _channels_last(g) else g.contiguous()
+    H, C = len(heads), x.shape[1]
+    # every head's coarse side at once: theta and phi stacked, psi block-diagonal
+    theta_w, phi_w, phi_b, psi_b = (torch.cat([_bias(h, i) for h in heads]) for i in (0, 1, 2, 4))
+    CI = heads[0][0].shape[0]
+    psi_blocks = torch.block_diag(*(h[3].reshape(1, CI) for h in heads))  # [H, H * CI]
     cfg = _Config("none", False, 0.0, 0.0, sigma1, align_corners)
-    alphas = [resample(_attention(_theta(x, h[0]), g, *h[1:], cfg), x.shape[2:], align_corners) for h in heads]
-    C = x.shape[1]
-    P = _conv1x1(x, A, None).flatten(2)  # [N, heads * C, S]
-    out = torch.addcmul(c[:, None], P[:, :C], alphas[0].flatten(2))
-    for i in range(1, len(heads)):
-        out.addcmul_(P[:, i * C : (i + 1) * C], alphas[i].flatten(2))
-    return out.relu_().view(x.shape), torch.cat(alphas, dim=1)
+    q = _attention(_theta(x, theta_w), g, phi_w, phi_b, psi_blocks, psi_b, cfg)  # [N, H, *T]
+    alpha = resample(q, x.shape[2:], align_corners)  # [N, H, *S]
+    P = _conv1x1(x, A, None).flatten(2)  # [N, H * C, S]
+    a = alpha.flatten(2)
+    out = torch.addcmul(c[:, None], P[:, :C], a[:, :1])
+    for i in range(1, H):
+        out.addcmul_(P[:, i * C : (i + 1) * C], a[:, i : i + 1])
+    return out.relu_().view(x.shape), alpha
+
+
+def _bias(head: tuple, i: int) -> Tensor:
+    """Entry ``i`` of a head's ``(theta_weight, phi_weight, phi_bias, psi_weight, psi_bias)``, a missing bias as zeros."""
+    if head[i] is not None:
+        return head[i]
+    return head[i - 1].new_zeros(head[i - 1].shape[0])
