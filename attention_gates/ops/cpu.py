@@ -422,10 +422,12 @@ def multi_gate_inference_cpu(
     alpha = resample(q, x.shape[2:], align_corners)  # [N, H, *S]
     P = _conv1x1(x, A, None).flatten(2)  # [N, H * C, S]
     a = alpha.flatten(2)
-    out = torch.addcmul(c[:, None], P[:, :C], a[:, :1])
+    out = torch.empty_like(x)  # x's layout with its strides (an inferred layout may be odd where N = 1)
+    o = out.flatten(2)
+    torch.addcmul(c[:, None], P[:, :C], a[:, :1], out=o)
     for i in range(1, H):
-        out.addcmul_(P[:, i * C : (i + 1) * C], a[:, i : i + 1])
-    return out.relu_().view(x.shape), alpha
+        o.addcmul_(P[:, i * C : (i + 1) * C], a[:, i : i + 1])
+    return out.relu_(), alpha
 
 
 def _bias(head: tuple, i: int) -> Tensor:
