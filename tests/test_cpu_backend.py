@@ -347,3 +347,13 @@ def test_auto_under_torch_compile_uses_the_reference():
     out.sum().backward()
     with use_backend("reference"):
         assert_close(out, gate(x, g)[0], torch.float32, "out")
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_one_channels_last_sample_keeps_x_strides(training):
+    """out has x's strides, also the batch stride of a single sample (which flatten/view may change,
+    and which torch.cat reads when it picks its path)."""
+    x, g, params, stats = make_case(3, n=1, c=8, c_g=12, c_int=4, size=(8, 8, 8), dtype=torch.float32)
+    x, g = x.contiguous(memory_format=torch.channels_last_3d), g.contiguous(memory_format=torch.channels_last_3d)
+    out, alpha = grid_attention_cpu(x, g, **params, **stats, training=training)
+    assert out.stride() == x.stride() == (8**4, 1, 8 * 8 * 8, 8 * 8, 8)

@@ -209,7 +209,8 @@ class _GridAttentionCPU(torch.autograd.Function):
         else:
             W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
             if cfg.norm == "batch" and cfg.training:
-                U = _conv1x1(xs, W0, None).flatten(2)  # W0 x
+                out = _conv1x1(xs, W0, None)  # W0 x, in x's layout
+                U = out.flatten(2)  # a view (with N = 1 its batch stride is arbitrary: return out, not U)
                 n = U.shape[0] * U.shape[2]
                 mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
                 torch.addcmul(-mean[:, None], U, a, out=U)  # alpha * W0 x - mean, in place
@@ -225,9 +226,9 @@ class _GridAttentionCPU(torch.autograd.Function):
                 if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
                     s = gamma * torch.rsqrt(running_var.to(dtype) + cfg.eps)
                     W0, b = W0 * s[:, None], (b - running_mean.to(dtype)) * s + beta
-                U = _conv1x1(xs, W0, None).flatten(2)
+                out = _conv1x1(xs, W0, None)
+                U = out.flatten(2)
                 torch.addcmul(b[:, None], U, a, out=U)  # alpha * (W0 x) + b, in place
-            out = U.view(x.shape)
         keep_stats = cfg.norm == "batch" and not cfg.training and W_w is not None
         ctx.cfg = cfg
         ctx.save_for_backward(
