@@ -13,6 +13,10 @@
 2. Traffic: for each mode (eval forward, training forward, training backward) the byte floor
    (each input read once, each output written once) and the bytes the fused passes move, from
    the pass structure in :mod:`attention_gates.ops.triton.launch`.
+3. Host work per call: the torch operations and Triton launches the launchers issue for one
+   eval forward, training forward and backward (kernels stubbed, ops counted with a
+   ``TorchDispatchMode``). Each costs microseconds of CPU time per call, which small gates on a
+   fast GPU cannot hide: a count that needs no GPU to measure.
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first imported
-
-from attention_gates import GridAttentionGate3D  # noqa: E402
+from attention_gates import GridAttentionGate3D
 
 FILTERS = (16, 32, 64, 128, 256)
 PAPER = (160, 160, 96)
@@ -87,7 +89,76 @@ def traffic(x_shape, g_shape, el: int) -> dict:
     }
 
 
+class _CountingMode(TorchDispatchMode):
+    """Counts the torch operations dispatched inside it; views and allocations apart (no device work)."""
+
+    HOST_ONLY = ("empty", "new_empty", "empty_like", "view", "_unsafe_view", "reshape", "detach", "t", "permute",
+                 "transpose", "expand", "alias", "slice", "select", "as_strided", "unsqueeze", "squeeze", "clone")  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        device = [op for op in self.ops if op not in self.HOST_ONLY and op != "clone"] + [op for op in self.ops if op == "clone"]
+        return {"torch_ops": len(self.ops), "device_ops": len(device), "ops": self.ops}
+
+
+class _KernelStub:
+    """Stands for a Triton kernel: ``stub[grid](*args)`` counts the launch and computes nothing."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+
+        return launch
+
+
+def host_ops(x_shape=(2, 32, 16, 16, 12), g_shape=(2, 64, 8, 8, 6)) -> dict:
+    """Per mode, the torch ops (all, and those that do device work) and Triton launches the fused
+    gate's launchers issue for one call of a gate with W and BatchNorm (float32, CPU tensors; the
+    kernels stubbed, so their outputs are garbage and only the counts mean anything)."""
+    from types import SimpleNamespace
+
+    from attention_gates.ops.triton import kernels, launch
+
+    names = [n for n in dir(kernels) if n.startswith("_coarse_") or n.startswith("_fine_")]
+    stubs = {n: _KernelStub() for n in names if n not in ("_fine_tile", "_coarse_pre")}
+    real = launch.K
+    launch.K = SimpleNamespace(**stubs)
+    try:
+        C, CI = x_shape[1], x_shape[1]
+        gate = GridAttentionGate3D(C, g_shape[1], CI)
+        x, g = torch.randn(x_shape), torch.randn(g_shape)
+        bn, conv = gate.W[1], gate.W[0]
+        weights = (gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias, conv.weight, conv.bias, bn.weight, bn.bias)
+        out = {}
+        for mode, batch_stats in (("eval_forward", False), ("train_forward", True)):
+            before = sum(s.launches for s in stubs.values())
+            with torch.no_grad(), _CountingMode() as counter:
+                fwd = launch.gate_forward(x, g, *weights, bn.running_mean, bn.running_var, batch_stats, 1e-5, False, False)
+            out[mode] = {**counter.summary(), "launches": sum(s.launches for s in stubs.values()) - before}
+        _, alpha, alpha_c, mean, var = fwd
+        dout, alpha_c, var = torch.randn(x_shape), alpha_c.abs(), var.abs() + 1
+        before = sum(s.launches for s in stubs.values())
+        with torch.no_grad(), _CountingMode() as counter:
+            launch.gate_backward(dout, None, x, g, *weights[:8], alpha_c, mean, var, True, 1e-5, False, False)
+        out["train_backward"] = {**counter.summary(), "launches": sum(s.launches for s in stubs.values()) - before}
+        return out
+    finally:
+        launch.K = real
+
+
 def main(argv=None) -> int:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first compiled
     out_dir = Path(argv[0] if argv else "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -118,6 +189,7 @@ def main(argv=None) -> int:
         row["traffic_bf16"] = traffic(xs, gs, 2)
         result["paper"].append(row)
         del x, g, gate
+    result["host_ops"] = host_ops()
     (out_dir / "gate_memory.json").write_text(json.dumps(result, indent=1))
 
     s = result["small"]
@@ -136,6 +208,9 @@ def main(argv=None) -> int:
             for mode in ("eval_forward", "train_forward", "train_backward"):
                 f, m = t["floor"][mode], t["moved"][mode]
                 print(f"{r['level']:>5} {dt:>6} {mode:>15} {f / 1e6:9.1f} {m / 1e6:9.1f} {m / f:11.2f}")
+    print("\nhost work per call of the fused gate (W + BatchNorm): torch ops (those doing device work) and Triton launches:")
+    for mode, h in result["host_ops"].items():
+        print(f"{mode:>15} {h['torch_ops']:>4} ops ({h['device_ops']} device) {h['launches']:>3} launches")
     return 0
 
 

@@ -195,3 +195,18 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert len(data["model"]) == 6
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     assert len(data["table"]) == 8 + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_fused_gate_host_work_per_call():
+    """The launchers' host work, counted with the kernels stubbed: an eval forward does no device
+    work besides its two kernels and alpha's resampling (weights are read in their own layouts
+    and the norm is folded inside the kernel); training adds one statistics kernel forward and
+    three kernels backward."""
+    from benchmarks.gate_memory import host_ops
+
+    counts = host_ops()
+    assert counts["eval_forward"]["launches"] == 2
+    assert counts["eval_forward"]["device_ops"] == 1 and "upsample_trilinear3d" in counts["eval_forward"]["ops"]
+    assert counts["train_forward"]["launches"] == 3 and counts["train_backward"]["launches"] == 3
+    assert counts["train_backward"]["device_ops"] < counts["train_backward"]["torch_ops"] <= 40

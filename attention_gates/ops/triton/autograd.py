@@ -42,7 +42,7 @@ def gate_fwd(
 @gate_fwd.register_fake
 def _(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in, var_in, use_batch_stats, eps, softplus, align_corners):
     N, C = x.shape[:2]
-    stats = (C,) if gamma is not None else (0,)
+    stats = (C,) if use_batch_stats else (0,)
     return (
         torch.empty_like(x),
         x.new_empty((N, 1) + tuple(x.shape[2:])),
@@ -91,8 +91,10 @@ _FLAGS = ("use_batch_stats", "eps", "softplus", "align_corners")
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, _, _, use_batch_stats, eps, softplus, align_corners = inputs
+    x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in, var_in, use_batch_stats, eps, softplus, align_corners = inputs
     _, _, alpha_c, mean, var = output
+    if gamma is not None and not use_batch_stats:  # the running statistics that were applied
+        mean, var = mean_in, var_in
     ctx.save_for_backward(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var)
     ctx.flags = (use_batch_stats, eps, softplus, align_corners)
     ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta))

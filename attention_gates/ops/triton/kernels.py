@@ -2,16 +2,19 @@
 
 Tensors are seen as ``x: [N, C, S]`` with one stride per axis (contiguous and channels-last
 layouts both qualify), spatial positions flattened; 1D and 2D inputs are 3D with unit leading
-sizes. Everything is computed in float32 (``ACC``; float64 for float64 inputs) whatever the storage dtype.
+sizes. Weights are read in their own (contiguous) layouts and dtypes, and weight gradients
+written in them: theta ``[F_int, F_l, *k]``, phi ``[F_int, F_g]``, psi ``[F_int]``, W0 ``[F_l, F_l]``. Everything is computed in float32 (``ACC``; float64 for float64 inputs) whatever the storage dtype.
 
 Coarse side (theta's grid ``Sc = S // k``), one program per ``BLOCK_P`` coarse positions:
     ``_coarse_fwd``   alpha_c = sigmoid(psi . sigma1(theta(x) + phi(g)) + b_psi)
     ``_coarse_bwd``   gradients of x (added to dx), g, theta, phi, psi from d alpha_c
 Fine side (x's grid), one program per ``BLOCK_S`` positions; ``u = W0 x`` (W0: W's conv without bias):
     ``_fine_stats``   per-block mean and M2 of ``alpha * u`` (batch-norm statistics)
-    ``_fine_out``     out = alpha * (x @ W0s) + t          (W0s, t: conv and norm folded)
+    ``_fine_out``     out = alpha * (x @ W0^T) * scale + shift  (bias and norm folded per channel)
     ``_fine_bwd_sums`` per-block sums of dout and dout * zhat (norm gradients)
     ``_fine_bwd``     dz, d alpha (fine), dx from the W path, dW0 and db (atomics)
+The norm's per-channel maps (scale and shift forward, the coefficients backward) are computed
+in the kernels from the weights and statistics, not on the host.
 Weight gradients are accumulated in float32 with atomic adds (their order, hence the last bits,
 varies between runs); per-channel statistics go through per-block partials combined in float64.
 """
@@ -54,11 +57,11 @@ def _coarse_pre(
     for o in tl.static_range(K):
         s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
         xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
-        wo = tl.load(wt_ptr + o * C * CI + c[:, None] * CI + ci[None, :], mask=wmask, other=0.0)
+        wo = tl.load(wt_ptr + ci[None, :] * (C * K) + c[:, None] * K + o, mask=wmask, other=0.0).to(ACC)
         acc += tl.dot(xo, wo, input_precision=PREC)
     gt = tl.load(g_ptr + n * sgn + p[:, None] * sgs + cg[None, :] * sgc, mask=pmask[:, None] & cgmask[None, :], other=0.0).to(ACC)
-    wp = tl.load(wp_ptr + cg[:, None] * CI + ci[None, :], mask=cgmask[:, None] & cimask[None, :], other=0.0)
-    bp = tl.load(bp_ptr + ci, mask=cimask, other=0.0)
+    wp = tl.load(wp_ptr + ci[None, :] * CG + cg[:, None], mask=cgmask[:, None] & cimask[None, :], other=0.0).to(ACC)
+    bp = tl.load(bp_ptr + ci, mask=cimask, other=0.0).to(ACC)
     acc += tl.dot(gt, wp, input_precision=PREC) + bp[None, :]
     return acc, gt
 
@@ -82,8 +85,8 @@ def _coarse_fwd(
         C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC, ACC,
     )
     f = _sigma1(pre, SOFTPLUS)
-    wpsi = tl.load(wpsi_ptr + ci, mask=cimask, other=0.0)
-    q = tl.sum(f * wpsi[None, :], axis=1) + tl.load(bpsi_ptr)
+    wpsi = tl.load(wpsi_ptr + ci, mask=cimask, other=0.0).to(ACC)
+    q = tl.sum(f * wpsi[None, :], axis=1) + tl.load(bpsi_ptr).to(ACC)
     alpha = 1.0 / (1.0 + tl.exp(-q))
     tl.store(ac_ptr + n * SC + p, alpha, mask=pmask)
 
@@ -112,17 +115,17 @@ def _coarse_bwd(
     f = _sigma1(pre, SOFTPLUS)
     a = tl.load(ac_ptr + n * SC + p, mask=pmask, other=0.0)
     dq = tl.load(dac_ptr + n * SC + p, mask=pmask, other=0.0) * a * (1.0 - a)  # sigmoid'
-    wpsi = tl.load(wpsi_ptr + ci, mask=cimask, other=0.0)
+    wpsi = tl.load(wpsi_ptr + ci, mask=cimask, other=0.0).to(ACC)
     tl.atomic_add(dwpsi_ptr + ci, tl.sum(dq[:, None] * f, axis=0), mask=cimask)
     tl.atomic_add(dbpsi_ptr, tl.sum(dq, axis=0))
     df = dq[:, None] * wpsi[None, :] * _sigma1_grad(pre, SOFTPLUS)  # d(theta x + phi g)
     df = tl.where(pmask[:, None], df, 0.0)
     tl.atomic_add(dbp_ptr + ci, tl.sum(df, axis=0), mask=cimask)
     tl.atomic_add(
-        dwp_ptr + cg[:, None] * CI + ci[None, :], tl.dot(tl.trans(gt), df, input_precision=PREC),
+        dwp_ptr + ci[None, :] * CG + cg[:, None], tl.dot(tl.trans(gt), df, input_precision=PREC),
         mask=cgmask[:, None] & cimask[None, :],
     )
-    wpt = tl.load(wp_ptr + cg[None, :] * CI + ci[:, None], mask=cimask[:, None] & cgmask[None, :], other=0.0)
+    wpt = tl.load(wp_ptr + ci[:, None] * CG + cg[None, :], mask=cimask[:, None] & cgmask[None, :], other=0.0).to(ACC)
     tl.store(
         dg_ptr + n * sdgn + p[:, None] * sdgs + cg[None, :] * sdgc,
         tl.dot(df, wpt, input_precision=PREC).to(dg_ptr.dtype.element_ty),
@@ -137,10 +140,10 @@ def _coarse_bwd(
         s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
         xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
         tl.atomic_add(
-            dwt_ptr + o * C * CI + c[:, None] * CI + ci[None, :], tl.dot(tl.trans(xo), df, input_precision=PREC),
+            dwt_ptr + ci[None, :] * (C * K) + c[:, None] * K + o, tl.dot(tl.trans(xo), df, input_precision=PREC),
             mask=cmask[:, None] & cimask[None, :],
         )
-        wot = tl.load(wt_ptr + o * C * CI + c[None, :] * CI + ci[:, None], mask=cimask[:, None] & cmask[None, :], other=0.0)
+        wot = tl.load(wt_ptr + ci[:, None] * (C * K) + c[None, :] * K + o, mask=cimask[:, None] & cmask[None, :], other=0.0).to(ACC)
         dptr = dx_ptr + n * sdn + s[:, None] * sds + c[None, :] * sdc
         dxo = tl.load(dptr, mask=xmask, other=0.0) + tl.dot(df, wot, input_precision=PREC)
         tl.store(dptr, dxo, mask=xmask)
@@ -160,7 +163,7 @@ def _fine_tile(
     cmask = c < C
     xt = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=smask[:, None] & cmask[None, :], other=0.0).to(ACC)
     if HAS_W:
-        w0t = tl.load(w0_ptr + c[:, None] * C + c[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0)
+        w0t = tl.load(w0_ptr + c[None, :] * C + c[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0).to(ACC)
         u = tl.dot(xt, w0t, input_precision=PREC)
     else:
         u = xt
@@ -186,13 +189,23 @@ def _fine_stats(
 
 @triton.jit
 def _fine_out(
-    x_ptr, af_ptr, w0_ptr, scale_ptr, shift_ptr, out_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, af_ptr, w0_ptr, wb_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, out_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
+    """out = alpha * u * scale + shift, W's bias and norm folded per channel here:
+    scale = gamma / sqrt(var + eps), shift = (b - mean) * scale + beta (mean: of alpha u + b)."""
     n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
-    scale = tl.load(scale_ptr + c, mask=cmask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=cmask, other=0.0)
-    out = a[:, None] * u * scale[None, :] + shift[None, :]
+    out = a[:, None] * u
+    if HAS_W:
+        shift = tl.load(wb_ptr + c, mask=cmask, other=0.0).to(ACC)
+        if HAS_NORM:
+            var = tl.load(var_ptr + c, mask=cmask, other=1.0).to(ACC)
+            scale = tl.load(gamma_ptr + c, mask=cmask, other=0.0).to(ACC) / tl.sqrt(var + eps)
+            shift = (shift - tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)) * scale
+            shift += tl.load(beta_ptr + c, mask=cmask, other=0.0).to(ACC)
+            out = out * scale[None, :]
+        out += shift[None, :]
     tl.store(
         out_ptr + n * son + s[:, None] * sos + c[None, :] * soc, out.to(out_ptr.dtype.element_ty),
         mask=smask[:, None] & cmask[None, :],
@@ -200,16 +213,43 @@ def _fine_out(
 
 
 @triton.jit
+def _norm_coefs(
+    wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n, c, cmask,
+    HAS_NORM: tl.constexpr, BATCH_STATS: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per channel, for the backward through W's norm: r = 1/sqrt(var + eps) and h = (b - mean) r
+    (so zhat = alpha u r + h), and A, B, E of dz = A dout + B + E zhat (B = E = 0 without batch
+    statistics; A = 1, the rest 0, without a norm)."""
+    zero = (c * 0).to(ACC)
+    if HAS_NORM:
+        r = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cmask, other=1.0).to(ACC) + eps)
+        h = (tl.load(wb_ptr + c, mask=cmask, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)) * r
+        A = tl.load(gamma_ptr + c, mask=cmask, other=0.0).to(ACC) * r
+        if BATCH_STATS:
+            B = -A * tl.load(dbeta_ptr + c, mask=cmask, other=0.0) * inv_n
+            E = -A * tl.load(dgamma_ptr + c, mask=cmask, other=0.0) * inv_n
+        else:
+            B = zero
+            E = zero
+    else:
+        r = zero + 1.0
+        h = zero
+        A = zero + 1.0
+        B = zero
+        E = zero
+    return r, h, A, B, E
+
+
+@triton.jit
 def _fine_bwd_sums(
-    x_ptr, af_ptr, w0_ptr, do_ptr, r_ptr, h_ptr, sdo_ptr, sdoz_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
+    x_ptr, af_ptr, w0_ptr, do_ptr, wb_ptr, mean_ptr, var_ptr, eps, sdo_ptr, sdoz_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-block sums of dout and dout * zhat, zhat = alpha * u * r + h."""
     n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, True, PREC, ACC)
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     m2 = smask[:, None] & cmask[None, :]
-    r = tl.load(r_ptr + c, mask=cmask, other=0.0)
-    h = tl.load(h_ptr + c, mask=cmask, other=0.0)
+    r, h, _, _, _ = _norm_coefs(wb_ptr, var_ptr, mean_ptr, var_ptr, var_ptr, var_ptr, eps, 0.0, c, cmask, True, False, ACC)
     do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(ACC)
     zhat = a[:, None] * u * r[None, :] + h[None, :]
     tl.store(sdo_ptr + blk * C + c, tl.sum(do, axis=0), mask=cmask)
@@ -218,20 +258,18 @@ def _fine_bwd_sums(
 
 @triton.jit
 def _fine_bwd(
-    x_ptr, af_ptr, w0_ptr, do_ptr, dalpha_ptr, coef_ptr, dx_ptr, daf_ptr, dw0_ptr, db_ptr,
-    C, S, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_DALPHA: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, af_ptr, w0_ptr, do_ptr, dalpha_ptr, wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n,
+    dx_ptr, daf_ptr, dw0_ptr, db_ptr, C, S, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_DALPHA: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dz = A dout + B + E zhat (zhat = alpha u r + h; coef rows A, B, E, r, h); then
+    """dz = A dout + B + E zhat (zhat = alpha u r + h, see ``_norm_coefs``); then
     d alpha = sum_c dz u (+ the alpha output's gradient), dx = alpha W0^T dz, dW0 += dz^T (alpha x), db += sum dz."""
     n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
     m2 = smask[:, None] & cmask[None, :]
-    A = tl.load(coef_ptr + c, mask=cmask, other=0.0)
-    B = tl.load(coef_ptr + BLOCK_C + c, mask=cmask, other=0.0)
-    E = tl.load(coef_ptr + 2 * BLOCK_C + c, mask=cmask, other=0.0)
-    r = tl.load(coef_ptr + 3 * BLOCK_C + c, mask=cmask, other=0.0)
-    h = tl.load(coef_ptr + 4 * BLOCK_C + c, mask=cmask, other=0.0)
+    r, h, A, B, E = _norm_coefs(
+        wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n, c, cmask, HAS_NORM, BATCH_STATS, ACC
+    )
     do = tl.load(do_ptr + n * son + s[:, None] * sos + c[None, :] * soc, mask=m2, other=0.0).to(ACC)
     dz = A[None, :] * do + B[None, :] + E[None, :] * (a[:, None] * u * r[None, :] + h[None, :])
     dz = tl.where(m2, dz, 0.0)
@@ -241,7 +279,7 @@ def _fine_bwd(
     tl.store(daf_ptr + n * S + s, da, mask=smask)
     adz = a[:, None] * dz
     if HAS_W:
-        w0 = tl.load(w0_ptr + c[None, :] * C + c[:, None], mask=cmask[:, None] & cmask[None, :], other=0.0)
+        w0 = tl.load(w0_ptr + c[:, None] * C + c[None, :], mask=cmask[:, None] & cmask[None, :], other=0.0).to(ACC)
         dxt = tl.dot(adz, w0, input_precision=PREC)
         tl.atomic_add(
             dw0_ptr + c[:, None] * C + c[None, :], tl.dot(tl.trans(dz), a[:, None] * xt, input_precision=PREC),

@@ -98,36 +98,33 @@ def _fine_setup(x: Tensor):
     return (triton.cdiv(S, BS), N), dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
 
 
-def _coarse_setup(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, softplus: bool):
-    """What both coarse kernels take: their grid; theta as ``[K, F_l, F_int]``, phi as
-    ``[F_g, F_int]``, ``b_g`` and psi as a vector (compute dtype, contiguous); the sizes; the
-    compile-time constants."""
-    f32 = acc_dtype(x)
+def _coarse_setup(x: Tensor, g: Tensor, theta_w: Tensor, psi_w: Tensor, softplus: bool):
+    """What both coarse kernels take: their grid, the sizes and the compile-time constants
+    (the weights go in as they are: contiguous, any float dtype)."""
     N, C = x.shape[:2]
     CI, CG = theta_w.shape[0], g.shape[1]
     D, H, W = _as_3d(x.shape[2:])
     KD, KH, KW = _as_3d(theta_w.shape[2:])
     HC, WC = H // KH, W // KW
     SC = (D // KD) * HC * WC
-    weights = (
-        theta_w.detach().to(f32).reshape(CI, C, -1).permute(2, 1, 0).contiguous(),
-        phi_w.detach().to(f32).reshape(CI, -1).t().contiguous(),
-        phi_b.detach().to(f32).contiguous(),
-        psi_w.detach().to(f32).reshape(-1).contiguous(),
-    )
     BP = _coarse_block(C, CI)
     meta = dict(
         KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
         SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
     )
-    return (triton.cdiv(SC, BP), N), weights, (C, CG, CI, H, W, HC, WC, SC), meta
+    return (triton.cdiv(SC, BP), N), (C, CG, CI, H, W, HC, WC, SC), meta
+
+
+def _weights(*ts: Optional[Tensor]) -> tuple:
+    """The kernels' view of parameters: detached, contiguous (a no-op for parameters)."""
+    return tuple(None if t is None else t.detach().contiguous() for t in ts)
 
 
 def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor, softplus: bool) -> Tensor:
     """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` in the compute dtype; ``g`` already on that grid."""
-    grid, weights, sizes, meta = _coarse_setup(x, g, theta_w, phi_w, phi_b, psi_w, softplus)
+    grid, sizes, meta = _coarse_setup(x, g, theta_w, psi_w, softplus)
     ac = torch.empty((x.shape[0], 1) + tuple(g.shape[2:]), device=x.device, dtype=acc_dtype(x))
-    K._coarse_fwd[grid](x, g, *weights, psi_b.detach().to(ac.dtype).contiguous(), ac, *sizes, *_nsc(x), *_nsc(g), **meta)
+    K._coarse_fwd[grid](x, g, *_weights(theta_w, phi_w, phi_b, psi_w, psi_b), ac, *sizes, *_nsc(x), *_nsc(g), **meta)
     return ac
 
 
@@ -146,8 +143,9 @@ def gate_forward(
     mean_in: Optional[Tensor], var_in: Optional[Tensor], use_batch_stats: bool, eps: float,
     softplus: bool, align_corners: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch-norm statistics used
-    (float32, ``Tensor[F_l]``; empty without a norm). ``x``, ``g`` pass ``flat_strides``."""
+    """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch statistics when
+    ``use_batch_stats`` (float32, ``Tensor[F_l]``), empty otherwise (then ``mean_in``/``var_in``
+    apply, and the backward takes them). ``x``, ``g`` pass ``flat_strides``."""
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     f32 = acc_dtype(x)
@@ -155,30 +153,27 @@ def gate_forward(
     af = resample(ac, x.shape[2:], align_corners).contiguous()
     if af is ac:  # factor 1 on every axis: alpha is an output of its own, not an alias of alpha_c
         af = ac.clone()
-    has_w = W_w is not None
-    w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af  # af: unused placeholder pointer
+    has_w, has_norm = W_w is not None, gamma is not None
+    w0, wb, gamma, beta = _weights(W_w, W_b, gamma, beta)
     grid, common = _fine_setup(x)
+    # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
     mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
-    scale = torch.ones(C, device=x.device, dtype=f32)
-    shift = torch.zeros(C, device=x.device, dtype=f32)
-    if has_w:
-        shift = W_b.detach().to(f32).clone()
-    if gamma is not None:
-        if use_batch_stats:
-            nb = grid[0] * N
-            mean_b = torch.empty((nb, C), device=x.device, dtype=f32)
-            m2_b = torch.empty_like(mean_b)
-            cnt_b = torch.empty(nb, device=x.device, dtype=f32)
-            K._fine_stats[grid](x, af, w0t, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
-            mean, var = _combine_stats(mean_b, m2_b, cnt_b)
-            mean = mean + shift  # the conv's bias shifts the mean only
-        else:
-            mean, var = mean_in.detach().to(f32).clone(), var_in.detach().to(f32).clone()
-        r = torch.rsqrt(var + eps)
-        scale = gamma.detach().to(f32) * r
-        shift = (shift - mean) * scale + beta.detach().to(f32)
+    if has_norm and use_batch_stats:
+        nb = grid[0] * N
+        mean_b = torch.empty((nb, C), device=x.device, dtype=f32)
+        m2_b = torch.empty_like(mean_b)
+        cnt_b = torch.empty(nb, device=x.device, dtype=f32)
+        K._fine_stats[grid](x, af, w0, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
+        mean, var = _combine_stats(mean_b, m2_b, cnt_b)
+        mean = mean + wb.to(f32)  # the mean of alpha * W0 x + b
+    norm_stats = (mean, var) if use_batch_stats else _weights(mean_in, var_in)
     out = torch.empty_like(x)
-    K._fine_out[grid](x, af, w0t, scale, shift, out, C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, **common)
+    absent = af  # a placeholder pointer for tensors the kernel does not read
+    K._fine_out[grid](
+        x, af, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
+        beta if has_norm else absent, *(t if has_norm else absent for t in norm_stats), float(eps), out,
+        C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, HAS_NORM=has_norm, **common,
+    )  # fmt: skip
     return out, af.to(x.dtype), ac, mean, var
 
 
@@ -197,45 +192,34 @@ def gate_backward(
     dout = flat_strides(dout)
     af = resample(alpha_c, x.shape[2:], align_corners).contiguous()
     has_w = W_w is not None
-    w0t = W_w.detach().to(f32).reshape(C, C).t().contiguous() if has_w else af
+    w0 = _weights(W_w)[0] if has_w else af  # af: a placeholder pointer where W is absent
     grid, common = _fine_setup(x)
-    BC = common["BLOCK_C"]
-    # dz = A dout + B + E zhat with zhat = alpha u r + h
-    coef = torch.zeros((5, BC), device=dev, dtype=f32)
-    coef[0, :C] = 1.0
     def empty() -> Tensor:  # a distinct tensor each time: custom-op outputs may not alias
         return x.new_empty(0, dtype=f32)
 
+    has_norm = gamma is not None
+    wb, gamma, mean, var = _weights(W_b, gamma, mean, var)
     dgamma, dbeta = empty(), empty()
-    if gamma is not None:
-        b = W_b.detach().to(f32)
-        r = torch.rsqrt(var + eps)
-        h = (b - mean) * r
+    if has_norm:
         nb = grid[0] * N
         s_do = torch.empty((nb, C), device=dev, dtype=f32)
         s_doz = torch.empty_like(s_do)
         K._fine_bwd_sums[grid](
-            x, af, w0t, dout, r.contiguous(), h.contiguous(), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
+            x, af, w0, dout, wb, mean, var, float(eps), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
         )  # fmt: skip
         dbeta = s_do.double().sum(0).to(f32)
         dgamma = s_doz.double().sum(0).to(f32)
-        gr = gamma.detach().to(f32) * r
-        coef[0, :C] = gr
-        coef[3, :C] = r
-        coef[4, :C] = h
-        if use_batch_stats:
-            n = N * S
-            coef[1, :C] = -gr * dbeta / n
-            coef[2, :C] = -gr * dgamma / n
     dx = torch.empty((N, C) + tuple(x.shape[2:]), device=dev, dtype=f32)
     daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
     dW_w = torch.zeros((C, C), device=dev, dtype=f32) if has_w else empty()
     dW_b = torch.zeros(C, device=dev, dtype=f32) if has_w else empty()
     has_dalpha = dalpha is not None
     dal = dalpha.contiguous() if has_dalpha else af
+    norm_args = (wb, gamma, mean, var, dbeta, dgamma) if has_norm else (af,) * 6  # af: placeholder pointers
     K._fine_bwd[grid](
-        x, af, w0t, dout, dal, coef, dx, daf, dW_w if has_w else af, dW_b if has_w else af,
-        C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_DALPHA=has_dalpha, **common,
+        x, af, w0, dout, dal, *norm_args, float(eps), 1.0 / (N * S), dx, daf, dW_w if has_w else af, dW_b if has_w else af,
+        C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and use_batch_stats,
+        HAS_DALPHA=has_dalpha, **common,
     )  # fmt: skip
     if gamma is not None and use_batch_stats:
         dW_b.zero_()  # exactly zero: batch normalisation removes any constant added before it
@@ -245,18 +229,17 @@ def gate_backward(
     else:
         _, vjp = torch.func.vjp(lambda a: resample(a, x.shape[2:], align_corners), alpha_c)
         dac = vjp(daf)[0].contiguous()
-    grid, weights, sizes, meta = _coarse_setup(x, g, theta_w, phi_w, phi_b, psi_w, softplus)
-    dwt = torch.zeros_like(weights[0])
-    dwp = torch.zeros_like(weights[1])
+    grid, sizes, meta = _coarse_setup(x, g, theta_w, psi_w, softplus)
+    weights = _weights(theta_w, phi_w, phi_b, psi_w)
+    dtheta = torch.zeros(theta_w.shape, device=dev, dtype=f32)  # weight gradients in the weights' layouts
+    dphi_w = torch.zeros(phi_w.shape, device=dev, dtype=f32)
     dbp = torch.zeros(CI, device=dev, dtype=f32)
-    dwpsi = torch.zeros(CI, device=dev, dtype=f32)
+    dwpsi = torch.zeros(psi_w.shape, device=dev, dtype=f32)
     dbpsi = torch.zeros(1, device=dev, dtype=f32)
     dg = torch.empty(g.shape, device=dev, dtype=g.dtype)
     K._coarse_bwd[grid](
-        x, g, *weights, alpha_c, dac, dx, dg, dwt, dwp, dbp, dwpsi, dbpsi,
+        x, g, *weights, alpha_c, dac, dx, dg, dtheta, dphi_w, dbp, dwpsi, dbpsi,
         *sizes, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg), **meta,
     )  # fmt: skip
-    dtheta = dwt.permute(2, 1, 0).contiguous().reshape(theta_w.shape)  # contiguous, as the fake kernel says
-    dphi_w = dwp.t().contiguous().reshape(phi_w.shape)
     dW = dW_w.reshape(W_w.shape) if has_w else dW_w
-    return (dx.to(x.dtype), dg, dtheta, dphi_w, dbp, dwpsi.reshape(psi_w.shape), dbpsi, dW, dW_b, dgamma, dbeta)
+    return (dx.to(x.dtype), dg, dtheta, dphi_w, dbp, dwpsi, dbpsi, dW, dW_b, dgamma, dbeta)
