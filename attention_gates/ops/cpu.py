@@ -406,7 +406,7 @@ def multi_gate_inference_cpu(
     so it is one product over ``x`` and one epilogue, instead of a product per head, a
     concatenation and a product over it. ``heads`` holds each gate's ``(theta_weight, phi_weight,
     phi_bias, psi_weight, psi_bias)``; ``A`` and ``c = Tensor[C]`` are the folded map
-    (:meth:`attention_gates.MultiAttentionGate.folded_output_map`).
+    (:meth:`attention_gates.gates.MultiAttentionGate.folded_output_map`).
 
     Returns ``(out: Tensor[N, C, *S], alpha: Tensor[N, heads, *S])``, in ``x``'s layout and dtype
     (float32; no autograd: use it under :func:`torch.no_grad` or :func:`torch.inference_mode`).
