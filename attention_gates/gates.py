@@ -326,16 +326,17 @@ class MultiAttentionGate(nn.Module):
         combine = _eval_affine(self.combine[1], self.combine[0])
         if combine is None or any(gate.W is None for gate in self.gates):
             return None
-        maps = [(_eval_affine(gate.W[1], gate.W[0]), gate.W[0]) for gate in self.gates]
-        if any(affine is None for affine, _ in maps):
+        maps = [_eval_affine(gate.W[1], gate.W[0]) for gate in self.gates]
+        if any(m is None for m in maps):
             return None
         conv_c = self.combine[0]
-        Wc = conv_c.weight.flatten(1).split(self.gates[0].in_channels, dim=1)
         sc, tc = combine
-        A, c = [], conv_c.bias if conv_c.bias is not None else torch.zeros_like(sc)
-        for (s, t), conv_w, Wc_i in zip((m[0] for m in maps), (m[1] for m in maps), Wc):
-            M = s[:, None] * conv_w.weight.flatten(1)
-            b = t + (s * conv_w.bias if conv_w.bias is not None else 0)
+        c = conv_c.bias if conv_c.bias is not None else torch.zeros_like(sc)
+        A = []
+        for (s, t), gate, Wc_i in zip(maps, self.gates, conv_c.weight.flatten(1).split(self.gates[0].in_channels, dim=1)):
+            conv = gate.W[0]
+            M = s[:, None] * conv.weight.flatten(1)
+            b = t if conv.bias is None else t + s * conv.bias
             A.append(sc[:, None] * (Wc_i @ M))
             c = c + Wc_i @ b
         return torch.cat(A), sc * c + tc

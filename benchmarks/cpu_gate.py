@@ -20,7 +20,8 @@ Run ``python -m benchmarks.cpu_gate`` (``--help`` for options). Measured, never 
 
 The machine may be shared: timings are interleaved so noise hits every variant alike, the load
 average is recorded before and after, and the thread count and ``MALLOC_*`` variables are part
-of the JSON written to ``benchmarks/results/cpu_gate/``. The table comes last.
+of the JSON written to ``benchmarks/results/cpu_gate/``. The table comes last, then what the
+run's own numbers advise for this machine (threads, layout, allocator, backend).
 """
 
 from __future__ import annotations
@@ -140,6 +141,34 @@ def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> di
     return out
 
 
+def advice(result: dict) -> list[str]:
+    """What the run's own numbers say a user should do on this machine, one line each."""
+    lines = []
+    threads, cores = result["config"]["threads"], result["machine"]["cpu_count"]
+    lines.append(f"threads: torch used {threads} of {cores} logical cores; set torch.set_num_threads (or OMP_NUM_THREADS) "
+                 "to the physical cores you were given, fewer when other jobs share them")  # fmt: skip
+    load = max((result.get("load_average_before") or [0])[0], (result.get("load_average_after") or [0])[0])
+    if cores and load > 0.5 * cores:
+        lines.append(f"this machine was busy (load average {load} on {cores} cores): expect noise, compare ratios only")
+    model = result["model"]
+    lines.append(f"layout: channels_last_3d made UNet3D {model['UNet3D']['median'] / model['UNet3D, channels_last']['median']:.2f}x "
+                 "faster here (net.to(memory_format=torch.channels_last_3d) and the input, converted once)")  # fmt: skip
+    alloc = result.get("allocator")
+    if alloc:
+        d, m = alloc["default"], alloc["no-mmap"]
+        speed = d["best_run_median_s"]["UNet3D"] / m["best_run_median_s"]["UNet3D"]
+        rss = (m["peak_rss_bytes"] or 0) / (d["peak_rss_bytes"] or 1) - 1
+        env = " ".join(f"{k}={v}" for k, v in m["env"].items())
+        lines.append(f"allocator: {env} made UNet3D {speed:.2f}x faster here, peak RSS {100 * rss:+.0f}% "
+                     f"({d['minor_page_faults']:,} -> {m['minor_page_faults']:,} page faults)")  # fmt: skip
+    for lay in LAYOUTS:
+        eval_ = result["gate_level2"][lay]["eval"]
+        lines.append(f"gates ({lay}): the cpu backend ran the level-2 gate's inference "
+                     f"{eval_['reference']['median'] / eval_['cpu']['median']:.2f}x faster than the reference "
+                     "(backend='auto' takes it for float32 CPU inference)")  # fmt: skip
+    return lines
+
+
 def _model_child(args) -> None:
     result = {"model": model_bench(args.size, args.warmup, args.repeats)}
     result["peak_rss_bytes"] = common.peak_rss()
@@ -210,6 +239,7 @@ def main(argv=None) -> Optional[dict]:
                          f"peak RSS {common.fmt_bytes(a['peak_rss_bytes'])}, {a['minor_page_faults']} page faults"])  # fmt: skip
     headers = ["case", "variant", "median", "IQR", "speed-up vs reference", "vs floor / note"]
     result["table"] = [dict(zip(headers, row)) for row in rows]  # as printed (the docs render it)
+    result["advice"] = advice(result)
     path = Path(args.out) if args.out else OUT_DIR / time.strftime("%Y%m%d-%H%M%S.json")
     common.write_json(path, result)
     print(f"threads {torch.get_num_threads()}, MALLOC_* {result['machine']['malloc_env'] or 'unset'}, "
@@ -218,6 +248,9 @@ def main(argv=None) -> Optional[dict]:
           f"({common.fmt_bytes(gate['floor_bytes'])}); {gemm['n']}^3 float32 matmul {gemm['GFLOPps']:.0f} GFLOP/s, "
           f"L2 eval FLOP floor {common.fmt_seconds(gate['flop_floor_s'])} ({gate['eval_flops'] / 1e9:.2f} GFLOP); JSON: {path}")  # fmt: skip
     print(common.format_table(headers, rows))
+    print("\nOn this machine:")
+    for line in result["advice"]:
+        print(f"  - {line}")
     return result
 
 

@@ -195,6 +195,10 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert len(data["model"]) == 6
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     assert len(data["table"]) == 8 + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
+    advice = "\n".join(data["advice"])
+    layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
+    assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice
+    assert "MALLOC_MMAP_MAX_=0" in advice and "torch used 1 of" in advice
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
