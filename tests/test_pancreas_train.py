@@ -440,3 +440,35 @@ def test_cli_folds_flags_reach_the_config():
     args = parser().parse_args(["train", "--out", "x", "--folds", "4", "--fold", "2"])
     cfg = _config(args)
     assert (cfg.folds, cfg.fold) == (4, 2)
+
+
+def test_cpu_inference_runs_channels_last_and_leaves_the_model_as_it_was(tiny_run, tiny_cases):
+    """infer() lays the model out channels-last on the CPU for the call (oneDNN's fast path), gives
+    the probabilities of the contiguous model, and hands the model back contiguous and trainable."""
+    from examples.pancreas import data as pdata
+    from examples.pancreas.evaluate import cpu_layout, infer
+
+    cfg, out, _ = tiny_run
+    model = model_from_checkpoint(out / "checkpoint.pt")
+    conv = next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1)
+    image = pdata.eval_transforms(cfg)(dict(tiny_cases[0]))["image"]
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    probs = infer(model, image, cfg, "cpu")
+    assert seen and all(seen) and conv.is_contiguous()
+    with torch.no_grad(), cpu_layout(model, torch.device("meta")) as fmt:  # not the CPU: nothing changes
+        assert fmt == torch.contiguous_format and conv.is_contiguous()
+    seen.clear()
+    x = image.as_tensor() if hasattr(image, "as_tensor") else image
+    from monai.inferers import sliding_window_inference
+
+    with torch.no_grad():
+        want = torch.softmax(sliding_window_inference(x[None].float(), cfg.patch_size, cfg.sw_batch_size, model,
+                                                      overlap=cfg.sw_overlap, mode="gaussian"), dim=1)[0]  # fmt: skip
+    torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)
+    loss = model(torch.rand(1, 1, *cfg.patch_size)).sum()
+    loss.backward()  # the parameters are ordinary tensors again
+    assert conv.grad is not None
+    model.to(memory_format=torch.channels_last_3d)
+    infer(model, image, cfg, "cpu")
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()  # stays as it was
