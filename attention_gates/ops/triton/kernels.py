@@ -10,8 +10,9 @@ Coarse side (theta's grid ``Sc = S // k``), one program per ``BLOCK_P`` coarse p
     ``_coarse_bwd``   gradients of x (added to dx), g, theta, phi, psi from d alpha_c
 Fine side (x's grid), one program per ``BLOCK_S`` positions; ``u = W0 x`` (W0: W's conv without bias):
     ``_fine_stats``   per-block mean and M2 of ``alpha * u`` (batch-norm statistics)
+    ``_stats_combine`` their combination (float64): the batch mean and variance
     ``_fine_out``     out = alpha * (x @ W0^T) * scale + shift  (bias and norm folded per channel)
-    ``_fine_bwd_sums`` per-block sums of dout and dout * zhat (norm gradients)
+    ``_fine_bwd_sums`` per-block sums of dout and dout * zhat (norm gradients); ``_sum_blocks`` adds them up
     ``_fine_bwd``     dz, d alpha (fine), dx from the W path, dW0 and db (atomics)
 The norm's per-channel maps (scale and shift forward, the coefficients backward) are computed
 in the kernels from the weights and statistics, not on the host.
@@ -185,6 +186,54 @@ def _fine_stats(
     tl.store(mean_ptr + blk * C + c, mean, mask=cmask)
     tl.store(m2_ptr + blk * C + c, tl.sum(dev * dev, axis=0), mask=cmask)
     tl.store(cnt_ptr + blk, cnt)
+
+
+@triton.jit
+def _stats_combine(
+    mean_b_ptr, m2_b_ptr, cnt_b_ptr, wb_ptr, mean_ptr, var_ptr, NB, C,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Chan's combination of ``_fine_stats``' per-block (mean, M2, count), in float64, for
+    BLOCK_C channels: the mean of alpha * u + b (b: W's bias) and the biased variance."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n = tl.zeros([BLOCK_C], dtype=tl.float64)
+    total = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        bmask = b < NB
+        cnt = tl.load(cnt_b_ptr + b, mask=bmask, other=0.0).to(tl.float64)
+        mb = tl.load(mean_b_ptr + b[:, None] * C + c[None, :], mask=bmask[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+        n += tl.sum(cnt, axis=0)
+        total += tl.sum(cnt[:, None] * mb, axis=0)
+    mean = total / n
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        bmask = b < NB
+        m = bmask[:, None] & cmask[None, :]
+        cnt = tl.load(cnt_b_ptr + b, mask=bmask, other=0.0).to(tl.float64)
+        dev = tl.load(mean_b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64) - mean[None, :]
+        m2 += tl.sum(tl.load(m2_b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64) + cnt[:, None] * dev * dev, axis=0)
+    wb = tl.load(wb_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+    tl.store(mean_ptr + c, (mean + wb).to(mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(var_ptr + c, (m2 / n).to(var_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _sum_blocks(a_ptr, b_ptr, sa_ptr, sb_ptr, NB, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column sums, in float64, of two ``[NB, C]`` arrays of per-block partial sums."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sa = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sb = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        m = (b < NB)[:, None] & cmask[None, :]
+        sa += tl.sum(tl.load(a_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64), axis=0)
+        sb += tl.sum(tl.load(b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64), axis=0)
+    tl.store(sa_ptr + c, sa.to(sa_ptr.dtype.element_ty), mask=cmask)
+    tl.store(sb_ptr + c, sb.to(sb_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

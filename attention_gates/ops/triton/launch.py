@@ -3,12 +3,12 @@
 Forward (``gate_forward``):
   1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
   2. alpha_c resampled onto x's grid (``F.interpolate``; alpha on x's grid is an output anyway).
-  3. training with batch norm only: ``_fine_stats`` (reads x) and a float64 combine: the
-     statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
+  3. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64):
+     the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
   4. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
      per-channel affine map (reads x, writes out).
 Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
-  1. batch norm only: ``_fine_bwd_sums`` (reads x, dout): the norm's gradient sums.
+  1. batch norm only: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_blocks``: the norm's gradient sums.
   2. ``_fine_bwd`` (reads x, dout; writes dx, d alpha on x's grid): W path and d alpha.
   3. d alpha_c = adjoint of the resampling (``torch.func.vjp`` of ``F.interpolate``).
   4. ``_coarse_bwd`` (reads x, g; adds the theta path into dx; writes dg).
@@ -128,13 +128,10 @@ def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Te
     return ac
 
 
-def _combine_stats(mean_b: Tensor, m2_b: Tensor, cnt_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Chan's parallel combination of per-block (count, mean, M2): the mean and biased variance."""
-    mb, cnt = mean_b.double(), cnt_b.double()[:, None]
-    n = cnt.sum()
-    mean = (cnt * mb).sum(0) / n
-    m2 = m2_b.double().sum(0) + (cnt * (mb - mean) ** 2).sum(0)
-    return mean.to(mean_b.dtype), (m2 / n).to(mean_b.dtype)
+def _reduce_setup(C: int, nb: int):
+    """Grid and block sizes of the per-block reductions (``_stats_combine``, ``_sum_blocks``)."""
+    BC = min(_p2(C), 64)
+    return (triton.cdiv(C, BC),), dict(BLOCK_B=min(256, _p2(nb)), BLOCK_C=BC)
 
 
 def gate_forward(
@@ -164,8 +161,9 @@ def gate_forward(
         m2_b = torch.empty_like(mean_b)
         cnt_b = torch.empty(nb, device=x.device, dtype=f32)
         K._fine_stats[grid](x, af, w0, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
-        mean, var = _combine_stats(mean_b, m2_b, cnt_b)
-        mean = mean + wb.to(f32)  # the mean of alpha * W0 x + b
+        mean, var = torch.empty(C, device=x.device, dtype=f32), torch.empty(C, device=x.device, dtype=f32)
+        rgrid, rmeta = _reduce_setup(C, nb)
+        K._stats_combine[rgrid](mean_b, m2_b, cnt_b, wb, mean, var, nb, C, **rmeta)  # mean of alpha * W0 x + b
     norm_stats = (mean, var) if use_batch_stats else _weights(mean_in, var_in)
     out = torch.empty_like(x)
     absent = af  # a placeholder pointer for tensors the kernel does not read
@@ -207,8 +205,9 @@ def gate_backward(
         K._fine_bwd_sums[grid](
             x, af, w0, dout, wb, mean, var, float(eps), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
         )  # fmt: skip
-        dbeta = s_do.double().sum(0).to(f32)
-        dgamma = s_doz.double().sum(0).to(f32)
+        dbeta, dgamma = torch.empty(C, device=dev, dtype=f32), torch.empty(C, device=dev, dtype=f32)
+        rgrid, rmeta = _reduce_setup(C, nb)
+        K._sum_blocks[rgrid](s_do, s_doz, dbeta, dgamma, nb, C, **rmeta)
     dx = torch.empty((N, C) + tuple(x.shape[2:]), device=dev, dtype=f32)
     daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
     dW_w = torch.zeros((C, C), device=dev, dtype=f32) if has_w else empty()
