@@ -70,19 +70,19 @@ def traffic(x_shape, g_shape, el: int) -> dict:
     Ac = n * math.prod(g_shape[2:]) * 4  # alpha on theta's grid
     dx32 = n * c * S * 4
     floor = {"eval_forward": X + G + X + A, "train_forward": X + G + X + A, "train_backward": X + G + X + X + G}
-    # passes (see attention_gates/ops/triton/launch.py)
+    # passes (see attention_gates/ops/triton/launch.py); the fine kernels resample alpha from
+    # alpha_c (Ac, small and cache-resident) themselves
     coarse_fwd = X + G + Ac
-    resample = Ac + A32 + (A32 + A if el != 4 else 0)  # interpolate, then the cast of the alpha output
-    fine_stats = X + A32
-    fine_out = X + A32 + X
-    moved_eval = coarse_fwd + resample + fine_out
+    fine_stats = X + Ac
+    fine_out = X + Ac + X + A  # x in; out and alpha (x's dtype) out
+    moved_eval = coarse_fwd + fine_out
     moved_train_fwd = moved_eval + fine_stats
-    bwd_sums = X + X + A32  # x, dout, alpha
-    fine_bwd = X + X + A32 + dx32 + A32  # x, dout, alpha -> dx (float32), d alpha
+    bwd_sums = X + X + Ac  # x, dout
+    fine_bwd = X + X + Ac + dx32 + A32  # x, dout -> dx (float32), d alpha (float32)
     adjoint = A32 + Ac
     coarse_bwd = X + G + 2 * Ac + 2 * dx32 + G  # x, g, alpha_c, d alpha_c, dx read-modify-write, dg
     cast_dx = (dx32 + X) if el != 4 else 0
-    moved_bwd = Ac + A32 + bwd_sums + fine_bwd + adjoint + coarse_bwd + cast_dx
+    moved_bwd = bwd_sums + fine_bwd + adjoint + coarse_bwd + cast_dx
     return {
         "floor": floor,
         "moved": {"eval_forward": moved_eval, "train_forward": moved_train_fwd, "train_backward": moved_bwd},

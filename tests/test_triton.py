@@ -42,7 +42,7 @@ def make_case(d, N, C, CG, CI, S, k, Sg=None, W=True, seed=0, device="cpu", dtyp
     return dict(x=x, g=g, params=params, stats=stats, device=device, dtype=dtype)
 
 
-def run(case, backend, dtype, training, sigma1="relu", norm="batch", prepare=None, inputs_dtype=None):
+def run(case, backend, dtype, training, sigma1="relu", norm="batch", prepare=None, inputs_dtype=None, align_corners=False):
     """Forward + backward with fixed upstream gradients for out and alpha; returns everything.
 
     ``inputs_dtype``: round the inputs through this dtype first (so that a float64 reference
@@ -62,7 +62,7 @@ def run(case, backend, dtype, training, sigma1="relu", norm="batch", prepare=Non
     rm, rv = (rnd(s).to(dev).clone() for s in case["stats"])
     out, alpha = grid_attention(
         x, g, *params, rm if has_w else None, rv if has_w else None,
-        norm=norm if has_w else "none", training=training, sigma1=sigma1, backend=backend,
+        norm=norm if has_w else "none", training=training, sigma1=sigma1, align_corners=align_corners, backend=backend,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(7)
     do = rnd(torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(dev)
@@ -103,6 +103,15 @@ CASES = [
 def test_matches_reference(device, case_args, training):
     d, N, C, CG, CI, S, k, Sg = case_args
     assert_close_to_reference(make_case(d, N, C, CG, CI, S, k, Sg, device=device), torch.float32, training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case_args", [CASES[1], CASES[4], CASES[5]], ids=["3d-odd", "2d-k32", "1d"])
+def test_align_corners(device, case_args):
+    """alpha's resampling inside the fine kernels follows F.interpolate with align_corners=True too."""
+    d, N, C, CG, CI, S, k, Sg = case_args
+    case = make_case(d, N, C, CG, CI, S, k, Sg, device=device)
+    assert_close_to_reference(case, torch.float32, True, align_corners=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,8 @@ Coarse side (theta's grid ``Sc = S // k``), one program per ``BLOCK_P`` coarse p
 Fine side (x's grid), one program per ``BLOCK_S`` positions; ``u = W0 x`` (W0: W's conv without bias):
     ``_fine_stats``   per-block mean and M2 of ``alpha * u`` (batch-norm statistics)
     ``_stats_combine`` their combination (float64): the batch mean and variance
-    ``_fine_out``     out = alpha * (x @ W0^T) * scale + shift  (bias and norm folded per channel)
+    ``_fine_out``     out = alpha * (x @ W0^T) * scale + shift  (bias and norm folded per channel), and alpha
+The fine kernels resample alpha_c onto x's grid themselves (``_alpha_fine``, as ``F.interpolate``).
     ``_fine_bwd_sums`` per-block sums of dout and dout * zhat (norm gradients); ``_sum_blocks`` adds them up
     ``_fine_bwd``     dz, d alpha (fine), dx from the W path, dW0 and db (atomics)
 The norm's per-channel maps (scale and shift forward, the coefficients backward) are computed
@@ -151,12 +152,45 @@ def _coarse_bwd(
 
 
 @triton.jit
+def _linear_src(dst, IN, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
+    """``F.interpolate``'s linear source along one axis for output indices ``dst``: the two input
+    indices and the weight of the second (``scale``: input / output size, or (input - 1) /
+    (output - 1) with ``align_corners``)."""
+    d = dst.to(ACC)
+    if ALIGN:
+        src = d * scale
+    else:
+        src = tl.maximum((d + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), IN - 1)
+    lam = tl.minimum(tl.maximum(src - i0.to(ACC), 0.0), 1.0)
+    return i0, tl.minimum(i0 + 1, IN - 1), lam
+
+
+@triton.jit
+def _alpha_fine(ac_ptr, n, s, smask, H, W, DC, HC, WC, sd, sh, sw, ALIGN: tl.constexpr, ACC: tl.constexpr):
+    """alpha on x's grid at flat positions ``s``: alpha_c (``Tensor[N, 1, DC, HC, WC]``, contiguous)
+    resampled (tri)linearly as ``F.interpolate`` does (1D and 2D: unit leading axes)."""
+    d0, d1, ld = _linear_src(s // (W * H), DC, sd, ALIGN, ACC)
+    h0, h1, lh = _linear_src((s // W) % H, HC, sh, ALIGN, ACC)
+    w0, w1, lw = _linear_src(s % W, WC, sw, ALIGN, ACC)
+    base = ac_ptr + n * DC * HC * WC
+    r0, r1 = d0 * HC, d1 * HC
+    a00 = (1.0 - lw) * tl.load(base + (r0 + h0) * WC + w0, mask=smask, other=0.0).to(ACC) + lw * tl.load(base + (r0 + h0) * WC + w1, mask=smask, other=0.0).to(ACC)
+    a01 = (1.0 - lw) * tl.load(base + (r0 + h1) * WC + w0, mask=smask, other=0.0).to(ACC) + lw * tl.load(base + (r0 + h1) * WC + w1, mask=smask, other=0.0).to(ACC)
+    a10 = (1.0 - lw) * tl.load(base + (r1 + h0) * WC + w0, mask=smask, other=0.0).to(ACC) + lw * tl.load(base + (r1 + h0) * WC + w1, mask=smask, other=0.0).to(ACC)
+    a11 = (1.0 - lw) * tl.load(base + (r1 + h1) * WC + w0, mask=smask, other=0.0).to(ACC) + lw * tl.load(base + (r1 + h1) * WC + w1, mask=smask, other=0.0).to(ACC)
+    return (1.0 - ld) * ((1.0 - lh) * a00 + lh * a01) + ld * ((1.0 - lh) * a10 + lh * a11)
+
+
+@triton.jit
 def _fine_tile(
-    x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, ac_ptr, w0_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """This program's block of x's grid: batch index, positions, channels, their masks, the x tile
-    Tensor[BLOCK_S, BLOCK_C], u = x @ W0^T (x itself without W) and alpha Tensor[BLOCK_S]."""
+    Tensor[BLOCK_S, BLOCK_C], u = x @ W0^T (x itself without W) and alpha Tensor[BLOCK_S]
+    (resampled here from alpha_c)."""
     n = tl.program_id(1).to(tl.int64)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = s < S
@@ -168,16 +202,18 @@ def _fine_tile(
         u = tl.dot(xt, w0t, input_precision=PREC)
     else:
         u = xt
-    a = tl.load(af_ptr + n * S + s, mask=smask, other=0.0)
+    a = _alpha_fine(ac_ptr, n, s, smask, H, W, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
     return n, s, smask, c, cmask, xt, u, a
 
 
 @triton.jit
 def _fine_stats(
-    x_ptr, af_ptr, w0_ptr, mean_ptr, m2_ptr, cnt_ptr, C, S, sxn, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, ac_ptr, w0_ptr, mean_ptr, m2_ptr, cnt_ptr, C, S, sxn, sxc, sxs, H, W, DC, HC, WC, sd, sh, sw,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(
+        x_ptr, ac_ptr, w0_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, ALIGN, PREC, ACC
+    )
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     z = a[:, None] * u
     cnt = tl.sum(smask.to(ACC), axis=0)
@@ -238,13 +274,18 @@ def _sum_blocks(a_ptr, b_ptr, sa_ptr, sb_ptr, NB, C, BLOCK_B: tl.constexpr, BLOC
 
 @triton.jit
 def _fine_out(
-    x_ptr, af_ptr, w0_ptr, wb_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, out_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
+    x_ptr, ac_ptr, w0_ptr, wb_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, out_ptr, alpha_ptr,
+    C, S, sxn, sxc, sxs, son, soc, sos, H, W, DC, HC, WC, sd, sh, sw,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr, ALIGN: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """out = alpha * u * scale + shift, W's bias and norm folded per channel here:
-    scale = gamma / sqrt(var + eps), shift = (b - mean) * scale + beta (mean: of alpha u + b)."""
-    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
+    scale = gamma / sqrt(var + eps), shift = (b - mean) * scale + beta (mean: of alpha u + b);
+    and alpha on x's grid, an output too."""
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(
+        x_ptr, ac_ptr, w0_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, ALIGN, PREC, ACC
+    )
+    tl.store(alpha_ptr + n * S + s, a.to(alpha_ptr.dtype.element_ty), mask=smask)
     out = a[:, None] * u
     if HAS_W:
         shift = tl.load(wb_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -291,11 +332,14 @@ def _norm_coefs(
 
 @triton.jit
 def _fine_bwd_sums(
-    x_ptr, af_ptr, w0_ptr, do_ptr, wb_ptr, mean_ptr, var_ptr, eps, sdo_ptr, sdoz_ptr, C, S, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    x_ptr, ac_ptr, w0_ptr, do_ptr, wb_ptr, mean_ptr, var_ptr, eps, sdo_ptr, sdoz_ptr,
+    C, S, sxn, sxc, sxs, son, soc, sos, H, W, DC, HC, WC, sd, sh, sw,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per-block sums of dout and dout * zhat, zhat = alpha * u * r + h."""
-    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, True, PREC, ACC)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(
+        x_ptr, ac_ptr, w0_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs, BLOCK_S, BLOCK_C, True, ALIGN, PREC, ACC
+    )
     blk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     m2 = smask[:, None] & cmask[None, :]
     r, h, _, _, _ = _norm_coefs(wb_ptr, var_ptr, mean_ptr, var_ptr, var_ptr, var_ptr, eps, 0.0, c, cmask, True, False, ACC)
@@ -307,14 +351,16 @@ def _fine_bwd_sums(
 
 @triton.jit
 def _fine_bwd(
-    x_ptr, af_ptr, w0_ptr, do_ptr, dalpha_ptr, wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n,
-    dx_ptr, daf_ptr, dw0_ptr, db_ptr, C, S, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
+    x_ptr, ac_ptr, w0_ptr, do_ptr, dalpha_ptr, wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n,
+    dx_ptr, daf_ptr, dw0_ptr, db_ptr, C, S, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds, H, W, DC, HC, WC, sd, sh, sw,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
-    BATCH_STATS: tl.constexpr, HAS_DALPHA: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_DALPHA: tl.constexpr, ALIGN: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """dz = A dout + B + E zhat (zhat = alpha u r + h, see ``_norm_coefs``); then
     d alpha = sum_c dz u (+ the alpha output's gradient), dx = alpha W0^T dz, dW0 += dz^T (alpha x), db += sum dz."""
-    n, s, smask, c, cmask, xt, u, a = _fine_tile(x_ptr, af_ptr, w0_ptr, C, S, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, PREC, ACC)
+    n, s, smask, c, cmask, xt, u, a = _fine_tile(
+        x_ptr, ac_ptr, w0_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs, BLOCK_S, BLOCK_C, HAS_W, ALIGN, PREC, ACC
+    )
     m2 = smask[:, None] & cmask[None, :]
     r, h, A, B, E = _norm_coefs(
         wb_ptr, gamma_ptr, mean_ptr, var_ptr, dbeta_ptr, dgamma_ptr, eps, inv_n, c, cmask, HAS_NORM, BATCH_STATS, ACC

@@ -2,15 +2,15 @@
 
 Forward (``gate_forward``):
   1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
-  2. alpha_c resampled onto x's grid (``F.interpolate``; alpha on x's grid is an output anyway).
+  2. The fine kernels resample alpha_c onto x's grid themselves, as ``F.interpolate`` does.
   3. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64):
      the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
   4. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
-     per-channel affine map (reads x, writes out).
+     per-channel affine map (reads x, writes out and alpha).
 Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
   1. batch norm only: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_blocks``: the norm's gradient sums.
   2. ``_fine_bwd`` (reads x, dout; writes dx, d alpha on x's grid): W path and d alpha.
-  3. d alpha_c = adjoint of the resampling (``torch.func.vjp`` of ``F.interpolate``).
+  3. d alpha_c = adjoint of the resampling (aten's ``upsample_*_backward``).
   4. ``_coarse_bwd`` (reads x, g; adds the theta path into dx; writes dg).
 """
 
@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...functional import resample
 from . import kernels as K
 
 __all__ = ["gate_forward", "gate_backward"]
@@ -90,12 +89,22 @@ def _warps(C: int) -> int:
     return 4 if C <= 64 else 8
 
 
-def _fine_setup(x: Tensor):
-    """The grid (position blocks x batch) and compile-time constants of the fine-grid kernels."""
+def _fine_setup(x: Tensor, alpha_c: Tensor, align_corners: bool):
+    """The grid (position blocks x batch) of the fine-grid kernels, their compile-time constants,
+    and the geometry of alpha's resampling from theta's grid onto x's (sizes and per-axis scales
+    as ``F.interpolate`` computes them)."""
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     BS = _fine_blocks(C, S)
-    return (triton.cdiv(S, BS), N), dict(BLOCK_S=BS, BLOCK_C=_p2(C), PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
+    D, H, W = _as_3d(x.shape[2:])
+    DC, HC, WC = _as_3d(alpha_c.shape[2:])
+
+    def scale(i: int, o: int) -> float:
+        return ((i - 1) / (o - 1) if o > 1 else 0.0) if align_corners else i / o
+
+    geometry = dict(H=H, W=W, DC=DC, HC=HC, WC=WC, sd=scale(DC, D), sh=scale(HC, H), sw=scale(WC, W))
+    meta = dict(BLOCK_S=BS, BLOCK_C=_p2(C), ALIGN=align_corners, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
+    return (triton.cdiv(S, BS), N), {**geometry, **meta}
 
 
 def _coarse_setup(x: Tensor, g: Tensor, theta_w: Tensor, psi_w: Tensor, softplus: bool):
@@ -147,12 +156,9 @@ def gate_forward(
     S = math.prod(x.shape[2:])
     f32 = acc_dtype(x)
     ac = coarse_alpha(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, softplus)
-    af = resample(ac, x.shape[2:], align_corners).contiguous()
-    if af is ac:  # factor 1 on every axis: alpha is an output of its own, not an alias of alpha_c
-        af = ac.clone()
     has_w, has_norm = W_w is not None, gamma is not None
     w0, wb, gamma, beta = _weights(W_w, W_b, gamma, beta)
-    grid, common = _fine_setup(x)
+    grid, common = _fine_setup(x, ac, align_corners)
     # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
     mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
     if has_norm and use_batch_stats:
@@ -160,19 +166,27 @@ def gate_forward(
         mean_b = torch.empty((nb, C), device=x.device, dtype=f32)
         m2_b = torch.empty_like(mean_b)
         cnt_b = torch.empty(nb, device=x.device, dtype=f32)
-        K._fine_stats[grid](x, af, w0, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
+        K._fine_stats[grid](x, ac, w0, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
         mean, var = torch.empty(C, device=x.device, dtype=f32), torch.empty(C, device=x.device, dtype=f32)
         rgrid, rmeta = _reduce_setup(C, nb)
         K._stats_combine[rgrid](mean_b, m2_b, cnt_b, wb, mean, var, nb, C, **rmeta)  # mean of alpha * W0 x + b
     norm_stats = (mean, var) if use_batch_stats else _weights(mean_in, var_in)
     out = torch.empty_like(x)
-    absent = af  # a placeholder pointer for tensors the kernel does not read
+    alpha = torch.empty((N, 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
+    absent = ac  # a placeholder pointer for tensors the kernel does not read
     K._fine_out[grid](
-        x, af, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
-        beta if has_norm else absent, *(t if has_norm else absent for t in norm_stats), float(eps), out,
+        x, ac, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
+        beta if has_norm else absent, *(t if has_norm else absent for t in norm_stats), float(eps), out, alpha,
         C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, HAS_NORM=has_norm, **common,
     )  # fmt: skip
-    return out, af.to(x.dtype), ac, mean, var
+    return out, alpha, ac, mean, var
+
+
+_UPSAMPLE_BACKWARD = {
+    1: lambda g, out, inp, ac: torch.ops.aten.upsample_linear1d_backward(g, out, inp, ac, None),
+    2: lambda g, out, inp, ac: torch.ops.aten.upsample_bilinear2d_backward(g, out, inp, ac, None, None),
+    3: lambda g, out, inp, ac: torch.ops.aten.upsample_trilinear3d_backward(g, out, inp, ac, None, None, None),
+}
 
 
 def gate_backward(
@@ -188,10 +202,9 @@ def gate_backward(
     S = math.prod(x.shape[2:])
     dev, f32 = x.device, acc_dtype(x)
     dout = flat_strides(dout)
-    af = resample(alpha_c, x.shape[2:], align_corners).contiguous()
     has_w = W_w is not None
-    w0 = _weights(W_w)[0] if has_w else af  # af: a placeholder pointer where W is absent
-    grid, common = _fine_setup(x)
+    w0 = _weights(W_w)[0] if has_w else alpha_c  # alpha_c: a placeholder pointer where W is absent
+    grid, common = _fine_setup(x, alpha_c, align_corners)
     def empty() -> Tensor:  # a distinct tensor each time: custom-op outputs may not alias
         return x.new_empty(0, dtype=f32)
 
@@ -203,7 +216,7 @@ def gate_backward(
         s_do = torch.empty((nb, C), device=dev, dtype=f32)
         s_doz = torch.empty_like(s_do)
         K._fine_bwd_sums[grid](
-            x, af, w0, dout, wb, mean, var, float(eps), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
+            x, alpha_c, w0, dout, wb, mean, var, float(eps), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
         )  # fmt: skip
         dbeta, dgamma = torch.empty(C, device=dev, dtype=f32), torch.empty(C, device=dev, dtype=f32)
         rgrid, rmeta = _reduce_setup(C, nb)
@@ -213,10 +226,11 @@ def gate_backward(
     dW_w = torch.zeros((C, C), device=dev, dtype=f32) if has_w else empty()
     dW_b = torch.zeros(C, device=dev, dtype=f32) if has_w else empty()
     has_dalpha = dalpha is not None
-    dal = dalpha.contiguous() if has_dalpha else af
-    norm_args = (wb, gamma, mean, var, dbeta, dgamma) if has_norm else (af,) * 6  # af: placeholder pointers
+    absent = alpha_c  # a placeholder pointer for tensors the kernel does not read
+    dal = dalpha.contiguous() if has_dalpha else absent
+    norm_args = (wb, gamma, mean, var, dbeta, dgamma) if has_norm else (absent,) * 6
     K._fine_bwd[grid](
-        x, af, w0, dout, dal, *norm_args, float(eps), 1.0 / (N * S), dx, daf, dW_w if has_w else af, dW_b if has_w else af,
+        x, alpha_c, w0, dout, dal, *norm_args, float(eps), 1.0 / (N * S), dx, daf, dW_w if has_w else absent, dW_b if has_w else absent,
         C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and use_batch_stats,
         HAS_DALPHA=has_dalpha, **common,
     )  # fmt: skip
@@ -226,8 +240,7 @@ def gate_backward(
     if tuple(alpha_c.shape[2:]) == tuple(x.shape[2:]):
         dac = daf
     else:
-        _, vjp = torch.func.vjp(lambda a: resample(a, x.shape[2:], align_corners), alpha_c)
-        dac = vjp(daf)[0].contiguous()
+        dac = _UPSAMPLE_BACKWARD[x.dim() - 2](daf, list(x.shape[2:]), list(alpha_c.shape), align_corners).contiguous()
     grid, sizes, meta = _coarse_setup(x, g, theta_w, psi_w, softplus)
     weights = _weights(theta_w, phi_w, phi_b, psi_w)
     dtheta = torch.zeros(theta_w.shape, device=dev, dtype=f32)  # weight gradients in the weights' layouts
