@@ -225,6 +225,13 @@ def _fine_stats(
 
 
 @triton.jit
+def _rows(ptr, b0, NB, c, cmask, C, BLOCK_B: tl.constexpr):
+    """Rows ``b0 .. b0 + BLOCK_B`` and columns ``c`` of a ``[NB, C]`` array, in float64 (0 outside)."""
+    b = b0 + tl.arange(0, BLOCK_B)
+    return tl.load(ptr + b[:, None] * C + c[None, :], mask=(b < NB)[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+
+
+@triton.jit
 def _stats_combine(
     mean_b_ptr, m2_b_ptr, cnt_b_ptr, wb_ptr, mean_ptr, var_ptr, NB, C,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -236,21 +243,15 @@ def _stats_combine(
     n = tl.zeros([BLOCK_C], dtype=tl.float64)
     total = tl.zeros([BLOCK_C], dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        bmask = b < NB
-        cnt = tl.load(cnt_b_ptr + b, mask=bmask, other=0.0).to(tl.float64)
-        mb = tl.load(mean_b_ptr + b[:, None] * C + c[None, :], mask=bmask[:, None] & cmask[None, :], other=0.0).to(tl.float64)
+        cnt = _rows(cnt_b_ptr, b0, NB, c * 0, c >= 0, 1, BLOCK_B)  # the block's count in every column
         n += tl.sum(cnt, axis=0)
-        total += tl.sum(cnt[:, None] * mb, axis=0)
+        total += tl.sum(cnt * _rows(mean_b_ptr, b0, NB, c, cmask, C, BLOCK_B), axis=0)
     mean = total / n
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        bmask = b < NB
-        m = bmask[:, None] & cmask[None, :]
-        cnt = tl.load(cnt_b_ptr + b, mask=bmask, other=0.0).to(tl.float64)
-        dev = tl.load(mean_b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64) - mean[None, :]
-        m2 += tl.sum(tl.load(m2_b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64) + cnt[:, None] * dev * dev, axis=0)
+        cnt = _rows(cnt_b_ptr, b0, NB, c * 0, c >= 0, 1, BLOCK_B)
+        dev = _rows(mean_b_ptr, b0, NB, c, cmask, C, BLOCK_B) - mean[None, :]
+        m2 += tl.sum(_rows(m2_b_ptr, b0, NB, c, cmask, C, BLOCK_B) + cnt * dev * dev, axis=0)
     wb = tl.load(wb_ptr + c, mask=cmask, other=0.0).to(tl.float64)
     tl.store(mean_ptr + c, (mean + wb).to(mean_ptr.dtype.element_ty), mask=cmask)
     tl.store(var_ptr + c, (m2 / n).to(var_ptr.dtype.element_ty), mask=cmask)
@@ -264,10 +265,8 @@ def _sum_blocks(a_ptr, b_ptr, sa_ptr, sb_ptr, NB, C, BLOCK_B: tl.constexpr, BLOC
     sa = tl.zeros([BLOCK_C], dtype=tl.float64)
     sb = tl.zeros([BLOCK_C], dtype=tl.float64)
     for b0 in range(0, NB, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        m = (b < NB)[:, None] & cmask[None, :]
-        sa += tl.sum(tl.load(a_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64), axis=0)
-        sb += tl.sum(tl.load(b_ptr + b[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float64), axis=0)
+        sa += tl.sum(_rows(a_ptr, b0, NB, c, cmask, C, BLOCK_B), axis=0)
+        sb += tl.sum(_rows(b_ptr, b0, NB, c, cmask, C, BLOCK_B), axis=0)
     tl.store(sa_ptr + c, sa.to(sa_ptr.dtype.element_ty), mask=cmask)
     tl.store(sb_ptr + c, sb.to(sb_ptr.dtype.element_ty), mask=cmask)
 
