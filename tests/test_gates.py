@@ -326,7 +326,9 @@ def _unfolded(block, x, g):
             ], {"norm": "none"}  # fmt: skip
         else:
             args, kw = functional_args(gate), {}
-        out, alpha = grid_attention_reference(x, g, *args, **kw)
+        out, alpha = grid_attention_reference(
+            x, g, *args, **kw, sigma1=gate.sigma1, sigma2=gate.sigma2, align_corners=gate.align_corners
+        )
         outs.append(out)
         alphas.append(alpha)
     return block.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
@@ -408,3 +410,25 @@ def test_multi_gate_folded_path_checks_its_inputs():
         block(x, g[:, :5])
     with torch.no_grad(), pytest.raises(ValueError, match="spatial"):
         block(x[0], g)
+
+
+@pytest.mark.parametrize(
+    "kwargs, g_size",
+    [
+        ({"sigma1": "softplus"}, (4, 5, 3)),
+        ({"subsample_factor": (2, 2, 1)}, (4, 5, 6)),
+        ({"align_corners": True}, (3, 4, 2)),  # g on another grid than theta's: phi(g) resampled
+        ({"heads": 3, "inter_channels": 5}, (4, 5, 3)),
+    ],
+    ids=["softplus", "factor221", "align_corners-g-resized", "3heads-Fint5"],
+)
+def test_multi_gate_folded_inference_variants(kwargs, g_size):
+    block = randomise(MultiAttentionGate(3, 8, 12, **{"inter_channels": 6, **kwargs})).eval()
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 8, 9, 10, 6, generator=gen), torch.randn(2, 12, *g_size, generator=gen)
+    with torch.no_grad():
+        assert block._folded(x, g) is not None
+        out, alpha = block(x, g)
+        truth = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())
+    assert (out.double() - truth[0]).abs().max().item() <= 1e-5 * truth[0].abs().max().item()
+    assert (alpha.double() - truth[1]).abs().max().item() <= 1e-6
