@@ -450,7 +450,7 @@ def test_cpu_inference_runs_channels_last_and_leaves_the_model_as_it_was(tiny_ru
 
     cfg, out, _ = tiny_run
     model = model_from_checkpoint(out / "checkpoint.pt")
-    conv = next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1)
+    conv = next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1)
     image = pdata.eval_transforms(cfg)(dict(tiny_cases[0]))["image"]
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
@@ -472,3 +472,15 @@ def test_cpu_inference_runs_channels_last_and_leaves_the_model_as_it_was(tiny_ru
     model.to(memory_format=torch.channels_last_3d)
     infer(model, image, cfg, "cpu")
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()  # stays as it was
+
+
+def test_cpu_training_runs_channels_last(tiny_run):
+    """On the CPU the model trains channels-last (oneDNN's fast layout): the checkpoint's 3D conv
+    weights keep that layout, and a contiguous model loads them."""
+    cfg, out, _ = tiny_run
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    convs = [v for v in ckpt["model"].values() if v.dim() == 5 and v.shape[1] > 1 and v.shape[2:].numel() > 1]  # layouts differ
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last_3d) and not v.is_contiguous() for v in convs)
+    model = model_from_checkpoint(out / "checkpoint.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["model"][k]), k

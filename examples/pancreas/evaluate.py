@@ -61,7 +61,7 @@ def cpu_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory_
     oneDNN's 3D convolutions work on ``NDHWC`` without reordering: 1.1-1.3x faster inference
     on 2 cores (``docs/source/cpu_guide.rst``). A model that is already channels-last stays so.
     """
-    first = next((p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1), None)  # a layout tells
+    first = next((p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1), None)  # layouts differ
     if device.type != "cpu" or first is None:
         yield torch.contiguous_format
         return
