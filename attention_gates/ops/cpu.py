@@ -118,8 +118,11 @@ def conv(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, pad
     """
     d = t.dim() - 2
     if d in (2, 3) and onednn_applies(t) and weight.dtype == torch.float32:
-        as_list = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * d  # noqa: E731
-        return torch.ops.aten.mkldnn_convolution(t, weight, bias, as_list(padding), as_list(stride), as_list(dilation), groups)
+
+        def per_axis(v) -> list[int]:
+            return list(v) if isinstance(v, (tuple, list)) else [v] * d
+
+        return torch.ops.aten.mkldnn_convolution(t, weight, bias, per_axis(padding), per_axis(stride), per_axis(dilation), groups)
     return _CONV[d - 1](t, weight, bias, stride, padding, dilation, groups)
 
 
