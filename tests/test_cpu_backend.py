@@ -357,3 +357,21 @@ def test_one_channels_last_sample_keeps_x_strides(training):
     x, g = x.contiguous(memory_format=torch.channels_last_3d), g.contiguous(memory_format=torch.channels_last_3d)
     out, alpha = grid_attention_cpu(x, g, **params, **stats, training=training)
     assert out.stride() == x.stride() == (8**4, 1, 8 * 8 * 8, 8 * 8, 8)
+
+
+def test_one_channels_last_sample_backward_stays_in_layout():
+    """Training with a single channels-last sample: the backward's products over x read its
+    tensors in place. (A view back from a flattened gradient once gave oneDNN another batch
+    stride; it then reordered the gradient to NCDHW and every later x-sized op mixed layouts.)"""
+    from torch.profiler import profile
+
+    x, g, params, stats = make_case(3, n=1, c=8, c_g=12, c_int=4, size=(8, 8, 8), dtype=torch.float32)
+    fmt = torch.channels_last_3d
+    x, g = x.contiguous(memory_format=fmt).requires_grad_(), g.contiguous(memory_format=fmt)
+    out, _ = grid_attention_cpu(x, g, **params, **stats, training=True)
+    dout = torch.randn_like(out)
+    with profile(record_shapes=True) as prof:
+        out.backward(dout)
+    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_" and list(x.shape) in e.input_shapes]
+    assert not copies, [(e.key, e.input_shapes) for e in copies]
+    assert x.grad.stride() == x.stride()

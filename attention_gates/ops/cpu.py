@@ -256,23 +256,26 @@ class _GridAttentionCPU(torch.autograd.Function):
             alpha = resample(_attention(*leaves, cfg), x.shape[2:], cfg.align_corners)
         xs = x.detach().to(dtype)
         a, X = alpha.detach().flatten(2), xs.flatten(2)
-        dy = _dense(d_out.to(dtype), xs).flatten(2)
+        dy5 = _dense(d_out.to(dtype), xs)  # x's layout; its [N, C, S] view for the products
+        dy = dy5.flatten(2)
         grads: list[Optional[Tensor]] = [None] * 11
         if W_w is None:
             h = dy  # d(alpha x)
         else:
-            h, w_grads = _output_backward(dy, X, a, xs.shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            h, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
             grads[7:11] = w_grads
         if wanted:
             d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
             coarse_grads = dict(zip(wanted, torch.autograd.grad(alpha, [leaves[i] for i in wanted], d_alpha)))
             grads[1], grads[3:7] = coarse_grads.get(1), [coarse_grads.get(i) for i in range(2, 6)]
             if needs[0]:
-                grads[0] = h.view(x.shape) * alpha.detach()  # through alpha * x
+                grads[0] = torch.mul(h.view(x.shape), alpha.detach(), out=torch.empty_like(xs))  # through alpha * x, in x's strides
             if needs_t:
                 grads[2] = _theta_backward(coarse_grads[0], xs, theta_w.to(dtype), grads[0], needs[2])
         inputs = (x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b)
-        grads = [None if gr is None else gr.to(inp.dtype).view(inp.shape) for gr, inp in zip(grads, inputs)]
+        # view only where the shape differs: a same-shape view of one channels-last sample changes its batch stride
+        grads = [None if gr is None else gr.to(inp.dtype) if gr.shape == inp.shape else gr.to(inp.dtype).view(inp.shape)
+                 for gr, inp in zip(grads, inputs)]  # fmt: skip
         return (*grads, None, None, None)
 
 
@@ -286,7 +289,7 @@ def _output_params(W_w, W_b, norm_w, norm_b, dtype):
     return W0, b, gamma, beta
 
 
-def _output_backward(dy, X, a, shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
+def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
     """Gradients through ``out = norm(alpha * (W0 x) + b)``, from ``C x C`` products.
 
     Let ``ax = alpha * x`` and ``dv`` be the gradient at the norm's input; per channel
@@ -297,9 +300,12 @@ def _output_backward(dy, X, a, shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, c
         dW0 = sum dv ax^T = k1 P + k2 W0 Q,             P = sum dy axc^T, Q = sum axc axc^T
         h   = W0^T dv     = (W0^T k1) dy + (W0^T k2 W0) axc + W0^T k3
 
-    ``dy``, ``X`` and ``a`` are ``Tensor[N, C, S]`` views of tensors of ``shape``. Returns
+    ``dy5`` is the output's gradient in ``x``'s layout, ``Tensor[N, C, *S]`` (the 1x1 products
+    take it whole: a view back from its flattened form may carry another batch stride, which
+    oneDNN reads as another layout); ``X`` and ``a`` are ``Tensor[N, C, S]`` views. Returns
     ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
     """
+    dy = dy5.flatten(2)
     W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
     n = X.shape[0] * X.shape[2]
     d_beta = dy.sum((0, 2))
@@ -314,7 +320,7 @@ def _output_backward(dy, X, a, shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, c
         k3 = -k1 * d_beta / n
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
-        h = _conv1x1(dy.view(shape), (W0 * k1[:, None]).t(), None).flatten(2)
+        h = _conv1x1(dy5, (W0 * k1[:, None]).t(), None).flatten(2)
         _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
         h += (W0.t() @ k3)[:, None]
     else:
@@ -326,7 +332,7 @@ def _output_backward(dy, X, a, shape, W_w, W_b, norm_w, norm_b, rm, rv, stats, c
             d_gamma = inv * ((W0 * P).sum(1) + (b - rm.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
-        h = _conv1x1(dy.view(shape), (W0 * k1[..., None]).t(), None).flatten(2)
+        h = _conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
     return h, [
         d_W0 if needs[7] else None,
         d_b if needs[8] and W_b is not None else None,
