@@ -61,6 +61,7 @@ def gate_bench(backends: list[str], warmup: int, repeats: int, x_shape=X_SHAPE, 
     cases = {(lay, name): GateCase(name, 2, x_shape, g_shape, cpu, channels_last=cl) for lay, cl in LAYOUTS.items() for name in backends}
     out: dict = {lay: {} for lay in LAYOUTS}
     for mode in ("eval", "train"):
+        _progress(f"gate {list(x_shape)}: timing {mode}, {len(cases)} variants x {repeats} rounds")
         fns = {f"{lay}/{n}": c.fn(mode) for (lay, n), c in cases.items()}
         times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=cpu)
         for (lay, n) in cases:
@@ -112,6 +113,11 @@ def _nets(size: int) -> dict[str, Callable[[], object]]:
     return fns
 
 
+def _progress(msg: str) -> None:
+    """A progress line on stderr (the table and the JSON path go to stdout)."""
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
 def model_bench(size: int, warmup: int, repeats: int) -> dict:
     times = common.time_interleaved(_nets(size), warmup=warmup, repeats=repeats, device=torch.device("cpu"))
     return {name: common.summarize(t) for name, t in times.items()}
@@ -120,8 +126,9 @@ def model_bench(size: int, warmup: int, repeats: int) -> dict:
 def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> dict:
     """The model benchmark in a subprocess per allocator setting, alternating, ``rounds`` each: time and peak RSS."""
     runs: dict[str, list[dict]] = {"default": [], "no-mmap": []}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name in runs:
+            _progress(f"allocator {name}: model benchmark in a subprocess, round {r + 1} of {rounds}")
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             if name == "no-mmap":
                 env.update(ALLOC_ENV)
@@ -212,6 +219,7 @@ def main(argv=None) -> Optional[dict]:
     gate["floor_s"] = gate["floor_bytes"] / (bw["GBps"] * 1e9)
     gate["flop_floor_s"] = gate["eval_flops"] / (gemm["GFLOPps"] * 1e9)
     result["gate_level2"] = gate
+    _progress(f"models at {args.size}^3: timing 6 variants x {max(args.repeats // 3, 3)} rounds")
     result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3))
     if not args.skip_alloc:
         result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3), rounds=1 if args.quick else 2)
