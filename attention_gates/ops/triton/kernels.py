@@ -42,6 +42,29 @@ def _sigma1_grad(t, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _coarse_ids(
+    C, CG, CI, SC, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    """This program's batch index and block of coarse positions, the channel ranges of x, g and
+    theta's output, and their masks."""
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    cg = tl.arange(0, BLOCK_CG)
+    ci = tl.arange(0, BLOCK_CI)
+    return n, p, p < SC, c, c < C, cg, cg < CG, ci, ci < CI
+
+
+@triton.jit
+def _patch_pos(p, o, H, W, HC, WC, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """x's flat position of offset ``o`` (of the ``KD x KH x KW`` subsample patch) of coarse positions ``p``."""
+    wc = p % WC
+    hc = (p // WC) % HC
+    dc = p // (WC * HC)
+    return ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
+
+
+@triton.jit
 def _coarse_pre(
     x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, cmask, cg, cgmask, ci, cimask,
     C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs,
@@ -49,15 +72,12 @@ def _coarse_pre(
     PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """theta(x) + phi(g) on BLOCK_P coarse positions: Tensor[BLOCK_P, BLOCK_CI], and the g tile."""
-    wc = p % WC
-    hc = (p // WC) % HC
-    dc = p // (WC * HC)
     K: tl.constexpr = KD * KH * KW
     acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=ACC)
     xmask = pmask[:, None] & cmask[None, :]
     wmask = cmask[:, None] & cimask[None, :]
     for o in tl.static_range(K):
-        s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
+        s = _patch_pos(p, o, H, W, HC, WC, KD, KH, KW)
         xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
         wo = tl.load(wt_ptr + ci[None, :] * (C * K) + c[:, None] * K + o, mask=wmask, other=0.0).to(ACC)
         acc += tl.dot(xo, wo, input_precision=PREC)
@@ -75,15 +95,9 @@ def _coarse_fwd(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < SC
-    c = tl.arange(0, BLOCK_C)
-    cg = tl.arange(0, BLOCK_CG)
-    ci = tl.arange(0, BLOCK_CI)
-    cimask = ci < CI
+    n, p, pmask, c, cmask, cg, cgmask, ci, cimask = _coarse_ids(C, CG, CI, SC, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI)
     pre, gt = _coarse_pre(
-        x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, c < C, cg, cg < CG, ci, cimask,
+        x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, cmask, cg, cgmask, ci, cimask,
         C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC, ACC,
     )
     f = _sigma1(pre, SOFTPLUS)
@@ -101,15 +115,7 @@ def _coarse_bwd(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr, SOFTPLUS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < SC
-    c = tl.arange(0, BLOCK_C)
-    cmask = c < C
-    cg = tl.arange(0, BLOCK_CG)
-    cgmask = cg < CG
-    ci = tl.arange(0, BLOCK_CI)
-    cimask = ci < CI
+    n, p, pmask, c, cmask, cg, cgmask, ci, cimask = _coarse_ids(C, CG, CI, SC, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI)
     pre, gt = _coarse_pre(
         x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, c, cmask, cg, cgmask, ci, cimask,
         C, CG, CI, H, W, HC, WC, sxn, sxc, sxs, sgn, sgc, sgs, KD, KH, KW, BLOCK_P, BLOCK_CI, PREC, ACC,
@@ -133,13 +139,10 @@ def _coarse_bwd(
         tl.dot(df, wpt, input_precision=PREC).to(dg_ptr.dtype.element_ty),
         mask=pmask[:, None] & cgmask[None, :],
     )
-    wc = p % WC
-    hc = (p // WC) % HC
-    dc = p // (WC * HC)
     K: tl.constexpr = KD * KH * KW
     xmask = pmask[:, None] & cmask[None, :]
     for o in tl.static_range(K):
-        s = ((dc * KD + o // (KH * KW)) * H + (hc * KH + (o // KW) % KH)) * W + (wc * KW + o % KW)
+        s = _patch_pos(p, o, H, W, HC, WC, KD, KH, KW)
         xo = tl.load(x_ptr + n * sxn + s[:, None] * sxs + c[None, :] * sxc, mask=xmask, other=0.0).to(ACC)
         tl.atomic_add(
             dwt_ptr + ci[None, :] * (C * K) + c[:, None] * K + o, tl.dot(tl.trans(xo), df, input_precision=PREC),
