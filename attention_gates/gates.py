@@ -345,8 +345,8 @@ class MultiAttentionGate(nn.Module):
         """:meth:`folded_output_map` when this call takes
         :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu` (in evaluation mode, when the gates'
         calls would run on the ``cpu`` backend: ``"auto"`` takes it for float32 CPU inference), else ``None``."""
-        if self.training or not isinstance(x, Tensor) or x.dim() != self.gates[0].spatial_dims + 2:
-            return None
+        if self.training or not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != self.gates[0].spatial_dims + 2:
+            return None  # (not on the CPU: the gates' own calls check and dispatch, once)
         gate = self.gates[0]
         if gate.W is None or isinstance(gate.W[1], nn.SyncBatchNorm) or any(gt.backend != gate.backend for gt in self.gates):
             return None

@@ -40,6 +40,7 @@ from attention_gates import AttentionUNet, UNet, deep_supervision_weights
 from attention_gates.finetune import checkpoint_config, freeze_backbone
 
 from .config import Config
+from .evaluate import preferred_layout
 
 __all__ = [
     "CheckpointError",
@@ -434,9 +435,7 @@ def train(
 
     splits = split_cases(cfg, load_cases(cfg) if cases is None else cases)
     stream = PatchStream(splits["train"], data.train_transforms(cfg), cfg.seed, cfg.batch_size, cfg.num_samples, rank, world)
-    # on the CPU oneDNN's 3D convolutions run on NDHWC without reordering: a training step of the
-    # demo's models took 1.4-1.5x less time channels-last on 2 cores (docs/source/cpu_guide.rst)
-    layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    layout = preferred_layout(device)  # channels-last on the CPU
     model = build_model(cfg).to(device, memory_format=layout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
