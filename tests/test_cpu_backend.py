@@ -208,6 +208,51 @@ def test_float32_channels_last_takes_onednn(dims, training):
     assert calls.get("aten::mkldnn_convolution") == 7, calls
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dims,size,factor", [(3, (50, 36, 37), 2), (3, (49, 35, 33), (2, 3, 2)), (2, (45, 39), (3, 2))])
+def test_float32_channels_last_theta_backward(dims, size, factor):
+    """Training on channels-last float32 x: theta's input gradient comes from oneDNN's transposed
+    convolution (one sample, sizes large enough that torch's rule picks oneDNN), plus the gradient
+    through alpha * x, with sizes that the subsample factor does not divide (the voxels left over
+    get only the latter)."""
+    from torch.profiler import profile
+
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    x, g, params, stats = make_case(dims, n=1, c=12, c_g=12, c_int=8, size=size, factor=factor, dtype=torch.float32)
+    x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    got, _ = compare((x, g, params, stats), torch.float32, training=True, requires=["x", "theta_weight"])
+    assert got[2]["x"].stride() == x.stride()
+    with profile(record_shapes=True) as prof:  # only x needs a gradient: theta's weight gradient is not called
+        run(grid_attention_cpu, x, g, params, stats, training=True, requires=["x"])
+    on_x = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key == "aten::convolution_backward" and e.input_shapes[1] == list(x.shape)]  # fmt: skip
+    assert len(on_x) == 1 and on_x[0].count == 1
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@settings(max_examples=12, deadline=None)
+@given(
+    sizes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 19)), min_size=3, max_size=3),
+    channels=st.integers(1, 3),
+    align_corners=st.booleans(),
+)
+def test_resample_is_torch_interpolation(dims, sizes, channels, align_corners):
+    """The cpu backend's separable resampling (a product per axis) equals F.interpolate, up and
+    down, with its gradient."""
+    from attention_gates.functional import resample
+    from attention_gates.ops.cpu import _resample
+
+    n_in, n_out = zip(*sizes[:dims])
+    t = torch.randn(2, channels, *n_in, dtype=torch.float64, requires_grad=True)
+    got, want = _resample(t, n_out, align_corners), resample(t, n_out, align_corners)
+    assert got.shape == want.shape == (2, channels, *n_out)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad(got, t, w)
+    (g_want,) = torch.autograd.grad(want, t, w)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(dtype):
     """Half inputs: computed in float32, so the result is the float32 reference rounded once."""
