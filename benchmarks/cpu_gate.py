@@ -9,8 +9,9 @@ Run ``python -m benchmarks.cpu_gate`` (``--help`` for options). Measured, never 
   channels-last, all interleaved call by call, medians;
 * its byte floor: reading ``x`` and ``g`` once and writing ``out`` and ``alpha`` once, at the
   bandwidth of a large ``Tensor.copy_`` measured in the same run (target: eval within 3x of it);
-  and its FLOP floor: the eval forward's multiply-adds (``FlopCounterMode``) at the rate of a
-  1024^3 float32 matrix product measured in the same run;
+  and its FLOP floors: the multiply-adds (``FlopCounterMode``) of the eval forward and of the
+  reference's training forward + backward, at the rate of a 1024^3 float32 matrix product
+  measured in the same run;
 * the model: ``AttentionUNet3D`` with its gates on ``reference`` and on ``cpu``, and ``UNet3D``,
   eval inference of ``Tensor[1, 1, S, S, S]``, contiguous and channels-last, interleaved
   (target: AttentionUNet3D(cpu) / UNet3D <= 1.03);
@@ -73,6 +74,11 @@ def gate_bench(backends: list[str], warmup: int, repeats: int, x_shape=X_SHAPE, 
     with counter, torch.no_grad():
         case.gate.eval()(case.x.detach(), case.g.detach())
     out["eval_flops"] = counter.get_total_flops()  # theta, phi, psi and W as convolutions (multiply-add = 2)
+    reference = cases[("contiguous", "reference")]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        reference.train_step()
+    out["train_flops"] = counter.get_total_flops()  # the reference's forward and backward: its convolutions' data and weight gradients
     return out
 
 
@@ -218,6 +224,7 @@ def main(argv=None) -> Optional[dict]:
     gate = gate_bench(backends, args.warmup, args.repeats, *shapes)
     gate["floor_s"] = gate["floor_bytes"] / (bw["GBps"] * 1e9)
     gate["flop_floor_s"] = gate["eval_flops"] / (gemm["GFLOPps"] * 1e9)
+    gate["train_flop_floor_s"] = gate["train_flops"] / (gemm["GFLOPps"] * 1e9)
     result["gate_level2"] = gate
     _progress(f"models at {args.size}^3: timing 6 variants x {max(args.repeats // 3, 3)} rounds")
     result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3))
@@ -232,9 +239,10 @@ def main(argv=None) -> Optional[dict]:
             ref = gate[lay][mode]["reference"]["median"]
             for name in backends:
                 s = gate[lay][mode][name]
-                note = "-"
                 if mode == "eval":
                     note = f"{s['median'] / gate['floor_s']:.1f} x bytes, {s['median'] / gate['flop_floor_s']:.1f} x FLOPs"
+                else:
+                    note = f"{s['median'] / gate['train_flop_floor_s']:.1f} x FLOPs"
                 rows.append([f"gate L2 {mode}, {lay}", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
                              common.fmt_ratio(ref / s["median"]), note])  # fmt: skip
     for name, s in result["model"].items():
@@ -254,7 +262,8 @@ def main(argv=None) -> Optional[dict]:
           f"load average {result['load_average_before']} -> {result['load_average_after']}; "
           f"copy {bw['GBps']:.1f} GB/s, L2 eval byte floor {common.fmt_seconds(gate['floor_s'])} "
           f"({common.fmt_bytes(gate['floor_bytes'])}); {gemm['n']}^3 float32 matmul {gemm['GFLOPps']:.0f} GFLOP/s, "
-          f"L2 eval FLOP floor {common.fmt_seconds(gate['flop_floor_s'])} ({gate['eval_flops'] / 1e9:.2f} GFLOP); JSON: {path}")  # fmt: skip
+          f"L2 FLOP floors: eval {common.fmt_seconds(gate['flop_floor_s'])} ({gate['eval_flops'] / 1e9:.2f} GFLOP), "
+          f"train {common.fmt_seconds(gate['train_flop_floor_s'])} ({gate['train_flops'] / 1e9:.2f} GFLOP); JSON: {path}")  # fmt: skip
     print(common.format_table(headers, rows))
     print("\nOn this machine:")
     for line in result["advice"]:

@@ -191,6 +191,9 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     coarse, fine = 8**3, 16**3
     assert gate["eval_flops"] == 2 * (coarse * (8 * 64 + 8 * 16 + 8) + fine * 8 * 8)
     assert gate["flop_floor_s"] == pytest.approx(gate["eval_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
+    # training: every convolution again for its input's gradient (x and g need one) and its weight's
+    assert gate["train_flops"] == 3 * gate["eval_flops"]
+    assert gate["train_flop_floor_s"] == pytest.approx(gate["train_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
     assert {n.split(",")[0] for n in data["model"]} == {"UNet3D", "AttentionUNet3D[reference]", "AttentionUNet3D[cpu]"}
     assert len(data["model"]) == 6
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
