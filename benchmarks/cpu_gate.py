@@ -5,7 +5,8 @@ Run ``python -m benchmarks.cpu_gate`` (``--help`` for options). Measured, never 
 * the level-2 gate of the paper's model (``x: Tensor[1, 32, 48, 48, 48]``,
   ``g: Tensor[1, 64, 24, 24, 24]``, ``W`` = 1x1 conv + BatchNorm), eval forward under
   :func:`torch.inference_mode` and training forward + backward, for backends ``reference``,
-  ``cpu`` (and ``compile`` with ``--compile``), with ``x`` and ``g`` contiguous and
+  ``cpu``, ``cpu-torch`` (the same without its native kernel, when that is available; see
+  :mod:`attention_gates.ops.native`) and ``compile`` (with ``--compile``), with ``x`` and ``g`` contiguous and
   channels-last, all interleaved call by call, medians;
 * its byte floor: reading ``x`` and ``g`` once and writing ``out`` and ``alpha`` once, at the
   bandwidth of a large ``Tensor.copy_`` measured in the same run (target: eval within 3x of it);
@@ -41,6 +42,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from attention_gates.ops import native
+
 from . import common
 from .gates import GateCase, copy_bandwidth, tensor_bytes
 
@@ -52,6 +55,20 @@ ALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 LAYOUTS = {"contiguous": False, "channels_last": True}
 
 
+BACKEND_OF = {"cpu-torch": "cpu"}  # the cpu backend with its native kernel switched off
+
+
+def _variant(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+    if name != "cpu-torch":
+        return fn
+
+    def without_kernel() -> None:
+        with native.disabled():
+            fn()
+
+    return without_kernel
+
+
 def gate_bench(backends: list[str], warmup: int, repeats: int, x_shape=X_SHAPE, g_shape=G_SHAPE) -> dict:
     """Level-2 gate per layout, mode and backend: timing summaries, the byte floor and the FLOPs.
 
@@ -59,11 +76,12 @@ def gate_bench(backends: list[str], warmup: int, repeats: int, x_shape=X_SHAPE, 
     ratios are paired.
     """
     cpu = torch.device("cpu")
-    cases = {(lay, name): GateCase(name, 2, x_shape, g_shape, cpu, channels_last=cl) for lay, cl in LAYOUTS.items() for name in backends}
+    cases = {(lay, name): GateCase(BACKEND_OF.get(name, name), 2, x_shape, g_shape, cpu, channels_last=cl)
+             for lay, cl in LAYOUTS.items() for name in backends}  # fmt: skip
     out: dict = {lay: {} for lay in LAYOUTS}
     for mode in ("eval", "train"):
         _progress(f"gate {list(x_shape)}: timing {mode}, {len(cases)} variants x {repeats} rounds")
-        fns = {f"{lay}/{n}": c.fn(mode) for (lay, n), c in cases.items()}
+        fns = {f"{lay}/{n}": _variant(n, c.fn(mode)) for (lay, n), c in cases.items()}
         times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=cpu)
         for (lay, n) in cases:
             out[lay].setdefault(mode, {})[n] = common.summarize(times[f"{lay}/{n}"])
@@ -211,12 +229,13 @@ def main(argv=None) -> Optional[dict]:
 
     cpu = torch.device("cpu")
     result: dict = {"machine": common.machine_info(cpu), "load_average_before": common.load_average()}
+    result["native_kernel"] = {"available": native.available(), "unavailable_reason": native.unavailable_reason()}
     result["config"] = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                         "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size, "quick": args.quick}  # fmt: skip
     bw = copy_bandwidth(cpu, 2**25, args.warmup, max(args.repeats, 5))
     result["copy_bandwidth"] = bw
     result["gemm"] = gemm = gemm_rate(args.warmup, max(args.repeats, 5))
-    backends = ["reference", "cpu"] + (["compile"] if args.compile else [])
+    backends = ["reference", "cpu"] + (["cpu-torch"] if native.available() else []) + (["compile"] if args.compile else [])
     if args.compile:
         common.allow_recompiles()
     t0 = time.perf_counter()
@@ -258,7 +277,8 @@ def main(argv=None) -> Optional[dict]:
     result["advice"] = advice(result)
     path = Path(args.out) if args.out else OUT_DIR / time.strftime("%Y%m%d-%H%M%S.json")
     common.write_json(path, result)
-    print(f"threads {torch.get_num_threads()}, MALLOC_* {result['machine']['malloc_env'] or 'unset'}, "
+    kernel = "available" if native.available() else f"unavailable ({native.unavailable_reason()})"
+    print(f"threads {torch.get_num_threads()}, MALLOC_* {result['machine']['malloc_env'] or 'unset'}, cpu backend's native kernel {kernel}, "
           f"load average {result['load_average_before']} -> {result['load_average_after']}; "
           f"copy {bw['GBps']:.1f} GB/s, L2 eval byte floor {common.fmt_seconds(gate['floor_s'])} "
           f"({common.fmt_bytes(gate['floor_bytes'])}); {gemm['n']}^3 float32 matmul {gemm['GFLOPps']:.0f} GFLOP/s, "

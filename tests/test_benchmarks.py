@@ -182,10 +182,13 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     path = tmp_path / "cpu_gate.json"
     data = cpu_gate.main(["--quick", "--threads", "1", "--out", str(path)])
     assert json.loads(path.read_text())["config"]["quick"] is True
+    from attention_gates.ops import native
+
+    assert data["native_kernel"] == {"available": native.available(), "unavailable_reason": native.unavailable_reason()}
     gate = data["gate_level2"]
     for layout in cpu_gate.LAYOUTS:
         for mode in ("eval", "train"):
-            assert set(gate[layout][mode]) == {"reference", "cpu"}
+            assert set(gate[layout][mode]) == {"reference", "cpu"} | ({"cpu-torch"} if native.available() else set())
             assert all(s["n"] == 2 and s["median"] > 0 for s in gate[layout][mode].values())
     # x = 1x8x16^3, g = 1x16x8^3, F_int = 8: theta 8x(8*8) per coarse voxel, phi 8x16, psi 1x8, W 8x8 per voxel
     coarse, fine = 8**3, 16**3
@@ -197,7 +200,8 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert {n.split(",")[0] for n in data["model"]} == {"UNet3D", "AttentionUNet3D[reference]", "AttentionUNet3D[cpu]"}
     assert len(data["model"]) == 6
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
-    assert len(data["table"]) == 8 + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
+    gate_rows = 4 * len(gate["contiguous"]["eval"])  # (2 layouts x 2 modes) per variant
+    assert len(data["table"]) == gate_rows + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
     advice = "\n".join(data["advice"])
     layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
     assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 __all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "onednn_applies"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
@@ -179,6 +181,45 @@ def _resample(t: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
     return out
 
 
+def _native(t: Tensor, w: Tensor, out_channels: Optional[int] = None) -> bool:
+    """Whether the native kernels take a product of ``t = Tensor[N, C, *S]`` by ``w`` with
+    ``out_channels`` outputs (default ``w.shape[0]``; see :func:`attention_gates.ops.native.applies`;
+    they have no autograd)."""
+    if torch.is_grad_enabled() and (t.requires_grad or w.requires_grad):
+        return False
+    return w.dtype == torch.float32 and native.applies(t, [out_channels or w.shape[0]])
+
+
+def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """``act(bias + sum_h alpha_h * (A_h @ x))`` per voxel of ``x = Tensor[N, C, *S]``, in ``x``'s layout.
+
+    ``A = Tensor[H * Co, C]`` holds the heads' matrices stacked, ``alpha = Tensor[N, H, *S]``
+    their attention maps (``None``: one head, unscaled), ``bias = Tensor[Co]``. One pass of the
+    native kernel where it applies (:func:`_native`), else a product (:func:`_conv1x1`) and an
+    epilogue per head.
+    """
+    heads = 1 if alpha is None else alpha.shape[1]
+    co = A.shape[0] // heads
+    if _native(x, A, co):
+        rows = native.rows_product(
+            x.movedim(1, -1), A, alpha=None if alpha is None else alpha.contiguous(), bias=bias, relu=relu
+        )  # fmt: skip
+        return rows.movedim(-1, 1)  # [N, Co, *S], channels-last like x
+    P = _conv1x1(x, A, None if alpha is not None else bias)
+    if alpha is None:
+        return P.relu_() if relu else P
+    P, a = P.flatten(2), alpha.flatten(2)
+    out = torch.empty_like(x) if co == x.shape[1] else x.new_empty((x.shape[0], co, *x.shape[2:]))
+    o = out.flatten(2)  # x's layout with its strides (an inferred layout may be odd where N = 1)
+    if bias is None:
+        torch.mul(P[:, :co], a[:, :1], out=o)
+    else:
+        torch.addcmul(bias[:, None], P[:, :co], a[:, :1], out=o)
+    for i in range(1, heads):
+        o.addcmul_(P[:, i * co : (i + 1) * co], a[:, i : i + 1])
+    return out.relu_() if relu else out
+
+
 def _theta(x: Tensor, weight: Tensor) -> Tensor:
     """``W_x^T x`` on the coarse grid: the strided convolution (kernel = stride = subsample factor)."""
     k = tuple(weight.shape[2:])
@@ -286,9 +327,7 @@ class _GridAttentionCPU(torch.autograd.Function):
                 if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
                     s = gamma * torch.rsqrt(running_var.to(dtype) + cfg.eps)
                     W0, b = W0 * s[:, None], (b - running_mean.to(dtype)) * s + beta
-                out = _conv1x1(xs, W0, None)
-                U = out.flatten(2)
-                torch.addcmul(b[:, None], U, a, out=U)  # alpha * (W0 x) + b, in place
+                out = _scaled_product(xs, W0, b, alpha)  # alpha * (W0 x) + b
         keep_stats = cfg.norm == "batch" and not cfg.training and W_w is not None
         ctx.cfg = cfg
         ctx.save_for_backward(
@@ -478,7 +517,7 @@ def multi_gate_inference_cpu(
     """
     x = x if _channels_last(x) else x.contiguous()
     g = g if _channels_last(g) else g.contiguous()
-    H, C = len(heads), x.shape[1]
+    H = len(heads)
     # every head's coarse side at once: theta and phi stacked, psi block-diagonal
     theta_w, phi_w, phi_b, psi_b = (torch.cat([_bias(h, i) for h in heads]) for i in (0, 1, 2, 4))
     CI = heads[0][0].shape[0]
@@ -486,14 +525,7 @@ def multi_gate_inference_cpu(
     cfg = _Config("none", False, 0.0, 0.0, sigma1, align_corners)
     q = _attention(_theta(x, theta_w), g, phi_w, phi_b, psi_blocks, psi_b, cfg)  # [N, H, *T]
     alpha = _resample(q, x.shape[2:], align_corners)  # [N, H, *S]
-    P = _conv1x1(x, A, None).flatten(2)  # [N, H * C, S]
-    a = alpha.flatten(2)
-    out = torch.empty_like(x)  # x's layout with its strides (an inferred layout may be odd where N = 1)
-    o = out.flatten(2)
-    torch.addcmul(c[:, None], P[:, :C], a[:, :1], out=o)
-    for i in range(1, H):
-        o.addcmul_(P[:, i * C : (i + 1) * C], a[:, i : i + 1])
-    return out.relu_(), alpha
+    return _scaled_product(x, A, c, alpha, relu=True), alpha
 
 
 def _bias(head: tuple, i: int) -> Tensor:

@@ -1,0 +1,238 @@
+"""The cpu backend's native kernel (attention_gates.ops.native): its product against float64
+arithmetic, its input checks, its use by the gates, the build, its cache and the fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from attention_gates import GridAttentionGate3D, MultiAttentionGate
+from attention_gates.functional import grid_attention_reference
+from attention_gates.ops import cpu, native
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+
+
+def expected(x, A, alpha, bias, relu):
+    """``act(bias + sum_h alpha_h * (A_h @ x))`` per row, in float64: ``x = Tensor[N, *S, C]``."""
+    heads = 1 if alpha is None else alpha.shape[1]
+    P = torch.einsum("hoc,n...c->nh...o", A.double().view(heads, -1, A.shape[1]), x.double())  # [N, H, *S, Co]
+    if alpha is not None:
+        P = P * alpha.double().unsqueeze(-1)
+    out = P.sum(1) + (0 if bias is None else bias.double())
+    return out.relu() if relu else out
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [1, 2, 3])
+@pytest.mark.parametrize("spatial", [(5, 7, 3), (9, 11), (1,)])
+@pytest.mark.parametrize("n, c, co_vectors", [(1, 16, 2), (2, 3, 1), (2, 37, 3)])
+def test_rows_product_matches_float64(heads, spatial, n, c, co_vectors):
+    """Row counts that are not a multiple of the tile, one and several heads, an output width that
+    ends in half a tile (3 vectors), batches, with and without alpha, bias and ReLU."""
+    gen = torch.Generator().manual_seed(heads * 100 + c)
+    co = co_vectors * native.vector_width()
+    x = torch.randn(n, *spatial, c, generator=gen)
+    A = torch.randn(heads * co, c, generator=gen)
+    alpha = torch.rand(n, heads, *spatial, generator=gen)
+    bias = torch.randn(co, generator=gen)
+    cases = [dict(alpha=alpha, bias=bias, relu=True), dict(alpha=alpha, bias=None, relu=False)]
+    if heads == 1:
+        cases.append(dict(alpha=None, bias=bias, relu=False))
+    for kw in cases:
+        got = native.rows_product(x, A, **kw)
+        want = expected(x, A, kw["alpha"], kw["bias"], kw["relu"])
+        assert got.shape == (n, *spatial, co) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_rows_product_reads_strided_batches():
+    """The rows of a channels-last tensor permuted (a view): as its contiguous copy gives."""
+    x5 = torch.randn(3, 8, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    co = native.vector_width()
+    A, alpha = torch.randn(co, 8), torch.rand(3, 1, 4, 5, 6)
+    got = native.rows_product(x5.movedim(1, -1), A, alpha=alpha)
+    torch.testing.assert_close(got, native.rows_product(x5.movedim(1, -1).contiguous(), A, alpha=alpha))
+    torch.testing.assert_close(got.double(), expected(x5.movedim(1, -1), A, alpha, None, False), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_rows_product_rejects_what_it_cannot_compute():
+    vl = native.vector_width()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=f"multiple of {vl}"):
+        native.rows_product(x, torch.randn(vl + 1, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rows_product(x, torch.randn(vl, 8), bias=torch.randn(vl + 1))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rows_product(x, torch.randn(2 * vl, 8), alpha=torch.rand(2, 2, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rows_product(x, torch.randn(vl, 7))
+    with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float64"):
+        native.rows_product(x.double(), torch.randn(vl, 8, dtype=torch.float64))
+
+
+def _count_native_calls(monkeypatch) -> list:
+    calls = []
+    original = native.rows_product
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(native, "rows_product", spy)
+    return calls
+
+
+def _without_kernel(monkeypatch):
+    monkeypatch.setattr(native, "_state", {"lib": None, "reason": "switched off by the test"})
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gate_inference_channels_last(monkeypatch, kernel):
+    """A float32 channels-last gate in inference: the native kernel computes alpha * (W0 x) + b
+    (with the norm folded) when it is available, the same products in PyTorch otherwise; both
+    give the float64 reference's output."""
+    if kernel and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    if not kernel:
+        _without_kernel(monkeypatch)
+    calls = _count_native_calls(monkeypatch)
+    c = 2 * 16  # a multiple of every vector width
+    torch.manual_seed(0)
+    gate = GridAttentionGate3D(c, 24, 16, backend="cpu")
+    with torch.no_grad():
+        gate.W[1].running_mean.normal_()
+        gate.W[1].running_var.uniform_(0.5, 2.0)
+    gate.eval()
+    x = torch.randn(2, c, 11, 9, 7).contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(2, 24, 5, 4, 3).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        out, alpha = gate(x, g)
+    ref_gate = GridAttentionGate3D(c, 24, 16, backend="reference").double().eval()
+    ref_gate.load_state_dict(gate.state_dict())
+    want, want_alpha = ref_gate(x.double(), g.double())
+    assert len(calls) == (1 if kernel else 0)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and out.stride() == x.stride()
+    torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alpha.double(), want_alpha.detach(), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [2, 3])
+def test_multi_gate_block_channels_last(monkeypatch, heads):
+    """The folded multi-head block: relu(c + sum_i alpha_i (A_i x)) in one pass of the kernel,
+    equal to the block computed head by head in float64."""
+    calls = _count_native_calls(monkeypatch)
+    torch.manual_seed(1)
+    block = MultiAttentionGate(3, 16, 24, inter_channels=16, heads=heads)
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    block.eval()
+    x = torch.randn(1, 16, 10, 12, 8).contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(1, 24, 5, 6, 4).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        out, alpha = block(x, g)
+    block64 = MultiAttentionGate(3, 16, 24, inter_channels=16, heads=heads, backend="reference").double().eval()
+    block64.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        want, want_alpha = block64(x.double(), g.double())
+    assert calls == [(1, 10, 12, 8, 16)]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alpha.double(), want_alpha, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
+    """Training (a gradient is needed), contiguous x, float64, output channels that are not a
+    multiple of the vector width, or inside native.disabled(): the PyTorch products."""
+    calls = _count_native_calls(monkeypatch)
+    vl = native.vector_width()
+    fmt = torch.channels_last_3d
+    x, A = torch.randn(1, 8, 4, 4, 4).contiguous(memory_format=fmt), torch.randn(vl, 8)
+    alpha = torch.rand(1, 1, 4, 4, 4)
+    assert not cpu._native(x.clone().requires_grad_(), A)
+    assert not cpu._native(x, A.clone().requires_grad_())
+    with torch.no_grad():
+        assert cpu._native(x.clone().requires_grad_(), A)
+        for args in [(x.contiguous(), A), (x.double(), A.double()), (x, torch.randn(vl + 2, 8))]:
+            assert not cpu._native(*args)
+            cpu._scaled_product(*args, None, alpha.to(args[0].dtype))
+        assert calls == []
+        with native.disabled():
+            assert not cpu._native(x, A)
+            cpu._scaled_product(x, A, None, alpha)
+        assert calls == []
+        cpu._scaled_product(x, A, None, alpha)
+    assert len(calls) == 1
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+
+
+@needs_kernel
+def test_build_is_cached(tmp_path):
+    """The first process builds the library into the cache, the next one loads it as it is."""
+    code = "from attention_gates.ops import native; assert native.available(), native.unavailable_reason()"
+    first = _python(code, ATTENTION_GATES_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    (built,) = tmp_path.glob("gate_cpu-*.so")
+    stamp = built.stat().st_mtime_ns
+    second = _python(code, ATTENTION_GATES_CACHE=str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"ATTENTION_GATES_NATIVE": "0"}, "disabled by ATTENTION_GATES_NATIVE=0"),
+        ({"CC": "no-such-compiler-here"}, "no C compiler ('no-such-compiler-here' is not on PATH; set CC)"),
+    ],
+)
+def test_unavailable_says_why_and_the_gate_still_runs(tmp_path, env, reason):
+    code = f"""
+        import torch
+        from attention_gates import GridAttentionGate3D
+        from attention_gates.ops import native
+        assert not native.available()
+        assert native.unavailable_reason() == {reason!r}, native.unavailable_reason()
+        gate = GridAttentionGate3D(32, 16, 16, backend="cpu").eval()
+        x = torch.randn(1, 32, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode():
+            out, _ = gate(x, torch.randn(1, 16, 4, 4, 4))
+        assert out.shape == x.shape
+    """
+    result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), **env)
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    """A compiler that fails: one RuntimeWarning with the reason, then the PyTorch products."""
+    code = """
+        import warnings
+        from attention_gates.ops import native
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not native.available() and not native.available()
+        assert len(caught) == 1 and caught[0].category is RuntimeWarning, caught
+        assert "native kernels are unavailable" in str(caught[0].message)
+        assert native.unavailable_reason().startswith("building gate_cpu.c failed")
+    """
+    result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), CC="false")
+    assert result.returncode == 0, result.stderr
