@@ -33,6 +33,7 @@ import copy
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +109,33 @@ def gemm_rate(warmup: int, repeats: int, n: int = 1024) -> dict:
     return {"n": n, "median_s": median, "GFLOPps": 2 * n**3 / median / 1e9}
 
 
+class _GateClock:
+    """A network's forward with the time of its attention modules (gated skips and gating conv)
+    summed per call by forward hooks: ``calls`` holds ``(total_s, attention_s)`` per call."""
+
+    def __init__(self, net, fn: Callable[[], object]) -> None:
+        self.fn, self.calls, self._spent = fn, [], 0.0
+        modules = [*getattr(net, "gates", {}).values(), *([net.gating] if getattr(net, "gating", None) is not None else [])]
+        for m in modules:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, module, args) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, module, args, out) -> None:
+        self._spent += time.perf_counter() - self._t0
+
+    def __call__(self) -> None:
+        self._spent, t0 = 0.0, time.perf_counter()
+        self.fn()
+        self.calls.append((time.perf_counter() - t0, self._spent))
+
+
+def _timing_gates(net, fn: Callable[[], object]) -> Callable[[], object]:
+    return _GateClock(net, fn) if len(getattr(net, "gates", ())) else fn
+
+
 def _nets(size: int) -> dict[str, Callable[[], object]]:
     """``UNet3D`` and ``AttentionUNet3D`` (gates on ``reference`` and ``cpu``), each contiguous and
     channels-last (network and input converted once, outside the timing)."""
@@ -131,9 +159,9 @@ def _nets(size: int) -> dict[str, Callable[[], object]]:
 
     fns = {}
     for name, net in nets.items():
-        fns[name] = call(net, x)
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
-        fns[f"{name}, channels_last"] = call(cl, x.contiguous(memory_format=torch.channels_last_3d))
+        fns[name] = _timing_gates(net, call(net, x))
+        fns[f"{name}, channels_last"] = _timing_gates(cl, call(cl, x.contiguous(memory_format=torch.channels_last_3d)))
     return fns
 
 
@@ -143,8 +171,18 @@ def _progress(msg: str) -> None:
 
 
 def model_bench(size: int, warmup: int, repeats: int) -> dict:
-    times = common.time_interleaved(_nets(size), warmup=warmup, repeats=repeats, device=torch.device("cpu"))
-    return {name: common.summarize(t) for name, t in times.items()}
+    """Every network interleaved; for ``AttentionUNet3D`` also ``attention_share``: the median over
+    timed calls of (its attention modules' time) / (the rest of the same call), an estimate of its
+    time over ``UNet3D``'s (the rest is ``UNet3D``'s layers) measured within each call, so that a
+    busy machine's drift between calls does not enter it."""
+    fns = _nets(size)
+    times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=torch.device("cpu"))
+    out = {name: common.summarize(t) for name, t in times.items()}
+    for name, fn in fns.items():
+        if isinstance(fn, _GateClock):
+            timed = fn.calls[-repeats:]
+            out[name]["attention_share"] = statistics.median(a / (t - a) for t, a in timed)
+    return out
 
 
 def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> dict:
@@ -266,8 +304,10 @@ def main(argv=None) -> Optional[dict]:
                              common.fmt_ratio(ref / s["median"]), note])  # fmt: skip
     for name, s in result["model"].items():
         unet = result["model"]["UNet3D, channels_last" if name.endswith("channels_last") else "UNet3D"]["median"]
-        rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
-                     "-", f"{s['median'] / unet:.3f} x UNet3D (same layout)"])  # fmt: skip
+        note = f"{s['median'] / unet:.3f} x UNet3D (same layout)"
+        if "attention_share" in s:
+            note += f"; in-call: 1 + {s['attention_share']:.3f}"
+        rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]), "-", note])
     for name, a in result.get("allocator", {}).items():
         for net, med in a["best_run_median_s"].items():
             rows.append([f"alloc {name}", net, common.fmt_seconds(med), "-", "-",

@@ -199,6 +199,8 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert gate["train_flop_floor_s"] == pytest.approx(gate["train_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
     assert {n.split(",")[0] for n in data["model"]} == {"UNet3D", "AttentionUNet3D[reference]", "AttentionUNet3D[cpu]"}
     assert len(data["model"]) == 6
+    for name, s in data["model"].items():  # the attention modules' share, measured within each call
+        assert ("attention_share" in s) == name.startswith("AttentionUNet3D") and s.get("attention_share", 1) > 0
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     gate_rows = 4 * len(gate["contiguous"]["eval"])  # (2 layouts x 2 modes) per variant
     assert len(data["table"]) == gate_rows + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
