@@ -231,8 +231,8 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
             warnings.simplefilter("always")
             assert not native.available() and not native.available()
         assert len(caught) == 1 and caught[0].category is RuntimeWarning, caught
-        assert "native kernels are unavailable" in str(caught[0].message)
-        assert native.unavailable_reason().startswith("building gate_cpu.c failed")
+        assert "native kernel is unavailable" in str(caught[0].message)
+        assert native.unavailable_reason().startswith("building or loading gate_cpu.c failed")
     """
     result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), CC="false")
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,9 @@ ones, so no operand is copied. The output transform never materialises ``alpha *
     W(alpha * x) = alpha * (W0 @ x) + b                          (per voxel, W0 = Tensor[C, C])
 
 so it is one product over ``x`` and an in-place epilogue. Batch normalisation is folded
-into ``W0`` and ``b`` in evaluation, and computed from the product in training.
+into ``W0`` and ``b`` in evaluation, and computed from the product in training. In inference
+on channels-last float32 ``x`` the product and its epilogue are one pass of the native kernel
+(:mod:`attention_gates.ops.native`) where it is available.
 
 The forward keeps for the backward (``_GridAttentionCPU``) only its inputs, theta's output
 on the coarse grid and the batch ``1/std``, nothing of ``x``'s size: the backward recomputes the
@@ -182,7 +184,7 @@ def _resample(t: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
 
 
 def _native(t: Tensor, w: Tensor, out_channels: Optional[int] = None) -> bool:
-    """Whether the native kernels take a product of ``t = Tensor[N, C, *S]`` by ``w`` with
+    """Whether the native kernel takes a product of ``t = Tensor[N, C, *S]`` by ``w`` with
     ``out_channels`` outputs (default ``w.shape[0]``; see :func:`attention_gates.ops.native.applies`;
     they have no autograd)."""
     if torch.is_grad_enabled() and (t.requires_grad or w.requires_grad):

@@ -73,7 +73,7 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str, gomp: Path) -> Path:
-    """Compile the kernels into the cache (atomically: a temporary file renamed) and return the library's path."""
+    """Compile the kernel into the cache (atomically: a temporary file renamed) and return the library's path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), str(gomp), _cpu_signature()]).encode()).hexdigest()[:20]
     target = _cache_dir() / f"gate_cpu-{key}.so"
@@ -105,7 +105,7 @@ def _load() -> Optional[ctypes.CDLL]:
         if os.environ.get("ATTENTION_GATES_NATIVE", "1") == "0":
             reason = "disabled by ATTENTION_GATES_NATIVE=0"
         elif not sys.platform.startswith("linux"):
-            reason = f"native kernels are built on Linux only (this is {sys.platform})"
+            reason = f"the native kernel is built on Linux only (this is {sys.platform})"
         elif gomp is None:
             reason = "this PyTorch does not run its CPU kernels on a GNU OpenMP runtime of its own (torch/lib/libgomp*)"
         elif shutil.which(cc) is None:
@@ -113,21 +113,20 @@ def _load() -> Optional[ctypes.CDLL]:
         else:
             try:
                 lib = ctypes.CDLL(str(_build(cc, gomp)))
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                reason = f"building {SOURCE.name} failed: {e}"
-                warnings.warn(f"attention_gates: the cpu backend's native kernels are unavailable ({reason}); "
+                P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+                lib.gate_rows.argtypes = [P, L, I, P, I, I, P, L, P, I, P, L, L, I]
+                lib.gate_rows.restype = None
+                lib.gate_vector_width.restype = I
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+                lib, reason = None, f"building or loading {SOURCE.name} failed: {e}"
+                warnings.warn(f"attention_gates: the cpu backend's native kernel is unavailable ({reason}); "
                               "using PyTorch operations instead", RuntimeWarning, stacklevel=3)  # fmt: skip
-        if lib is not None:
-            P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-            lib.gate_rows.argtypes = [P, L, I, P, I, I, P, L, P, I, P, L, L, I]
-            lib.gate_rows.restype = None
-            lib.gate_vector_width.restype = I
         _state.update(lib=lib, reason=reason)
         return lib
 
 
 def available() -> bool:
-    """Whether the native kernels are built and loaded (building them on the first call)."""
+    """Whether the native kernel is built and loaded (building it on the first call)."""
     return _load() is not None
 
 
@@ -140,12 +139,12 @@ def unavailable_reason() -> Optional[str]:
 def _require() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"the native kernels are unavailable: {_state['reason']}")
+        raise RuntimeError(f"the native kernel is unavailable: {_state['reason']}")
     return lib
 
 
 def vector_width() -> int:
-    """Floats per SIMD vector of the kernels (16 with AVX-512, else 8): output channel counts
+    """Floats per SIMD vector of the kernel (16 with AVX-512, else 8): output channel counts
     must be multiples of it."""
     return _require().gate_vector_width()
 
@@ -209,7 +208,7 @@ def disabled() -> Iterator[None]:
 
 
 def applies(t: Tensor, out_channels: Sequence[int]) -> bool:
-    """Whether the kernels take ``t`` (``Tensor[N, C, *S]``, 2 or 3 spatial dims): float32, dense
+    """Whether the kernel takes ``t`` (``Tensor[N, C, *S]``, 2 or 3 spatial dims): float32, dense
     channels-last, outside :func:`torch.compile`, dispatch modes and :func:`disabled`, every
     count in ``out_channels`` a multiple of :func:`vector_width`, the kernel available."""
     if _disabled[0] or t.dim() not in (4, 5) or t.dtype != torch.float32 or t.device.type != "cpu" or t.shape[1] < 2:
