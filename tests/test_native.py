@@ -185,6 +185,29 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 @needs_kernel
+@pytest.mark.skipif(native.available() and native.vector_width() == 8, reason="this machine builds the 8-wide kernel already")
+def test_eight_wide_build(tmp_path):
+    """The kernel as machines without AVX-512 build it (8 floats per vector, 3-row tiles),
+    compiled here with -mno-avx512f: the same results as float64 arithmetic."""
+    code = """
+        import torch
+        from attention_gates.ops import native
+        assert native.vector_width() == 8, native.vector_width()
+        gen = torch.Generator().manual_seed(0)
+        for heads, co, n, c in [(1, 8, 2, 5), (2, 24, 1, 19), (3, 16, 2, 8)]:
+            x = torch.randn(n, 7, 5, c, generator=gen)
+            A, alpha, bias = torch.randn(heads * co, c, generator=gen), torch.rand(n, heads, 7, 5, generator=gen), torch.randn(co, generator=gen)
+            got = native.rows_product(x, A, alpha=alpha, bias=bias, relu=heads > 1).double()
+            P = torch.einsum("hoc,nijc->nhijo", A.double().view(heads, co, c), x.double()) * alpha.double()[..., None]
+            want = P.sum(1) + bias.double()
+            want = want.relu() if heads > 1 else want
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    """
+    result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), ATTENTION_GATES_NATIVE_CFLAGS="-mno-avx512f")
+    assert result.returncode == 0, result.stderr
+
+
+@needs_kernel
 def test_build_is_cached(tmp_path):
     """The first process builds the library into the cache, the next one loads it as it is."""
     code = "from attention_gates.ops import native; assert native.available(), native.unavailable_reason()"

@@ -10,7 +10,7 @@ back. The kernel (``csrc/gate_cpu.c``) keeps a tile of rows x outputs in registe
 for the machine's SIMD and runs on PyTorch's own OpenMP threads.
 
 It is compiled on first use with the machine's C compiler (``$CC``, else ``cc``;
-``-O3 -march=native -fopenmp``) into a cache directory (``$ATTENTION_GATES_CACHE``, else
+``-O3 -march=native -fopenmp``, plus ``$ATTENTION_GATES_NATIVE_CFLAGS``) into a cache directory (``$ATTENTION_GATES_CACHE``, else
 ``$XDG_CACHE_HOME/attention_gates`` or ``~/.cache/attention_gates``), once per source, compiler
 and CPU, in well under a second. Nothing is downloaded. It is used only where PyTorch runs its
 CPU kernels on a GNU OpenMP runtime of its own (the Linux wheels), which the library links to,
@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,9 +74,13 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str, gomp: Path) -> Path:
-    """Compile the kernel into the cache (atomically: a temporary file renamed) and return the library's path."""
+    """Compile the kernel into the cache (atomically: a temporary file renamed) and return the library's path.
+
+    ``$ATTENTION_GATES_NATIVE_CFLAGS`` adds compiler flags (for example ``-mno-avx512f`` for the
+    8-wide build on an AVX-512 machine)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), str(gomp), _cpu_signature()]).encode()).hexdigest()[:20]
+    flags = [*_FLAGS, *shlex.split(os.environ.get("ATTENTION_GATES_NATIVE_CFLAGS", ""))]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), str(gomp), _cpu_signature()]).encode()).hexdigest()[:20]
     target = _cache_dir() / f"gate_cpu-{key}.so"
     if target.exists():
         return target
@@ -84,7 +89,7 @@ def _build(cc: str, gomp: Path) -> Path:
     os.close(fd)
     try:
         # -fopenmp links against a libgomp.so.1; the run-time path makes it PyTorch's (already loaded, so shared)
-        cmd = [cc, *_FLAGS, str(SOURCE), "-o", tmp, f"-Wl,-rpath,{gomp.parent}"]
+        cmd = [cc, *flags, str(SOURCE), "-o", tmp, f"-Wl,-rpath,{gomp.parent}"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr.strip()}")
