@@ -210,15 +210,19 @@ def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: 
     P = _conv1x1(x, A, None if alpha is not None else bias)
     if alpha is None:
         return P.relu_() if relu else P
-    P, a = P.flatten(2), alpha.flatten(2)
-    out = torch.empty_like(x) if co == x.shape[1] else x.new_empty((x.shape[0], co, *x.shape[2:]))
-    o = out.flatten(2)  # x's layout with its strides (an inferred layout may be odd where N = 1)
-    if bias is None:
-        torch.mul(P[:, :co], a[:, :1], out=o)
+    if heads == 1:  # the epilogue in place on the product
+        out = P
+        o, first = P.flatten(2), P.flatten(2)
     else:
-        torch.addcmul(bias[:, None], P[:, :co], a[:, :1], out=o)
+        out = torch.empty_like(x) if co == x.shape[1] else x.new_empty((x.shape[0], co, *x.shape[2:]))
+        o, first = out.flatten(2), P.flatten(2)[:, :co]  # out: x's layout with its strides (N = 1 may infer odd ones)
+    a = alpha.flatten(2)
+    if bias is None:
+        torch.mul(first, a[:, :1], out=o)
+    else:
+        torch.addcmul(bias[:, None], first, a[:, :1], out=o)
     for i in range(1, heads):
-        o.addcmul_(P[:, i * co : (i + 1) * co], a[:, i : i + 1])
+        o.addcmul_(P.flatten(2)[:, i * co : (i + 1) * co], a[:, i : i + 1])
     return out.relu_() if relu else out
 
 
