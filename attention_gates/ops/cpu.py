@@ -203,26 +203,23 @@ def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: 
     heads = 1 if alpha is None else alpha.shape[1]
     co = A.shape[0] // heads
     if _native(x, A, co):
-        rows = native.rows_product(
-            x.movedim(1, -1), A, alpha=None if alpha is None else alpha.contiguous(), bias=bias, relu=relu
-        )  # fmt: skip
+        rows = native.rows_product(x.movedim(1, -1), A, alpha=alpha, bias=bias, relu=relu)
         return rows.movedim(-1, 1)  # [N, Co, *S], channels-last like x
     P = _conv1x1(x, A, None if alpha is not None else bias)
     if alpha is None:
         return P.relu_() if relu else P
+    Pf, a = P.flatten(2), alpha.flatten(2)
     if heads == 1:  # the epilogue in place on the product
         out = P
-        o, first = P.flatten(2), P.flatten(2)
-    else:
+    else:  # x's layout with its strides (N = 1 may infer odd ones)
         out = torch.empty_like(x) if co == x.shape[1] else x.new_empty((x.shape[0], co, *x.shape[2:]))
-        o, first = out.flatten(2), P.flatten(2)[:, :co]  # out: x's layout with its strides (N = 1 may infer odd ones)
-    a = alpha.flatten(2)
+    o = out.flatten(2)
     if bias is None:
-        torch.mul(first, a[:, :1], out=o)
+        torch.mul(Pf[:, :co], a[:, :1], out=o)
     else:
-        torch.addcmul(bias[:, None], first, a[:, :1], out=o)
+        torch.addcmul(bias[:, None], Pf[:, :co], a[:, :1], out=o)
     for i in range(1, heads):
-        o.addcmul_(P.flatten(2)[:, i * co : (i + 1) * co], a[:, i : i + 1])
+        o.addcmul_(Pf[:, i * co : (i + 1) * co], a[:, i : i + 1])
     return out.relu_() if relu else out
 
 
@@ -252,13 +249,12 @@ def _theta_backward(
     otherwise one product and a strided add (oneDNN is slower on a contiguous ``x``).
     """
     k = tuple(weight.shape[2:])
-    d, zeros = len(k), [0] * len(k)
+    d = len(k)
     if h is not None and any(kk > 1 for kk in k) and x.numel() >= _TRANSPOSED_MIN_NUMEL and _channels_last(x) and onednn_applies(x):
-        dx = torch.ops.aten.convolution_backward(
-            _dense(dt, x), x, weight, None, list(k), zeros, [1] * d, False, zeros, 1, [True, False, False]
-        )[0]  # the weight's gradient in the same call took 1.3 ms longer than in its own
+        dx = _theta_conv_backward(_dense(dt, x), x, weight, input_grad=True)  # the weight's gradient in
+        # the same call took 1.3 ms longer than in its own
         dx = torch.addcmul(dx, h, alpha, out=dx if dx.stride() == x.stride() else torch.empty_like(x))
-        return dx, _theta_weight_grad(dt, x, weight) if need_weight else None
+        return dx, _theta_conv_backward(dt, x, weight, input_grad=False) if need_weight else None
     D = _dense(dt, x).flatten(2)
     dx = None if h is None else torch.mul(h, alpha, out=torch.empty_like(x))
     if all(kk == 1 for kk in k):
@@ -273,14 +269,16 @@ def _theta_backward(
             target = target.unflatten(2 + 2 * i, (T[i], k[i]))
         order = [0, 1, *(3 + 2 * i for i in range(d)), *(2 + 2 * i for i in range(d))]
         target.permute(order).add_(patches)
-    return dx, _theta_weight_grad(dt, x, weight) if need_weight else None
+    return dx, _theta_conv_backward(dt, x, weight, input_grad=False) if need_weight else None
 
 
-def _theta_weight_grad(dt: Tensor, x: Tensor, weight: Tensor) -> Tensor:
-    """The gradient of theta's strided convolution's weight from ``dt = Tensor[N, F_int, *T]``."""
+def _theta_conv_backward(dt: Tensor, x: Tensor, weight: Tensor, *, input_grad: bool) -> Tensor:
+    """One gradient of theta's strided convolution (kernel = stride) from ``dt = Tensor[N, F_int, *T]``:
+    ``x``'s if ``input_grad``, else the weight's."""
     k = list(weight.shape[2:])
     zeros = [0] * len(k)
-    return torch.ops.aten.convolution_backward(dt, x, weight, None, k, zeros, [1] * len(k), False, zeros, 1, [False, True, False])[1]
+    mask = [input_grad, not input_grad, False]
+    return torch.ops.aten.convolution_backward(dt, x, weight, None, k, zeros, [1] * len(k), False, zeros, 1, mask)[0 if input_grad else 1]
 
 
 def _attention(t: Tensor, g, phi_weight, phi_bias, psi_weight, psi_bias, cfg: _Config) -> Tensor:
