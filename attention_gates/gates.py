@@ -300,6 +300,7 @@ class MultiAttentionGate(nn.Module):
             nn.ReLU(inplace=True),
         )
         init_kaiming(self.combine)
+        self._output_map_cache: Optional[tuple] = None  # (key, snapshot, (A, c)): see _cached_output_map
 
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         folded = self._folded(x, g)
@@ -343,14 +344,15 @@ class MultiAttentionGate(nn.Module):
 
     def _folded(self, x: Tensor, g: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         """:meth:`folded_output_map` when this call takes
-        :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu` (in evaluation mode, when the gates'
-        calls would run on the ``cpu`` backend: ``"auto"`` takes it for float32 CPU inference), else ``None``."""
+        :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu` (in evaluation mode without gradients,
+        when the gates' calls would run on the ``cpu`` backend: ``"auto"`` takes it for float32 CPU
+        inference), else ``None``. The map is cached (:meth:`_cached_output_map`)."""
         if self.training or not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != self.gates[0].spatial_dims + 2:
             return None  # (not on the CPU: the gates' own calls check and dispatch, once)
         gate = self.gates[0]
         if gate.W is None or isinstance(gate.W[1], nn.SyncBatchNorm) or any(gt.backend != gate.backend for gt in self.gates):
             return None
-        weights = tuple(self.parameters())
+        weights = tuple(self.parameters()) if torch.is_grad_enabled() else ()  # (for autograd's sake only)
         AF.check_gate_inputs(
             x, g, gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
             norm=gate.norm, num_groups=gate.num_groups, training=False, sigma1=gate.sigma1, sigma2=gate.sigma2,
@@ -359,7 +361,32 @@ class MultiAttentionGate(nn.Module):
             gate.backend, x, g, W_weight=gate.W[0].weight, norm=gate.norm, training=False,
             sigma1=gate.sigma1, sigma2=gate.sigma2, weights=weights,
         )  # fmt: skip
-        return self.folded_output_map() if name == "cpu" else None
+        if name != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *weights))):
+            return None  # gradients wanted: the gates' own calls (the folded path has no backward)
+        return self._cached_output_map()
+
+    def _cached_output_map(self) -> Optional[tuple[Tensor, Tensor]]:
+        """:meth:`folded_output_map`, rebuilt only when the tensors it reads have changed.
+
+        The map is kept with a copy of everything it was folded from (the output transforms'
+        and ``combine``'s weights, biases and running statistics, and their ``eps``), and used
+        again while a fresh copy is equal to it, value for value. Version counters cannot decide
+        this: ``p.data.copy_(...)`` changes a parameter without bumping them. The comparison
+        reads a few hundred kB where folding took 0.1-0.3 ms of small operations per call.
+        """
+        layers = [layer for gate in self.gates for layer in gate.W] + [self.combine[0], self.combine[1]]
+        # (the modules' own dicts: nn.Module.__getattr__ took a third of this check's time)
+        sources = [t for layer in layers for d in (layer._parameters, layer._buffers) for t in d.values() if t is not None]
+        key = (
+            tuple((t.shape, t.dtype, t.device) for t in sources),
+            tuple((type(layer), layer.training, getattr(layer, "eps", None)) for layer in layers),
+        )
+        cached = getattr(self, "_output_map_cache", None)  # (absent from modules pickled before it existed)
+        if cached is not None and cached[0] == key and all(torch.equal(a, b) for a, b in zip(cached[1], sources)):
+            return cached[2]
+        folded = self.folded_output_map()
+        self._output_map_cache = None if folded is None else (key, [t.detach().clone() for t in sources], folded)
+        return folded
 
 
 def _eval_affine(norm: nn.Module, conv: nn.Module) -> Optional[tuple[Tensor, Tensor]]:

@@ -3,6 +3,8 @@ running statistics, layouts, dtypes, and the dispatcher's choice of it."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from attention_gates import GridAttentionGate2D, GridAttentionGate3D
 from attention_gates.functional import grid_attention, grid_attention_reference
-from attention_gates.ops import BackendUnavailableError, not_supported_reasons, use_backend
+from attention_gates.ops import BackendUnavailableError, native, not_supported_reasons, use_backend
 from attention_gates.ops.cpu import grid_attention_cpu
 from attention_gates.ops.dispatch import select
 
@@ -190,22 +192,57 @@ def test_float32():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dims", [2, 3])
-def test_float32_channels_last_takes_onednn(dims, training):
-    """float32 channels-last: the 1x1 products (phi, psi, W, and W's transpose in backward) run as
-    oneDNN convolutions on the tensors in place, with the reference's results and a channels-last out."""
+@pytest.mark.parametrize("dims,size,large", [(2, (12, 10), False), (3, (12, 10, 8), False), (2, (128, 96), True), (3, (32, 32, 24), True)])
+def test_float32_channels_last_products(dims, size, large, training):
+    """float32 channels-last: a 1x1 product goes to oneDNN (on the tensor in place) only with at
+    least ``_ONEDNN_MIN_ROWS`` voxels and 8 outputs, else it is a matrix product on the ``[S, C]``
+    rows; theta is a oneDNN convolution only for more than ``_PATCH_MAX_ROWS`` coarse voxels, else a
+    product of x's patches. Results as the reference's, out channels-last."""
     from torch.profiler import profile
 
+    from attention_gates.ops.cpu import _ONEDNN_MIN_ROWS, _PATCH_MAX_ROWS
+
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
-    x, g, params, stats = make_case(dims, c=8, c_g=12, c_int=4, size=(12, 10, 8)[:dims], dtype=torch.float32)
+    x, g, params, stats = make_case(dims, n=1, c=8, c_g=12, c_int=4, size=size, dtype=torch.float32)
+    assert (math.prod(size) >= _ONEDNN_MIN_ROWS) == (math.prod(size) // 2**dims > _PATCH_MAX_ROWS) == large
     x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
-    got, _ = compare((x, g, params, stats), torch.float32, training=training)
+    # the gradients that pass through these products (the coarse side's, psi's bias a sum over
+    # every voxel, are checked at float32 tolerance on smaller cases elsewhere)
+    got, _ = compare((x, g, params, stats), torch.float32, training=training, requires=["x", "W_weight", "theta_weight"])
     assert got[0].is_contiguous(memory_format=fmt)
-    with profile() as prof:
+    with native.disabled(), profile() as prof:  # (the native kernel would take W in inference where it applies)
         run(grid_attention_cpu, x, g, params, stats, training=training)
     calls = {e.key: e.count for e in prof.key_averages()}
-    # forward: theta, phi, psi, W; backward: phi and psi again (alpha recomputed), W^T
-    assert calls.get("aten::mkldnn_convolution") == 7, calls
+    # theta, W (forward) and W^T (backward, run in both modes) when large; phi and psi act on the
+    # coarse grid (a quarter or an eighth of the voxels, below the threshold), psi has one output
+    assert calls.get("aten::mkldnn_convolution", 0) == (3 if large else 0), calls
+
+
+@pytest.mark.parametrize(
+    "dims,n,size,factors,channels_last",
+    [
+        (3, 1, (9, 8, 7), [(2, 2, 2)], True),  # sizes the factor does not divide: the rest is cropped
+        (3, 2, (8, 6, 10), [(2, 3, 2), (2, 3, 2)], True),  # per-axis factors, two heads' weights
+        (2, 1, (11, 8), [(3, 2)] * 3, True),
+        (3, 1, (8, 8, 8), [(2, 2, 2)], False),  # contiguous: the convolution
+    ],
+)
+def test_theta_patch_product_equals_the_strided_convolution(dims, n, size, factors, channels_last):
+    """theta of several heads' weights at once, as a product of x's patches (channels-last, small
+    coarse grid) or a convolution, equals the strided convolution of each weight, concatenated."""
+    from attention_gates.ops.cpu import _theta
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, *size, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[dims])
+    weights = [torch.randn(3 + i, 5, *k, generator=gen, dtype=torch.float64) for i, k in enumerate(factors)]
+    conv = {2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    want = torch.cat([conv(x, w, stride=w.shape[2:]) for w in weights], dim=1)
+    got = _theta(x, weights)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item()
+    assert got.is_contiguous(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last) == channels_last
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")

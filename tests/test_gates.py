@@ -403,6 +403,68 @@ def test_multi_gate_folds_only_for_cpu_backend_inference():
         assert instance.folded_output_map() is None and instance._folded(x, g) is None
 
 
+def _counting_folds(block):
+    """Count the block's calls of ``folded_output_map`` (the cache's rebuilds)."""
+    calls = []
+    fold = block.folded_output_map
+
+    def counted():
+        calls.append(1)
+        return fold()
+
+    block.folded_output_map = counted
+    return calls
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b.gates[0].W[0].weight.data.mul_(1.5),  # .data: no version bump
+        lambda b: b.gates[1].W[1].running_var.data.add_(0.5),
+        lambda b: b.combine[0].bias.data.sub_(0.25),
+        lambda b: setattr(b.combine[1], "eps", 0.5),
+        lambda b: b.load_state_dict({k: v * 1.1 if v.is_floating_point() else v for k, v in b.state_dict().items()}),
+    ],
+    ids=["W-weight-data", "running-var-data", "combine-bias-data", "eps", "load_state_dict"],
+)
+def test_multi_gate_fold_cache_follows_every_change(change):
+    """The folded map is reused while what it was folded from is unchanged, value for value, and
+    rebuilt after any change, including ones that bump no version counter (``p.data``)."""
+    block = randomise(MultiAttentionGate(3, 8, 12, inter_channels=6)).eval()
+    x, g = (t.float() for t in inputs(c_l=8, c_g=12))
+    calls = _counting_folds(block)
+    with torch.no_grad():
+        first, _ = block(x, g)
+        again, _ = block(x, g)
+        assert len(calls) == 1 and torch.equal(first, again)
+        change(block)
+        out, _ = block(x, g)
+        assert len(calls) == 2
+        truth = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())[0]
+    assert (out.double() - truth).abs().max().item() <= 1e-5 * truth.abs().max().item()
+    assert (out - first).abs().max().item() > 1e-3  # the change mattered
+
+
+def test_multi_gate_folds_without_autograd_only_and_caches_only_foldable_norms():
+    block = randomise(MultiAttentionGate(3, 8, 12, inter_channels=6, backend="cpu")).eval()
+    x, g = (t.float() for t in inputs(c_l=8, c_g=12))
+    calls = _counting_folds(block)
+    out, _ = block(x, g)  # gradients wanted (an explicit "cpu"): the gates' own calls, which have a backward
+    assert not calls
+    out.sum().backward()
+    assert block.gates[0].W[0].weight.grad is not None and block.combine[0].weight.grad is not None
+    with torch.inference_mode():
+        block(x, g)
+        block(x, g)
+    assert len(calls) == 1
+    block.gates[0].W[1].train()  # one gate's norm on batch statistics: nothing folds, nothing stale
+    with torch.no_grad():
+        out, _ = block(x, g)
+        truth = _unfolded(block, x, g)[0]
+    assert len(calls) == 2 and block._output_map_cache is None
+    assert torch.allclose(out, truth, rtol=1e-5, atol=1e-5)
+
+
 def test_multi_gate_folded_path_checks_its_inputs():
     block = MultiAttentionGate(3, 8, 12, inter_channels=6).eval()
     x, g = torch.randn(1, 8, 8, 8, 8), torch.randn(1, 12, 4, 4, 4)
