@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as AF
-from .ops.cpu import conv, multi_gate_inference_cpu
+from .ops.cpu import conv, conv1x1, multi_gate_inference_cpu, onednn_applies
 from .ops.dispatch import _check_name, chosen
 
 __all__ = [
@@ -40,16 +40,26 @@ class Conv3d(nn.Conv3d):
     on its slow reference loop, 3-5x slower than oneDNN on 2 cores. For inputs of batch 1
     this subclass calls :func:`attention_gates.ops.cpu.conv`, which takes oneDNN for float32 CPU
     tensors when it is available and enabled (``torch.backends.mkldnn.enabled``, so it can be
-    turned off). Otherwise it is :class:`nn.Conv3d`: same parameters, state dict and results up
-    to float32 rounding. Under :func:`torch.compile` and dispatch modes (``FlopCounterMode``, fake
+    turned off). 1x1x1 convolutions (stride 1, one group) of such inputs of any batch, as in
+    segmentation heads and the gating signal, are :func:`attention_gates.ops.cpu.conv1x1`: a
+    matrix product, or oneDNN for large channels-last inputs (oneDNN reorders a contiguous input:
+    ``Tensor[1, 16, 64, 64, 64]`` to 2 channels took 7x longer). Otherwise it is
+    :class:`nn.Conv3d`: same parameters, state dict and results up to float32 rounding. Under :func:`torch.compile` and dispatch modes (``FlopCounterMode``, fake
     tensors, :func:`torch.export.export`) it is plain :class:`nn.Conv3d` too: they see
     ``aten.convolution``.
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if input.dim() == 5 and input.shape[0] == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if input.dim() == 5 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            if self._pointwise and onednn_applies(input) and weight.dtype == torch.float32:
+                return conv1x1(input, weight, bias)
+            if input.shape[0] == 1:
+                return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
+
+    @property
+    def _pointwise(self) -> bool:
+        return self.kernel_size == self.stride == self.dilation == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1
 
 
 def norm_nd(norm: str, spatial_dims: int, channels: int, num_groups: int = 8) -> nn.Module:

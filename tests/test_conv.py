@@ -63,6 +63,31 @@ def test_forward_and_gradients_match_nn_conv3d(kwargs):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("size, channels_last, onednn", [((9, 10, 7), False, False), ((9, 10, 7), True, False), ((32, 32, 16), True, True)])
+def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last, onednn):
+    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least 16384 voxels, else a
+    matrix product; values and gradients as nn.Conv3d's in float64."""
+    conv, x = _case(batch=batch, size=size, kernel_size=1, padding=0)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    ops = _ops(lambda: conv(x))
+    assert ("aten::mkldnn_convolution" in ops) == onednn, ops
+    assert onednn or {"aten::mm", "aten::addmm", "aten::bmm"} & ops, ops
+    ref = nn.Conv3d(16, 8, kernel_size=1).double()
+    ref.load_state_dict(conv.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = conv(x), ref(x64)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *conv.parameters()], dy)
+    grads64 = torch.autograd.grad(y64, [x64, *ref.parameters()], dy.double())
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "batch, dtype, padding_mode",
     [(2, torch.float32, "zeros"), (1, torch.float64, "zeros"), (1, torch.float32, "reflect")],

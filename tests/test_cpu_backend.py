@@ -192,7 +192,7 @@ def test_float32():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("dims,size,large", [(2, (12, 10), False), (3, (12, 10, 8), False), (2, (128, 96), True), (3, (32, 32, 24), True)])
+@pytest.mark.parametrize("dims,size,large", [(2, (12, 10), False), (3, (12, 10, 8), False), (2, (160, 128), True), (3, (32, 32, 24), True)])
 def test_float32_channels_last_products(dims, size, large, training):
     """float32 channels-last: a 1x1 product goes to oneDNN (on the tensor in place) only with at
     least ``_ONEDNN_MIN_ROWS`` voxels and 8 outputs, else it is a matrix product on the ``[S, C]``

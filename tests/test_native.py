@@ -78,15 +78,53 @@ def test_rows_product_rejects_what_it_cannot_compute():
         native.rows_product(x.double(), torch.randn(vl, 8, dtype=torch.float64))
 
 
-def _count_native_calls(monkeypatch) -> list:
+@needs_kernel
+@pytest.mark.parametrize("heads", [1, 2, 3])
+@pytest.mark.parametrize("spatial", [(5, 7, 3), (9, 11), (4, 16)])
+@pytest.mark.parametrize("n, c, co", [(1, 16, 32), (2, 3, 5), (2, 37, 13)])
+def test_planes_product_matches_float64(heads, spatial, n, c, co):
+    """The planar kernel on contiguous tensors: voxel counts that end in a whole tile, a single
+    vector or a scalar tail, output counts that end in a partial channel tile, one and several
+    heads, batches, with and without alpha, bias and ReLU."""
+    gen = torch.Generator().manual_seed(heads * 100 + c + co)
+    x = torch.randn(n, c, *spatial, generator=gen)
+    A = torch.randn(heads * co, c, generator=gen)
+    alpha = torch.rand(n, heads, *spatial, generator=gen)
+    bias = torch.randn(co, generator=gen)
+    cases = [dict(alpha=alpha, bias=bias, relu=True), dict(alpha=alpha, bias=None, relu=False)]
+    if heads == 1:
+        cases.append(dict(alpha=None, bias=bias, relu=False))
+    for kw in cases:
+        got = native.planes_product(x, A, **kw)
+        want = expected(x.movedim(1, -1), A, kw["alpha"], kw["bias"], kw["relu"]).movedim(-1, 1)
+        assert got.shape == (n, co, *spatial) and got.is_contiguous() and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_planes_product_rejects_what_it_cannot_compute():
+    x = torch.randn(2, 8, 4, 5)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.planes_product(x, torch.randn(6, 8), bias=torch.randn(5))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.planes_product(x, torch.randn(6, 8), alpha=torch.rand(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.planes_product(x, torch.randn(7, 8), alpha=torch.rand(2, 2, 4, 5))
+    with pytest.raises(ValueError, match="do not fit"):
+        native.planes_product(x, torch.randn(6, 7))
+    with pytest.raises(ValueError, match="float32 CPU tensors, got torch.float64"):
+        native.planes_product(x.double(), torch.randn(6, 8, dtype=torch.float64))
+
+
+def _count_native_calls(monkeypatch, name: str = "rows_product") -> list:
     calls = []
-    original = native.rows_product
+    original = getattr(native, name)
 
     def spy(*args, **kwargs):
         calls.append(tuple(args[0].shape))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(native, "rows_product", spy)
+    monkeypatch.setattr(native, name, spy)
     return calls
 
 
@@ -94,16 +132,18 @@ def _without_kernel(monkeypatch):
     monkeypatch.setattr(native, "_state", {"lib": None, "reason": "switched off by the test"})
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("kernel", [True, False])
-def test_gate_inference_channels_last(monkeypatch, kernel):
-    """A float32 channels-last gate in inference: the native kernel computes alpha * (W0 x) + b
-    (with the norm folded) when it is available, the same products in PyTorch otherwise; both
-    give the float64 reference's output."""
+def test_gate_inference(monkeypatch, kernel, channels_last):
+    """A float32 gate in inference: the native kernel (rows for channels-last x, planes for
+    contiguous x) computes alpha * (W0 x) + b (with the norm folded) when it is available, the
+    same products in PyTorch otherwise; both give the float64 reference's output in x's layout."""
     if kernel and not native.available():
         pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
     if not kernel:
         _without_kernel(monkeypatch)
-    calls = _count_native_calls(monkeypatch)
+    calls = _count_native_calls(monkeypatch, "rows_product" if channels_last else "planes_product")
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     c = 2 * 16  # a multiple of every vector width
     torch.manual_seed(0)
     gate = GridAttentionGate3D(c, 24, 16, backend="cpu")
@@ -111,25 +151,27 @@ def test_gate_inference_channels_last(monkeypatch, kernel):
         gate.W[1].running_mean.normal_()
         gate.W[1].running_var.uniform_(0.5, 2.0)
     gate.eval()
-    x = torch.randn(2, c, 11, 9, 7).contiguous(memory_format=torch.channels_last_3d)
-    g = torch.randn(2, 24, 5, 4, 3).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, c, 11, 9, 7).contiguous(memory_format=fmt)
+    g = torch.randn(2, 24, 5, 4, 3).contiguous(memory_format=fmt)
     with torch.inference_mode():
         out, alpha = gate(x, g)
     ref_gate = GridAttentionGate3D(c, 24, 16, backend="reference").double().eval()
     ref_gate.load_state_dict(gate.state_dict())
     want, want_alpha = ref_gate(x.double(), g.double())
     assert len(calls) == (1 if kernel else 0)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d) and out.stride() == x.stride()
+    assert out.is_contiguous(memory_format=fmt) and out.stride() == x.stride()
     torch.testing.assert_close(out.double(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha.double(), want_alpha.detach(), rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("heads", [2, 3])
-def test_multi_gate_block_channels_last(monkeypatch, heads):
+def test_multi_gate_block(monkeypatch, heads, channels_last):
     """The folded multi-head block: relu(c + sum_i alpha_i (A_i x)) in one pass of the kernel,
     equal to the block computed head by head in float64."""
-    calls = _count_native_calls(monkeypatch)
+    calls = _count_native_calls(monkeypatch, "rows_product" if channels_last else "planes_product")
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     torch.manual_seed(1)
     block = MultiAttentionGate(3, 16, 24, inter_channels=16, heads=heads)
     for m in block.modules():
@@ -139,24 +181,26 @@ def test_multi_gate_block_channels_last(monkeypatch, heads):
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
     block.eval()
-    x = torch.randn(1, 16, 10, 12, 8).contiguous(memory_format=torch.channels_last_3d)
-    g = torch.randn(1, 24, 5, 6, 4).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 16, 10, 12, 8).contiguous(memory_format=fmt)
+    g = torch.randn(1, 24, 5, 6, 4).contiguous(memory_format=fmt)
     with torch.inference_mode():
         out, alpha = block(x, g)
     block64 = MultiAttentionGate(3, 16, 24, inter_channels=16, heads=heads, backend="reference").double().eval()
     block64.load_state_dict(block.state_dict())
     with torch.no_grad():
         want, want_alpha = block64(x.double(), g.double())
-    assert calls == [(1, 10, 12, 8, 16)]
+    assert calls == [(1, 10, 12, 8, 16) if channels_last else (1, 16, 10, 12, 8)]
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alpha.double(), want_alpha, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel
 def test_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
-    """Training (a gradient is needed), contiguous x, float64, output channels that are not a
-    multiple of the vector width, or inside native.disabled(): the PyTorch products."""
+    """Training (a gradient is needed), float64, a channels-last x with output channels that are
+    not a multiple of the vector width, or inside native.disabled(): the PyTorch products.
+    (A contiguous x takes the planar kernel, any output count.)"""
     calls = _count_native_calls(monkeypatch)
+    planes = _count_native_calls(monkeypatch, "planes_product")
     vl = native.vector_width()
     fmt = torch.channels_last_3d
     x, A = torch.randn(1, 8, 4, 4, 4).contiguous(memory_format=fmt), torch.randn(vl, 8)
@@ -165,10 +209,13 @@ def test_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
     assert not cpu._native(x, A.clone().requires_grad_())
     with torch.no_grad():
         assert cpu._native(x.clone().requires_grad_(), A)
-        for args in [(x.contiguous(), A), (x.double(), A.double()), (x, torch.randn(vl + 2, 8))]:
+        for args in [(x.double(), A.double()), (x, torch.randn(vl + 2, 8))]:
             assert not cpu._native(*args)
             cpu._scaled_product(*args, None, alpha.to(args[0].dtype))
-        assert calls == []
+        assert calls == [] and planes == []
+        assert cpu._native(x.contiguous(), torch.randn(vl + 2, 8))
+        cpu._scaled_product(x.contiguous(), torch.randn(vl + 2, 8), None, alpha)
+        assert calls == [] and planes == [(1, 8, 4, 4, 4)]
         with native.disabled():
             assert not cpu._native(x, A)
             cpu._scaled_product(x, A, None, alpha)
@@ -187,8 +234,9 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 @needs_kernel
 @pytest.mark.skipif(native.available() and native.vector_width() == 8, reason="this machine builds the 8-wide kernel already")
 def test_eight_wide_build(tmp_path):
-    """The kernel as machines without AVX-512 build it (8 floats per vector, 3-row tiles),
-    compiled here with -mno-avx512f: the same results as float64 arithmetic."""
+    """The kernels as machines without AVX-512 build them (8 floats per vector, 3-row tiles for
+    rows, 4-channel tiles for planes), compiled here with -mno-avx512f: the same results as
+    float64 arithmetic."""
     code = """
         import torch
         from attention_gates.ops import native
@@ -202,6 +250,8 @@ def test_eight_wide_build(tmp_path):
             want = P.sum(1) + bias.double()
             want = want.relu() if heads > 1 else want
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            planes = native.planes_product(x.movedim(-1, 1).contiguous(), A, alpha=alpha, bias=bias, relu=heads > 1).double()
+            torch.testing.assert_close(planes, want.movedim(-1, 1), rtol=1e-5, atol=1e-5 * want.abs().max().item())
     """
     result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), ATTENTION_GATES_NATIVE_CFLAGS="-mno-avx512f")
     assert result.returncode == 0, result.stderr

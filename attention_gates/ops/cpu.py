@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import native
 
-__all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "onednn_applies"]
+__all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "conv1x1", "onednn_applies"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -130,22 +130,24 @@ def conv(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, pad
     return _CONV[d - 1](t, weight, bias, stride, padding, dilation, groups)
 
 
-_ONEDNN_MIN_ROWS = 8192
+_ONEDNN_MIN_ROWS = 16384
 
 
-def _conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """A 1x1 convolution of ``Tensor[N, C, *S]`` (``weight``: ``Tensor[Co, C]`` or ``Tensor[Co, C, 1, ...]``):
     ``Tensor[N, Co, *S]`` in ``t``'s layout.
 
-    A channels-last float32 ``t`` of at least ``_ONEDNN_MIN_ROWS`` voxels (``N * S``) and 8 outputs goes
-    to oneDNN, which reads its ``[S, C]`` rows in place, about 1.15x faster than a matrix product
-    on 32768 rows; anything else is a matrix product (:func:`_mm`): oneDNN's fixed cost per call
-    (it reorders the weight) made it 1.1-1.6x slower on 64 to 4096 rows, and 2-4x slower for
-    psi's one or two outputs at every size measured (2 cores).
+    A channels-last float32 ``t`` of at least ``_ONEDNN_MIN_ROWS`` voxels (``N * S``) goes to oneDNN,
+    which reads its ``[S, C]`` rows in place (about 1.15x faster than a matrix product on 32768
+    rows, 2.5x for two outputs from 16 channels on 110592); anything else is a matrix product on
+    the rows or on the ``[C, S]`` planes: oneDNN's fixed cost per call (it reorders
+    the weight) made it 1.1-1.7x slower on 64 to 4096 rows and 2x slower for psi's one output on
+    13824, and on contiguous tensors it reorders the input too (7x slower for ``Tensor[1, 16, 64^3]``
+    to 2 channels, a segmentation head). Measured on 2 cores.
     """
     w = weight.flatten(1)
-    rows = t.numel() // max(t.shape[1], 1)
-    if rows >= _ONEDNN_MIN_ROWS and w.shape[0] >= 8 and _channels_last(t) and onednn_applies(t) and w.dtype == torch.float32:
+    voxels = t.numel() // max(t.shape[1], 1)
+    if voxels >= _ONEDNN_MIN_ROWS and _channels_last(t) and onednn_applies(t) and w.dtype == torch.float32:
         return conv(t, w.view(*w.shape, *[1] * (t.dim() - 2)), bias)
     X = t.flatten(2)
     if _rows(X):  # [S, C] rows times w^T, the bias added by the product
@@ -209,15 +211,17 @@ def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: 
 
     ``A = Tensor[H * Co, C]`` holds the heads' matrices stacked, ``alpha = Tensor[N, H, *S]``
     their attention maps (``None``: one head, unscaled), ``bias = Tensor[Co]``. One pass of the
-    native kernel where it applies (:func:`_native`), else a product (:func:`_conv1x1`) and an
+    native kernel where it applies (:func:`_native`), else a product (:func:`conv1x1`) and an
     epilogue per head.
     """
     heads = 1 if alpha is None else alpha.shape[1]
     co = A.shape[0] // heads
     if _native(x, A, co):
+        if not _channels_last(x):
+            return native.planes_product(x, A, alpha=alpha, bias=bias, relu=relu)
         rows = native.rows_product(x.movedim(1, -1), A, alpha=alpha, bias=bias, relu=relu)
         return rows.movedim(-1, 1)  # [N, Co, *S], channels-last like x
-    P = _conv1x1(x, A, None if alpha is not None else bias)
+    P = conv1x1(x, A, None if alpha is not None else bias)
     if alpha is None:
         return P.relu_() if relu else P
     Pf, a = P.flatten(2), alpha.flatten(2)
@@ -250,7 +254,7 @@ def _theta(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
     """
     k = tuple(weights[0].shape[2:])
     if all(kk == 1 for kk in k):
-        return _conv1x1(x, torch.cat(weights) if len(weights) > 1 else weights[0], None)
+        return conv1x1(x, torch.cat(weights) if len(weights) > 1 else weights[0], None)
     T = [s // kk for s, kk in zip(x.shape[2:], k)]
     if not (_channels_last(x) and x.shape[0] * math.prod(T) <= _PATCH_MAX_ROWS):
         return conv(x, torch.cat(weights) if len(weights) > 1 else weights[0], None, stride=k)
@@ -316,9 +320,9 @@ def _theta_conv_backward(dt: Tensor, x: Tensor, weight: Tensor, *, input_grad: b
 
 def _attention(t: Tensor, g, phi_weight, phi_bias, psi_weight, psi_bias, cfg: _Config) -> Tensor:
     """Eqs. 1-2 on theta's grid ``T``, from ``t = W_x^T x``: ``sigmoid(q_att)`` as ``Tensor[N, 1, *T]``."""
-    p = _resample(_conv1x1(g, phi_weight, phi_bias), t.shape[2:], cfg.align_corners)
+    p = _resample(conv1x1(g, phi_weight, phi_bias), t.shape[2:], cfg.align_corners)
     f = (t + p).relu_() if cfg.sigma1 == "relu" else F.softplus(t + p)
-    return _conv1x1(f, psi_weight, psi_bias).sigmoid_()
+    return conv1x1(f, psi_weight, psi_bias).sigmoid_()
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -346,7 +350,7 @@ class _GridAttentionCPU(torch.autograd.Function):
         else:
             W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
             if cfg.norm == "batch" and cfg.training:
-                out = _conv1x1(xs, W0, None)  # W0 x, in x's layout
+                out = conv1x1(xs, W0, None)  # W0 x, in x's layout
                 U = out.flatten(2)  # a view (with N = 1 its batch stride is arbitrary: return out, not U)
                 n = U.shape[0] * U.shape[2]
                 mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
@@ -452,7 +456,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         k3 = -k1 * d_beta / n
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
-        h = _conv1x1(dy5, (W0 * k1[:, None]).t(), None).flatten(2)
+        h = conv1x1(dy5, (W0 * k1[:, None]).t(), None).flatten(2)
         _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
         h += (W0.t() @ k3)[:, None]
     else:
@@ -464,7 +468,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
             d_gamma = inv * ((W0 * P).sum(1) + (b - rm.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
-        h = _conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
+        h = conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
     return h, [
         d_W0 if needs[7] else None,
         d_b if needs[8] and W_b is not None else None,

@@ -6,8 +6,10 @@
 
 which is ``W``'s product with the gate's epilogue ``alpha * (W0 x) + b`` (one head), or the folded
 multi-head block ``relu(c + sum_i alpha_i * (A_i x))``, without writing the product and reading it
-back. The kernel (``csrc/gate_cpu.c``) keeps a tile of rows x outputs in registers, is vectorised
-for the machine's SIMD and runs on PyTorch's own OpenMP threads.
+back; :func:`planes_product` computes the same on contiguous tensors. The kernels
+(``csrc/gate_cpu.c``) keep a tile of voxels x outputs in registers, are vectorised for the
+machine's SIMD (over output channels for rows, over voxels for planes) and run on PyTorch's own
+OpenMP threads.
 
 It is compiled on first use with the machine's C compiler (``$CC``, else ``cc``;
 ``-O3 -march=native -fopenmp``, plus ``$ATTENTION_GATES_NATIVE_CFLAGS``) into a cache directory (``$ATTENTION_GATES_CACHE``, else
@@ -40,7 +42,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product"]
+__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product", "planes_product"]
 
 SOURCE = Path(__file__).with_name("csrc") / "gate_cpu.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -121,6 +123,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
                 lib.gate_rows.argtypes = [P, L, I, P, I, I, P, L, P, I, P, L, L, I]
                 lib.gate_rows.restype = None
+                lib.gate_planes.argtypes = [P, L, I, P, I, I, P, L, P, I, P, L, L, I]
+                lib.gate_planes.restype = None
                 lib.gate_vector_width.restype = I
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, reason = None, f"building or loading {SOURCE.name} failed: {e}"
@@ -201,6 +205,38 @@ def rows_product(
     return out
 
 
+def planes_product(
+    x: Tensor, A: Tensor, *, alpha: Optional[Tensor] = None, bias: Optional[Tensor] = None, relu: bool = False
+) -> Tensor:
+    """:func:`rows_product` on contiguous tensors: ``out[n, :, s] = act(bias + sum_h alpha[n, h, s] * (A_h @ x[n, :, s]))``.
+
+    ``x``: ``Tensor[N, C, *S]`` contiguous; ``A``: ``Tensor[H * Co, C]``; ``alpha``: ``Tensor[N, H, *S]``
+    or ``None`` (``H = 1``, no scaling); ``bias``: ``Tensor[Co]``. Any ``Co``. Returns
+    ``Tensor[N, Co, *S]``, contiguous.
+    """
+    lib = _require()
+    _check("planes_product", x, A, alpha, bias)
+    n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    heads = 1 if alpha is None else alpha.shape[1]
+    co = A.shape[0] // heads
+    if A.shape[0] % heads or A.shape[1] != c or (bias is not None and bias.shape != (co,)) or (alpha is not None and tuple(alpha.shape) != (n, heads, *spatial)):
+        raise ValueError(
+            f"planes_product: x {list(x.shape)}, A {list(A.shape)}, alpha {None if alpha is None else list(alpha.shape)} and "
+            f"bias {None if bias is None else list(bias.shape)} do not fit (A = Tensor[H * Co, C], alpha = Tensor[N, H, *S], bias = Tensor[Co])"
+        )
+    x = x.contiguous()
+    A = A.contiguous()  # [H, Co, C]: each channel's weights in a row
+    alpha = None if alpha is None else alpha.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    s = math.prod(spatial)
+    out = torch.empty((n, co, *spatial), dtype=x.dtype, device=x.device)
+    lib.gate_planes(
+        _ptr(x), c * s, c, _ptr(A), heads, co, _ptr(alpha), s,
+        _ptr(bias), int(relu), _ptr(out), co * s, n, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Within the block the ``cpu`` backend does not use the kernel (:func:`applies` is ``False``):
@@ -213,15 +249,16 @@ def disabled() -> Iterator[None]:
 
 
 def applies(t: Tensor, out_channels: Sequence[int]) -> bool:
-    """Whether the kernel takes ``t`` (``Tensor[N, C, *S]``, 2 or 3 spatial dims): float32, dense
-    channels-last, outside :func:`torch.compile`, dispatch modes and :func:`disabled`, every
-    count in ``out_channels`` a multiple of :func:`vector_width`, the kernel available."""
+    """Whether the kernel takes ``t`` (``Tensor[N, C, *S]``, 2 or 3 spatial dims): float32, outside
+    :func:`torch.compile`, dispatch modes and :func:`disabled`, the kernel available, and either
+    contiguous (:func:`planes_product`) or dense channels-last with every count in
+    ``out_channels`` a multiple of :func:`vector_width` (:func:`rows_product`)."""
     if _disabled[0] or t.dim() not in (4, 5) or t.dtype != torch.float32 or t.device.type != "cpu" or t.shape[1] < 2:
         return False
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not available():
         return False
+    if t.is_contiguous():
+        return True
     fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
-    if not t.is_contiguous(memory_format=fmt) or not available():
-        return False
     vl = vector_width()
-    return all(co % vl == 0 for co in out_channels)
+    return t.is_contiguous(memory_format=fmt) and all(co % vl == 0 for co in out_channels)

@@ -99,3 +99,97 @@ void gate_rows(const float* x, long xs, int CI, const float* Wt, int H, int CO, 
         }
     }
 }
+
+/* The same on contiguous (planar) tensors: x = Tensor[N, CI, S], out = Tensor[N, CO, S],
+ *
+ *   out[n, o, s] = act(bias[o] + sum_h alpha[n, h, s] * sum_k A[h, o, k] * x[n, k, s])
+ *
+ * vectorised along s. A tile of NO output channels x NV vectors of voxels stays in registers;
+ * every x vector loaded (scaled by its head's alpha when H > 1) serves NO channels, and the
+ * tile's x block (CI x NV vectors) stays in L1 while the channel tiles pass over it. */
+#if defined(__AVX512F__)
+#define NO_P 8
+#else
+#define NO_P 4
+#endif
+
+
+#define PLANES_TILE(NO, NV)                                                                          \
+    static void planes_tile_##NO##_##NV(const float* x, int CI, const float* A, int H, int CO,       \
+                                        const float* alpha, long S, const float* bias, int relu,     \
+                                        float* out, long s0, int o0) {                               \
+        vec acc[NO][NV];                                                                             \
+        for (int i = 0; i < NO; i++)                                                                 \
+            for (int j = 0; j < NV; j++) acc[i][j] = splat(0.0f);                                    \
+        for (int h = 0; h < H; h++) {                                                                \
+            vec a[NV];                                                                               \
+            for (int j = 0; j < NV; j++) a[j] = H > 1 ? load(alpha + (long)h * S + s0 + j * VL) : splat(1.0f); \
+            const float* w = A + ((long)h * CO + o0) * CI;                                           \
+            for (int k = 0; k < CI; k++) {                                                           \
+                vec xv[NV];                                                                          \
+                for (int j = 0; j < NV; j++) {                                                       \
+                    xv[j] = load(x + (long)k * S + s0 + j * VL);                                     \
+                    if (H > 1) xv[j] *= a[j];                                                        \
+                }                                                                                    \
+                for (int i = 0; i < NO; i++) {                                                       \
+                    vec wv = splat(w[(long)i * CI + k]);                                             \
+                    for (int j = 0; j < NV; j++) acc[i][j] += wv * xv[j];                            \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        for (int i = 0; i < NO; i++) {                                                               \
+            vec b = splat(bias ? bias[o0 + i] : 0.0f);                                               \
+            for (int j = 0; j < NV; j++) {                                                           \
+                vec y = acc[i][j];                                                                   \
+                if (H == 1 && alpha) y *= load(alpha + s0 + j * VL);                                 \
+                y += b;                                                                              \
+                if (relu) y = relu_v(y);                                                             \
+                store(out + (long)(o0 + i) * S + s0 + j * VL, y);                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+PLANES_TILE(NO_P, 2)
+PLANES_TILE(1, 2)
+PLANES_TILE(NO_P, 1)
+PLANES_TILE(1, 1)
+
+/* The voxels after the last whole vector, one at a time. */
+static void planes_tail(const float* x, int CI, const float* A, int H, int CO, const float* alpha, long S,
+                        const float* bias, int relu, float* out, long s) {
+    for (int o = 0; o < CO; o++) {
+        float y = 0.0f;
+        for (int h = 0; h < H; h++) {
+            float sum = 0.0f;
+            const float* w = A + ((long)h * CO + o) * CI;
+            for (int k = 0; k < CI; k++) sum += w[k] * x[(long)k * S + s];
+            y += (alpha ? alpha[(long)h * S + s] : 1.0f) * sum;
+        }
+        y += bias ? bias[o] : 0.0f;
+        out[(long)o * S + s] = relu && y < 0.0f ? 0.0f : y;
+    }
+}
+
+/* x: N samples of Tensor[CI, S] (sample stride xn); A: Tensor[H, CO, CI]; alpha: Tensor[N, H, S] or
+ * NULL when H == 1; bias: Tensor[CO] or NULL; out: N samples of Tensor[CO, S] (sample stride on). */
+void gate_planes(const float* x, long xn, int CI, const float* A, int H, int CO, const float* alpha, long S,
+                 const float* bias, int relu, float* out, long on, long N, int threads) {
+    long blocks = (S + TW - 1) / TW;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < N * blocks; t++) {
+        long n = t / blocks, s0 = (t % blocks) * TW;
+        const float* xs = x + n * xn;
+        const float* as = alpha ? alpha + n * (long)H * S : 0;
+        float* os = out + n * on;
+        int nv = S - s0 >= TW ? 2 : S - s0 >= VL ? 1 : 0;
+        for (int o0 = 0; o0 < CO; o0 += NO_P) {
+            int full = CO - o0 >= NO_P;
+            for (int i = 0; i < (full ? 1 : CO - o0); i++) {
+                if (nv == 2)
+                    (full ? planes_tile_NO_P_2 : planes_tile_1_2)(xs, CI, A, H, CO, as, S, bias, relu, os, s0, o0 + i);
+                else if (nv == 1)
+                    (full ? planes_tile_NO_P_1 : planes_tile_1_1)(xs, CI, A, H, CO, as, S, bias, relu, os, s0, o0 + i);
+            }
+        }
+        for (long s = s0 + (long)nv * VL; s < s0 + TW && s < S; s++) planes_tail(xs, CI, A, H, CO, as, S, bias, relu, os, s);
+    }
+}
