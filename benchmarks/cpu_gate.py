@@ -309,9 +309,16 @@ def main(argv=None) -> Optional[dict]:
             note += f"; in-call: 1 + {s['attention_share']:.3f}"
         rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]), "-", note])
     for name, a in result.get("allocator", {}).items():
-        for net, med in a["best_run_median_s"].items():
-            rows.append([f"alloc {name}", net, common.fmt_seconds(med), "-", "-",
-                         f"peak RSS {common.fmt_bytes(a['peak_rss_bytes'])}, {a['minor_page_faults']} page faults"])  # fmt: skip
+        best = a["best_run_median_s"]
+        for net, med in best.items():
+            if net.startswith("UNet3D"):
+                note = f"peak RSS {common.fmt_bytes(a['peak_rss_bytes'])}, {a['minor_page_faults']} page faults"
+            else:  # the ratio of the best runs, and each run's in-call share
+                note = f"{med / best['UNet3D, channels_last' if net.endswith('channels_last') else 'UNet3D']:.3f} x UNet3D (same layout)"
+                shares = [r["model"][net]["attention_share"] for r in a["runs"] if "attention_share" in r["model"][net]]
+                if shares:
+                    note += "; in-call: 1 + " + " / ".join(f"{v:.3f}" for v in shares)
+            rows.append([f"alloc {name}", net, common.fmt_seconds(med), "-", "-", note])
     headers = ["case", "variant", "median", "IQR", "speed-up vs reference", "vs floor / note"]
     result["table"] = [dict(zip(headers, row)) for row in rows]  # as printed (the docs render it)
     result["advice"] = advice(result)

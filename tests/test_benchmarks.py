@@ -204,6 +204,8 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     gate_rows = 4 * len(gate["contiguous"]["eval"])  # (2 layouts x 2 modes) per variant
     assert len(data["table"]) == gate_rows + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
+    alloc_att = [r for r in data["table"] if r["case"].startswith("alloc") and r["variant"].startswith("AttentionUNet3D")]
+    assert len(alloc_att) == 8 and all("x UNet3D (same layout); in-call: 1 + " in r["vs floor / note"] for r in alloc_att)
     advice = "\n".join(data["advice"])
     layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
     assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice

@@ -137,13 +137,13 @@ def conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """A 1x1 convolution of ``Tensor[N, C, *S]`` (``weight``: ``Tensor[Co, C]`` or ``Tensor[Co, C, 1, ...]``):
     ``Tensor[N, Co, *S]`` in ``t``'s layout.
 
-    A channels-last float32 ``t`` of at least ``_ONEDNN_MIN_ROWS`` voxels (``N * S``) goes to oneDNN,
-    which reads its ``[S, C]`` rows in place (about 1.15x faster than a matrix product on 32768
-    rows, 2.5x for two outputs from 16 channels on 110592); anything else is a matrix product on
-    the rows or on the ``[C, S]`` planes: oneDNN's fixed cost per call (it reorders
-    the weight) made it 1.1-1.7x slower on 64 to 4096 rows and 2x slower for psi's one output on
-    13824, and on contiguous tensors it reorders the input too (7x slower for ``Tensor[1, 16, 64^3]``
-    to 2 channels, a segmentation head). Measured on 2 cores.
+    A channels-last float32 ``t`` of at least ``_ONEDNN_MIN_ROWS`` voxels (``N * S``) goes to
+    oneDNN, which reads its ``[S, C]`` rows in place (about 1.15x faster than a matrix product on
+    32768 rows, 2.5x for two outputs from 16 channels on 110592). Anything else is a matrix
+    product on the rows or on the ``[C, S]`` planes: oneDNN's fixed cost per call (it reorders the
+    weight) made it 1.1-1.7x slower on 64 to 4096 rows and 2x slower for psi's one output on
+    13824, and it reorders a contiguous input too (7x slower for ``Tensor[1, 16, 64^3]`` to 2
+    channels, a segmentation head). Measured on 2 cores.
     """
     w = weight.flatten(1)
     voxels = t.numel() // max(t.shape[1], 1)

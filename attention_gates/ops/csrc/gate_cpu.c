@@ -113,7 +113,6 @@ void gate_rows(const float* x, long xs, int CI, const float* Wt, int H, int CO, 
 #define NO_P 4
 #endif
 
-
 #define PLANES_TILE(NO, NV)                                                                          \
     static void planes_tile_##NO##_##NV(const float* x, int CI, const float* A, int H, int CO,       \
                                         const float* alpha, long S, const float* bias, int relu,     \
