@@ -28,15 +28,10 @@ def expected(x, A, alpha, bias, relu):
     return out.relu() if relu else out
 
 
-@needs_kernel
-@pytest.mark.parametrize("heads", [1, 2, 3])
-@pytest.mark.parametrize("spatial", [(5, 7, 3), (9, 11), (1,)])
-@pytest.mark.parametrize("n, c, co_vectors", [(1, 16, 2), (2, 3, 1), (2, 37, 3)])
-def test_rows_product_matches_float64(heads, spatial, n, c, co_vectors):
-    """Row counts that are not a multiple of the tile, one and several heads, an output width that
-    ends in half a tile (3 vectors), batches, with and without alpha, bias and ReLU."""
-    gen = torch.Generator().manual_seed(heads * 100 + c)
-    co = co_vectors * native.vector_width()
+def _products(heads: int, n: int, spatial: tuple, c: int, co: int, seed: int):
+    """Random ``x = Tensor[n, *spatial, c]`` (rows) and ``A``, and the keyword sets to try: with and
+    without alpha, bias and ReLU (no alpha: one head only)."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *spatial, c, generator=gen)
     A = torch.randn(heads * co, c, generator=gen)
     alpha = torch.rand(n, heads, *spatial, generator=gen)
@@ -44,6 +39,18 @@ def test_rows_product_matches_float64(heads, spatial, n, c, co_vectors):
     cases = [dict(alpha=alpha, bias=bias, relu=True), dict(alpha=alpha, bias=None, relu=False)]
     if heads == 1:
         cases.append(dict(alpha=None, bias=bias, relu=False))
+    return x, A, cases
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [1, 2, 3])
+@pytest.mark.parametrize("spatial", [(5, 7, 3), (9, 11), (1,)])
+@pytest.mark.parametrize("n, c, co_vectors", [(1, 16, 2), (2, 3, 1), (2, 37, 3)])
+def test_rows_product_matches_float64(heads, spatial, n, c, co_vectors):
+    """Row counts that are not a multiple of the tile, one and several heads, an output width that
+    ends in half a tile (3 vectors), batches, with and without alpha, bias and ReLU."""
+    co = co_vectors * native.vector_width()
+    x, A, cases = _products(heads, n, spatial, c, co, seed=heads * 100 + c)
     for kw in cases:
         got = native.rows_product(x, A, **kw)
         want = expected(x, A, kw["alpha"], kw["bias"], kw["relu"])
@@ -86,17 +93,11 @@ def test_planes_product_matches_float64(heads, spatial, n, c, co):
     """The planar kernel on contiguous tensors: voxel counts that end in a whole tile, a single
     vector or a scalar tail, output counts that end in a partial channel tile, one and several
     heads, batches, with and without alpha, bias and ReLU."""
-    gen = torch.Generator().manual_seed(heads * 100 + c + co)
-    x = torch.randn(n, c, *spatial, generator=gen)
-    A = torch.randn(heads * co, c, generator=gen)
-    alpha = torch.rand(n, heads, *spatial, generator=gen)
-    bias = torch.randn(co, generator=gen)
-    cases = [dict(alpha=alpha, bias=bias, relu=True), dict(alpha=alpha, bias=None, relu=False)]
-    if heads == 1:
-        cases.append(dict(alpha=None, bias=bias, relu=False))
+    rows, A, cases = _products(heads, n, spatial, c, co, seed=heads * 100 + c + co)
+    x = rows.movedim(-1, 1).contiguous()
     for kw in cases:
         got = native.planes_product(x, A, **kw)
-        want = expected(x.movedim(1, -1), A, kw["alpha"], kw["bias"], kw["relu"]).movedim(-1, 1)
+        want = expected(rows, A, kw["alpha"], kw["bias"], kw["relu"]).movedim(-1, 1)
         assert got.shape == (n, co, *spatial) and got.is_contiguous() and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
