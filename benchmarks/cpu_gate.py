@@ -136,13 +136,13 @@ def _timing_gates(net, fn: Callable[[], object]) -> Callable[[], object]:
     return _GateClock(net, fn) if len(getattr(net, "gates", ())) else fn
 
 
-def _nets(size: int) -> dict[str, Callable[[], object]]:
+def _nets(size: int, batch: int = 1) -> dict[str, Callable[[], object]]:
     """``UNet3D`` and ``AttentionUNet3D`` (gates on ``reference`` and ``cpu``), each contiguous and
     channels-last (network and input converted once, outside the timing)."""
     from attention_gates import AttentionUNet3D, UNet3D
 
     torch.manual_seed(0)
-    x = torch.randn(1, 1, size, size, size)
+    x = torch.randn(batch, 1, size, size, size)
     nets = {
         "UNet3D": UNet3D().eval(),
         "AttentionUNet3D[reference]": AttentionUNet3D(backend="reference").eval(),
@@ -170,12 +170,12 @@ def _progress(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
 
-def model_bench(size: int, warmup: int, repeats: int) -> dict:
+def model_bench(size: int, warmup: int, repeats: int, batch: int = 1) -> dict:
     """Every network interleaved; for ``AttentionUNet3D`` also ``attention_share``: the median over
     timed calls of (its attention modules' time) / (the rest of the same call), an estimate of its
     time over ``UNet3D``'s (the rest is ``UNet3D``'s layers) measured within each call, so that a
     busy machine's drift between calls does not enter it."""
-    fns = _nets(size)
+    fns = _nets(size, batch)
     times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=torch.device("cpu"))
     out = {name: common.summarize(t) for name, t in times.items()}
     for name, fn in fns.items():
@@ -185,7 +185,7 @@ def model_bench(size: int, warmup: int, repeats: int) -> dict:
     return out
 
 
-def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> dict:
+def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2, batch: int = 1) -> dict:
     """The model benchmark in a subprocess per allocator setting, alternating, ``rounds`` each: time and peak RSS."""
     runs: dict[str, list[dict]] = {"default": [], "no-mmap": []}
     for r in range(rounds):
@@ -194,7 +194,7 @@ def allocator_bench(size: int, warmup: int, repeats: int, rounds: int = 2) -> di
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             if name == "no-mmap":
                 env.update(ALLOC_ENV)
-            cmd = [sys.executable, "-m", "benchmarks.cpu_gate", "--model-child", "--size", str(size),
+            cmd = [sys.executable, "-m", "benchmarks.cpu_gate", "--model-child", "--size", str(size), "--batch", str(batch),
                    "--warmup", str(warmup), "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]  # fmt: skip
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -239,7 +239,7 @@ def advice(result: dict) -> list[str]:
 
 
 def _model_child(args) -> None:
-    result = {"model": model_bench(args.size, args.warmup, args.repeats)}
+    result = {"model": model_bench(args.size, args.warmup, args.repeats, args.batch)}
     result["peak_rss_bytes"] = common.peak_rss()
     result["minor_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # memory faulted in afresh
     print(json.dumps(result))
@@ -249,7 +249,8 @@ def main(argv=None) -> Optional[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per measurement (default 15)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--size", type=int, default=64, help="model input edge S (input 1x1xSxSxS, default 64)")
+    p.add_argument("--size", type=int, default=64, help="model input edge S (input Nx1xSxSxS, default 64)")
+    p.add_argument("--batch", type=int, default=1, help="model input batch N (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time the 'compile' backend on the gate")
     p.add_argument("--skip-alloc", action="store_true", help="skip the allocator subprocesses")
@@ -269,7 +270,7 @@ def main(argv=None) -> Optional[dict]:
     result: dict = {"machine": common.machine_info(cpu), "load_average_before": common.load_average()}
     result["native_kernel"] = {"available": native.available(), "unavailable_reason": native.unavailable_reason()}
     result["config"] = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                        "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size, "quick": args.quick}  # fmt: skip
+                        "repeats": args.repeats, "warmup": args.warmup, "model_size": args.size, "model_batch": args.batch, "quick": args.quick}  # fmt: skip
     bw = copy_bandwidth(cpu, 2**25, args.warmup, max(args.repeats, 5))
     result["copy_bandwidth"] = bw
     result["gemm"] = gemm = gemm_rate(args.warmup, max(args.repeats, 5))
@@ -283,10 +284,10 @@ def main(argv=None) -> Optional[dict]:
     gate["flop_floor_s"] = gate["eval_flops"] / (gemm["GFLOPps"] * 1e9)
     gate["train_flop_floor_s"] = gate["train_flops"] / (gemm["GFLOPps"] * 1e9)
     result["gate_level2"] = gate
-    _progress(f"models at {args.size}^3: timing 6 variants x {max(args.repeats // 3, 3)} rounds")
-    result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3))
+    _progress(f"models at {args.batch}x{args.size}^3: timing 6 variants x {max(args.repeats // 3, 3)} rounds")
+    result["model"] = model_bench(args.size, args.warmup, max(args.repeats // 3, 3), args.batch)
     if not args.skip_alloc:
-        result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3), rounds=1 if args.quick else 2)
+        result["allocator"] = allocator_bench(args.size, 1, max(args.repeats // 5, 3), rounds=1 if args.quick else 2, batch=args.batch)
     result["wall_s"] = time.perf_counter() - t0
     result["load_average_after"] = common.load_average()
 
@@ -307,7 +308,7 @@ def main(argv=None) -> Optional[dict]:
         note = f"{s['median'] / unet:.3f} x UNet3D (same layout)"
         if "attention_share" in s:
             note += f"; in-call: 1 + {s['attention_share']:.3f}"
-        rows.append([f"model {args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]), "-", note])
+        rows.append([f"model {args.batch}x{args.size}^3 eval", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]), "-", note])
     for name, a in result.get("allocator", {}).items():
         best = a["best_run_median_s"]
         for net, med in best.items():

@@ -206,10 +206,27 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert len(data["table"]) == gate_rows + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
     alloc_att = [r for r in data["table"] if r["case"].startswith("alloc") and r["variant"].startswith("AttentionUNet3D")]
     assert len(alloc_att) == 8 and all("x UNet3D (same layout); in-call: 1 + " in r["vs floor / note"] for r in alloc_att)
+    assert data["config"]["model_batch"] == 1 and any(r["case"] == "model 1x16^3 eval" for r in data["table"])
     advice = "\n".join(data["advice"])
     layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
     assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice
     assert "MALLOC_MMAP_MAX_=0" in advice and "torch used 1 of" in advice
+
+
+def test_cpu_gate_model_bench_takes_a_batch():
+    """``--batch N``: the networks get ``Tensor[N, 1, S, S, S]``."""
+    from benchmarks import cpu_gate
+
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape[0]) if type(m).__name__ in ("UNet3D", "AttentionUNet3D") else None
+    )
+    try:
+        out = cpu_gate.model_bench(16, 0, 1, batch=2)
+    finally:
+        hook.remove()
+    assert len(out) == 6 and all(s["median"] > 0 for s in out.values())
+    assert seen and set(seen) == {2}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
