@@ -290,6 +290,43 @@ def test_resample_is_torch_interpolation(dims, sizes, channels, align_corners):
     torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    c=st.integers(1, 12),
+    co=st.integers(1, 12),
+    size=st.lists(st.integers(1, 7), min_size=3, max_size=3),
+    channels_last=st.booleans(),
+    bias=st.booleans(),
+)
+def test_conv1x1_is_the_convolution_in_its_input_layout(dims, n, c, co, size, channels_last, bias):
+    """``conv1x1`` (a product on rows or planes) equals ``F.conv{1,2,3}d`` with its gradients, and its
+    output keeps the input's layout, the batch stride of a single channels-last sample included."""
+    from attention_gates.ops.cpu import conv1x1
+
+    gen = torch.Generator().manual_seed(n * 1000 + c * 100 + co)
+    x = torch.randn(n, c, *size[:dims], generator=gen, dtype=torch.float64)
+    if channels_last and dims > 1:
+        x = x.contiguous(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[dims])
+    x.requires_grad_()
+    w = torch.randn(co, c, *[1] * dims, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(co, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]
+    got, want = conv1x1(x, w, b), conv(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # x's layout (a tensor that is also contiguous counts as contiguous), on every dim longer than 1
+    fmt = torch.contiguous_format
+    if channels_last and dims > 1 and not x.is_contiguous():
+        fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    expected = torch.empty(want.shape).contiguous(memory_format=fmt).stride()
+    assert [s for s, m in zip(got.stride(), got.shape) if m > 1] == [s for s, m in zip(expected, want.shape) if m > 1]
+    leaves = [x, w] + ([b] if bias else [])
+    wdy = torch.randn_like(want)
+    for g_got, g_want in zip(torch.autograd.grad(got, leaves, wdy), torch.autograd.grad(want, leaves, wdy)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(dtype):
     """Half inputs: computed in float32, so the result is the float32 reference rounded once."""
