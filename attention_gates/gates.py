@@ -43,7 +43,7 @@ class Conv3d(nn.Conv3d):
     turned off). 1x1x1 convolutions (stride 1, one group) of such inputs of any batch, as in
     segmentation heads and the gating signal, are :func:`attention_gates.ops.cpu.conv1x1`: a
     matrix product, or oneDNN for large channels-last inputs (oneDNN reorders a contiguous input:
-    ``Tensor[1, 16, 64, 64, 64]`` to 2 channels took 7x longer). Otherwise it is
+    ``Tensor[1, 16, 64, 64, 64]`` to 2 channels took 6-9x longer). Otherwise it is
     :class:`nn.Conv3d`: same parameters, state dict and results up to float32 rounding. Under
     :func:`torch.compile` and dispatch modes (``FlopCounterMode``, fake tensors,
     :func:`torch.export.export`) it is plain :class:`nn.Conv3d` too: they see ``aten.convolution``.

@@ -142,7 +142,7 @@ def conv1x1(t: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     32768 rows, 2.5x for two outputs from 16 channels on 110592). Anything else is a matrix
     product on the rows or on the ``[C, S]`` planes: oneDNN's fixed cost per call (it reorders the
     weight) made it 1.1-1.7x slower on 64 to 4096 rows and 2x slower for psi's one output on
-    13824, and it reorders a contiguous input too (7x slower for ``Tensor[1, 16, 64^3]`` to 2
+    13824, and it reorders a contiguous input too (6-9x slower for ``Tensor[1, 16, 64^3]`` to 2
     channels, a segmentation head). Measured on 2 cores.
     """
     w = weight.flatten(1)
