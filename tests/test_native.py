@@ -196,6 +196,58 @@ def test_multi_gate_block(monkeypatch, heads, channels_last):
 
 
 @needs_kernel
+def test_backward_rows_matches_float64():
+    """h = A1 dy + alpha (A2 x) + bias and h . x per row: batches, strided rows, widths ending in half a tile."""
+    gen = torch.Generator().manual_seed(5)
+    for n, c, spatial in [(2, 3 * native.vector_width(), (5, 7, 3)), (1, native.vector_width(), (9, 11))]:
+        fmt = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+        x, dy = (torch.randn(n, c, *spatial, generator=gen).contiguous(memory_format=fmt) for _ in range(2))
+        A1, A2, bias = torch.randn(c, c, generator=gen), torch.randn(c, c, generator=gen), torch.randn(c, generator=gen)
+        alpha = torch.rand(n, 1, *spatial, generator=gen)
+        h, hx = native.backward_rows(dy.movedim(1, -1), x.movedim(1, -1), A1, A2, alpha, bias)
+        X, D = x.double().movedim(1, -1), dy.double().movedim(1, -1)
+        want = D @ A1.double().t() + alpha.double().movedim(1, -1) * (X @ A2.double().t()) + bias.double()
+        torch.testing.assert_close(h.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        want_hx = (want * X).sum(-1).unsqueeze(1)
+        torch.testing.assert_close(hx.double(), want_hx, rtol=1e-5, atol=1e-5 * want_hx.abs().max().item())
+    with pytest.raises(ValueError, match="do not fit"):
+        native.backward_rows(dy.movedim(1, -1), x.movedim(1, -1), A1, A2, alpha[:, :, :1], bias)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gate_training_channels_last(monkeypatch, kernel):
+    """Training a float32 channels-last gate with batch statistics: the native kernel computes the
+    backward through W (h and its part of d alpha) when it is available; every gradient and the
+    running statistics match the float64 reference either way."""
+    if kernel and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    if not kernel:
+        _without_kernel(monkeypatch)
+    calls = _count_native_calls(monkeypatch, "backward_rows")
+    c, fmt = 2 * 16, torch.channels_last_3d
+    torch.manual_seed(2)
+    gate = GridAttentionGate3D(c, 24, 16, backend="cpu").train()
+    ref = GridAttentionGate3D(c, 24, 16, backend="reference").double().train()
+    ref.load_state_dict(gate.state_dict())
+    x = torch.randn(2, c, 10, 9, 8).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(2, 24, 5, 4, 4).contiguous(memory_format=fmt).requires_grad_()
+    x64, g64 = (t.detach().double().requires_grad_() for t in (x, g))
+    w_out, w_alpha = torch.randn(2, c, 10, 9, 8).contiguous(memory_format=fmt), torch.randn(2, 1, 10, 9, 8)
+    out, alpha = gate(x, g)
+    ((out * w_out).sum() + (alpha * w_alpha).sum()).backward()
+    out64, alpha64 = ref(x64, g64)
+    ((out64 * w_out.double()).sum() + (alpha64 * w_alpha.double()).sum()).backward()
+    assert len(calls) == (1 if kernel else 0)
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-5, atol=1e-5)
+    pairs = [(x.grad, x64.grad), (g.grad, g64.grad)] + [(p.grad, q.grad) for p, q in zip(gate.parameters(), ref.parameters())]
+    for got, want in pairs:
+        if want is None or want.abs().max() < 1e-9:  # (W's bias: zero through batch statistics)
+            continue
+        assert (got.double() - want).abs().max().item() <= 2e-4 * want.abs().max().item()
+    torch.testing.assert_close(gate.W[1].running_var.double(), ref.W[1].running_var, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
 def test_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
     """Training (a gradient is needed), float64, a channels-last x with output channels that are
     not a multiple of the vector width, or inside native.disabled(): the PyTorch products.

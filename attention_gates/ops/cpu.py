@@ -206,6 +206,13 @@ def _native(t: Tensor, w: Tensor, out_channels: Optional[int] = None) -> bool:
     return w.dtype == torch.float32 and native.applies(t, [out_channels or w.shape[0]])
 
 
+def _native_backward(dy5: Tensor, W0: Tensor) -> bool:
+    """Whether :func:`attention_gates.ops.native.backward_rows` takes the output transform's
+    backward: a channels-last float32 gradient whose channel count is a multiple of the
+    vector width, without a graph being built (no double backward through it)."""
+    return not torch.is_grad_enabled() and _channels_last(dy5) and _native(dy5, W0)
+
+
 def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """``act(bias + sum_h alpha_h * (A_h @ x))`` per voxel of ``x = Tensor[N, C, *S]``, in ``x``'s layout.
 
@@ -397,12 +404,12 @@ class _GridAttentionCPU(torch.autograd.Function):
         dy = dy5.flatten(2)
         grads: list[Optional[Tensor]] = [None] * 11
         if W_w is None:
-            h = dy  # d(alpha x)
+            h, hx = dy, None  # d(alpha x)
         else:
-            h, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            h, hx, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
             grads[7:11] = w_grads
         if wanted:
-            d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
+            d_alpha = d_alpha.to(dtype) + (hx if hx is not None else (h * X).sum(1, keepdim=True)).view_as(alpha)
             coarse_grads = dict(zip(wanted, torch.autograd.grad(alpha, [leaves[i] for i in wanted], d_alpha)))
             grads[1], grads[3:7] = coarse_grads.get(1), [coarse_grads.get(i) for i in range(2, 6)]
             if needs_t:
@@ -439,11 +446,15 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
     ``dy5`` is the output's gradient in ``x``'s layout, ``Tensor[N, C, *S]`` (the 1x1 products
     take it whole: a view back from its flattened form may carry another batch stride, which
     oneDNN reads as another layout); ``X`` and ``a`` are ``Tensor[N, C, S]`` views. Returns
-    ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
+    ``h = d(alpha x)`` as ``Tensor[N, C, S]``; ``hx = sum_c h x`` as ``Tensor[N, 1, *S]`` when the
+    native kernel computed ``h`` with it (training, channels-last float32: one pass instead of a
+    product per term, a bias pass, and ``h * x`` and its sum), else ``None``; and the gradients of
+    ``(W_w, W_b, norm_w, norm_b)``.
     """
     dy = dy5.flatten(2)
     W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
     n = X.shape[0] * X.shape[2]
+    hx = None
     d_beta = dy.sum((0, 2))
     if cfg.norm == "batch" and cfg.training:
         (invstd,) = stats
@@ -456,9 +467,18 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         k3 = -k1 * d_beta / n
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
-        h = conv1x1(dy5, (W0 * k1[:, None]).t(), None).flatten(2)
-        _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
-        h += (W0.t() @ k3)[:, None]
+        A1, A2 = (W0 * k1[:, None]).t(), W0.t() @ (k2[:, None] * W0)
+        if _native_backward(dy5, W0):  # h = A1 dy + alpha (A2 x) + W0^T k3 - A2 mean(ax), and h . x, in one pass
+            shape = dy5.shape
+            h, hx = native.backward_rows(
+                dy5.movedim(1, -1), X.view(shape).movedim(1, -1), A1, A2, a.view(shape[0], 1, *shape[2:]),
+                W0.t() @ k3 - (A2 @ ax_mean).squeeze(1),
+            )  # fmt: skip
+            h = h.movedim(-1, 1).flatten(2)
+        else:
+            h = conv1x1(dy5, A1, None).flatten(2)
+            _mm(A2, axc, acc=h)
+            h += (W0.t() @ k3)[:, None]
     else:
         P = _gram(dy, torch.mul(X, a, out=torch.empty_like(X)))  # sum dy ax^T
         k1, d_gamma = gamma.new_ones(()), None
@@ -469,7 +489,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
         h = conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
-    return h, [
+    return h, hx, [
         d_W0 if needs[7] else None,
         d_b if needs[8] and W_b is not None else None,
         d_gamma if needs[9] and norm_w is not None else None,

@@ -42,7 +42,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product", "planes_product"]
+__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product", "planes_product", "backward_rows"]
 
 SOURCE = Path(__file__).with_name("csrc") / "gate_cpu.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -125,6 +125,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 lib.gate_rows.restype = None
                 lib.gate_planes.argtypes = [P, L, I, P, I, I, P, L, P, I, P, L, L, I]
                 lib.gate_planes.restype = None
+                lib.gate_backward_rows.argtypes = [P, L, P, L, I, P, P, P, P, P, P, L, I]
+                lib.gate_backward_rows.restype = None
                 lib.gate_vector_width.restype = I
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, reason = None, f"building or loading {SOURCE.name} failed: {e}"
@@ -235,6 +237,41 @@ def planes_product(
         _ptr(bias), int(relu), _ptr(out), co * s, n, torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def backward_rows(dy: Tensor, x: Tensor, A1: Tensor, A2: Tensor, alpha: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """The gate's backward through its output transform, per row ``r`` of channels-last tensors:
+    ``h[r] = A1 @ dy[r] + alpha[r] * (A2 @ x[r]) + bias`` and ``hx[r] = h[r] . x[r]``.
+
+    ``dy``, ``x``: ``Tensor[N, *S, C]`` (channels-last tensors permuted; rows dense, the batch may
+    be strided); ``A1``, ``A2``: ``Tensor[C, C]``; ``alpha``: ``Tensor[N, 1, *S]``; ``bias``:
+    ``Tensor[C]``. float32 on the CPU, ``C`` a multiple of :func:`vector_width`. Returns
+    ``(h: Tensor[N, *S, C], hx: Tensor[N, 1, *S])``, contiguous.
+    """
+    lib = _require()
+    _check("backward_rows", dy, x, A1, A2, alpha, bias)
+    n, c, spatial = x.shape[0], x.shape[-1], tuple(x.shape[1:-1])
+    vl = lib.gate_vector_width()
+    if c % vl:
+        raise ValueError(f"backward_rows needs C a multiple of {vl}, got x {list(x.shape)}")
+    if (dy.shape != x.shape or A1.shape != (c, c) or A2.shape != (c, c) or tuple(alpha.shape) != (n, 1, *spatial)
+            or bias.shape != (c,)):  # fmt: skip
+        raise ValueError(
+            f"backward_rows: dy {list(dy.shape)}, x {list(x.shape)}, A1 {list(A1.shape)}, A2 {list(A2.shape)}, alpha "
+            f"{list(alpha.shape)} and bias {list(bias.shape)} do not fit (dy = x = Tensor[N, *S, C], A = Tensor[C, C], "
+            "alpha = Tensor[N, 1, *S], bias = Tensor[C])"
+        )
+    s = math.prod(spatial)
+    dy_rows, x_rows = dy.reshape(n * s, c), x.reshape(n * s, c)  # views of channels-last tensors' rows
+    A1t, A2t = A1.t().contiguous(), A2.t().contiguous()  # [k, o]: the k loop reads output vectors
+    alpha, bias = alpha.contiguous(), bias.contiguous()
+    h = torch.empty((n, *spatial, c), dtype=x.dtype, device=x.device)
+    hx = torch.empty((n, 1, *spatial), dtype=x.dtype, device=x.device)
+    lib.gate_backward_rows(
+        _ptr(dy_rows), dy_rows.stride(0), _ptr(x_rows), x_rows.stride(0), c, _ptr(A1t), _ptr(A2t),
+        _ptr(alpha), _ptr(bias), _ptr(h), _ptr(hx), n * s, torch.get_num_threads(),
+    )  # fmt: skip
+    return h, hx
 
 
 @contextlib.contextmanager

@@ -192,3 +192,70 @@ void gate_planes(const float* x, long xn, int CI, const float* A, int H, int CO,
         for (long s = s0 + (long)nv * VL; s < s0 + TW && s < S; s++) planes_tail(xs, CI, A, H, CO, as, S, bias, relu, os, s);
     }
 }
+
+/* The backward through the output transform with batch statistics, on channels-last rows:
+ *
+ *   h[r] = A1 dy[r] + alpha[r] * (A2 x[r]) + bias,        hx[r] = h[r] . x[r]
+ *
+ * (h = d(alpha x), hx its part of d alpha) in one pass over dy and x, where products, an
+ * accumulation, a bias pass and a product with x and its sum each went over the voxels.
+ * A1t, A2t: Tensor[C, C], the matrices transposed ([k, o]). */
+#define BACKWARD_TILE(NR, NV)                                                                        \
+    static void backward_tile_##NR##_##NV(const float* dy, long ds, const float* x, long xs, int C,  \
+                                          const float* A1t, const float* A2t, const float* alpha,    \
+                                          const float* bias, float* h, float* hx, long r0, int o0) { \
+        vec a1[NR][2], a2[NR][2];                                                                    \
+        for (int i = 0; i < NR; i++) a1[i][0] = a1[i][1] = a2[i][0] = a2[i][1] = splat(0.0f);       \
+        for (int k = 0; k < C; k++) {                                                                \
+            const float *w1 = A1t + (long)k * C + o0, *w2 = A2t + (long)k * C + o0;                  \
+            vec w10 = load(w1), w11 = NV == 2 ? load(w1 + VL) : splat(0.0f);                         \
+            vec w20 = load(w2), w21 = NV == 2 ? load(w2 + VL) : splat(0.0f);                         \
+            for (int i = 0; i < NR; i++) {                                                           \
+                vec d = splat(dy[(r0 + i) * ds + k]), xv = splat(x[(r0 + i) * xs + k]);              \
+                a1[i][0] += d * w10;                                                                 \
+                a2[i][0] += xv * w20;                                                                \
+                if (NV == 2) {                                                                       \
+                    a1[i][1] += d * w11;                                                             \
+                    a2[i][1] += xv * w21;                                                            \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+        for (int i = 0; i < NR; i++) {                                                               \
+            vec s = splat(alpha[r0 + i]);                                                            \
+            const float* xr = x + (r0 + i) * xs + o0;                                                \
+            float* o = h + (r0 + i) * C + o0;                                                        \
+            float sum = 0.0f;                                                                        \
+            for (int j = 0; j < NV; j++) {                                                           \
+                vec y = a1[i][j] + s * a2[i][j] + load(bias + o0 + j * VL);                          \
+                store(o + j * VL, y);                                                                \
+                vec p = y * load(xr + j * VL);                                                       \
+                for (int l = 0; l < VL; l++) sum += p[l];                                            \
+            }                                                                                        \
+            hx[r0 + i] += sum;                                                                       \
+        }                                                                                            \
+    }
+BACKWARD_TILE(R, 2)
+BACKWARD_TILE(R, 1)
+BACKWARD_TILE(1, 2)
+BACKWARD_TILE(1, 1)
+
+/* dy, x: `rows` rows of C floats (row strides ds, xs); A1t, A2t: Tensor[C, C]; alpha: Tensor[rows];
+ * bias: Tensor[C]; h: rows x C, dense; hx: Tensor[rows]. C must be a multiple of VL. */
+void gate_backward_rows(const float* dy, long ds, const float* x, long xs, int C, const float* A1t, const float* A2t,
+                        const float* alpha, const float* bias, float* h, float* hx, long rows, int threads) {
+    long tiles = (rows + R - 1) / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < tiles; t++) {
+        long r0 = t * R;
+        int nr = rows - r0 < R ? (int)(rows - r0) : R;
+        for (int i = 0; i < nr; i++) hx[r0 + i] = 0.0f;
+        for (int o0 = 0; o0 < C; o0 += TW) {
+            int two = C - o0 >= TW;
+            if (nr == R)
+                (two ? backward_tile_R_2 : backward_tile_R_1)(dy, ds, x, xs, C, A1t, A2t, alpha, bias, h, hx, r0, o0);
+            else
+                for (int i = 0; i < nr; i++)
+                    (two ? backward_tile_1_2 : backward_tile_1_1)(dy, ds, x, xs, C, A1t, A2t, alpha, bias, h, hx, r0 + i, o0);
+        }
+    }
+}
