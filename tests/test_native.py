@@ -216,14 +216,15 @@ def test_backward_rows_matches_float64():
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_gate_training_channels_last(monkeypatch, kernel):
-    """Training a float32 channels-last gate with batch statistics: the native kernel computes the
-    backward through W (h and its part of d alpha) when it is available; every gradient and the
-    running statistics match the float64 reference either way."""
+    """Training a float32 channels-last gate with batch statistics: the native kernels compute the
+    batch statistics and the normalised output in the forward, and the backward through W (h and
+    its part of d alpha), when they are available; the output, every gradient and the running
+    statistics match the float64 reference either way."""
     if kernel and not native.available():
         pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
     if not kernel:
         _without_kernel(monkeypatch)
-    calls = _count_native_calls(monkeypatch, "backward_rows")
+    calls = [_count_native_calls(monkeypatch, name) for name in ("rows_stats", "backward_rows")]
     c, fmt = 2 * 16, torch.channels_last_3d
     torch.manual_seed(2)
     gate = GridAttentionGate3D(c, 24, 16, backend="cpu").train()
@@ -237,7 +238,7 @@ def test_gate_training_channels_last(monkeypatch, kernel):
     ((out * w_out).sum() + (alpha * w_alpha).sum()).backward()
     out64, alpha64 = ref(x64, g64)
     ((out64 * w_out.double()).sum() + (alpha64 * w_alpha.double()).sum()).backward()
-    assert len(calls) == (1 if kernel else 0)
+    assert [len(c) for c in calls] == ([1, 1] if kernel else [0, 0])  # the statistics (forward), the backward through W
     torch.testing.assert_close(out.double(), out64.detach(), rtol=1e-5, atol=1e-5)
     pairs = [(x.grad, x64.grad), (g.grad, g64.grad)] + [(p.grad, q.grad) for p, q in zip(gate.parameters(), ref.parameters())]
     for got, want in pairs:

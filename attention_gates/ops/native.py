@@ -42,7 +42,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product", "planes_product", "backward_rows"]
+__all__ = ["available", "unavailable_reason", "vector_width", "applies", "disabled", "rows_product", "planes_product", "rows_stats", "backward_rows"]
 
 SOURCE = Path(__file__).with_name("csrc") / "gate_cpu.c"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -127,6 +127,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 lib.gate_planes.restype = None
                 lib.gate_backward_rows.argtypes = [P, L, P, L, I, P, P, P, P, P, P, L, I]
                 lib.gate_backward_rows.restype = None
+                lib.gate_rows_stats.argtypes = [P, L, I, P, I, P, P, L, I]
+                lib.gate_rows_stats.restype = None
                 lib.gate_vector_width.restype = I
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, reason = None, f"building or loading {SOURCE.name} failed: {e}"
@@ -239,9 +241,40 @@ def planes_product(
     return out
 
 
+def rows_stats(x: Tensor, W: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch statistics of the gate's output transform in training, without writing it.
+
+    Per output channel ``o``: ``sum_r v[r, o]`` and ``sum_r v[r, o]^2`` with
+    ``v[r] = alpha[r] * (W @ x[r])``, accumulated in float64.
+
+    ``x``: ``Tensor[N, *S, C]`` (a channels-last tensor permuted; rows dense); ``W``:
+    ``Tensor[Co, C]``; ``alpha``: ``Tensor[N, 1, *S]``. float32 on the CPU, ``Co`` a multiple of
+    :func:`vector_width`. Returns ``(sum, sum_of_squares)``, each ``Tensor[Co]`` of float64.
+    """
+    lib = _require()
+    _check("rows_stats", x, W, alpha)
+    n, c, spatial = x.shape[0], x.shape[-1], tuple(x.shape[1:-1])
+    co, vl = W.shape[0], lib.gate_vector_width()
+    if co % vl:
+        raise ValueError(f"rows_stats needs Co a multiple of {vl}, got W {list(W.shape)}")
+    if W.shape[1] != c or tuple(alpha.shape) != (n, 1, *spatial):
+        raise ValueError(f"rows_stats: x {list(x.shape)}, W {list(W.shape)} and alpha {list(alpha.shape)} do not fit "
+                         "(W = Tensor[Co, C], alpha = Tensor[N, 1, *S])")  # fmt: skip
+    s = math.prod(spatial)
+    rows = x.reshape(n * s, c)  # a view of a channels-last tensor's rows
+    Wt, alpha = W.t().contiguous(), alpha.contiguous()
+    threads = torch.get_num_threads()
+    part = torch.zeros((threads, 2, co), dtype=torch.float64)
+    lib.gate_rows_stats(_ptr(rows), rows.stride(0), c, _ptr(Wt), co, _ptr(alpha), _ptr(part), n * s, threads)
+    total = part.sum(0)
+    return total[0], total[1]
+
+
 def backward_rows(dy: Tensor, x: Tensor, A1: Tensor, A2: Tensor, alpha: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """The gate's backward through its output transform, per row ``r`` of channels-last tensors:
-    ``h[r] = A1 @ dy[r] + alpha[r] * (A2 @ x[r]) + bias`` and ``hx[r] = h[r] . x[r]``.
+    """The gate's backward through its output transform with batch statistics, in one pass.
+
+    Per row ``r`` of channels-last tensors: ``h[r] = A1 @ dy[r] + alpha[r] * (A2 @ x[r]) + bias``
+    and ``hx[r] = h[r] . x[r]``.
 
     ``dy``, ``x``: ``Tensor[N, *S, C]`` (channels-last tensors permuted; rows dense, the batch may
     be strided); ``A1``, ``A2``: ``Tensor[C, C]``; ``alpha``: ``Tensor[N, 1, *S]``; ``bias``:

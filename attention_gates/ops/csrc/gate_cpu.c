@@ -13,6 +13,7 @@
  * vector loaded serves R rows.
  */
 #include <stddef.h>
+#include <omp.h>
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -256,6 +257,66 @@ void gate_backward_rows(const float* dy, long ds, const float* x, long xs, int C
             else
                 for (int i = 0; i < nr; i++)
                     (two ? backward_tile_1_2 : backward_tile_1_1)(dy, ds, x, xs, C, A1t, A2t, alpha, bias, h, hx, r0 + i, o0);
+        }
+    }
+}
+
+/* The batch statistics of the gate's output transform in training, on channels-last rows:
+ * per output channel o, sum_r v[r, o] and sum_r v[r, o]^2 with v[r] = alpha[r] * (W0 x[r]),
+ * accumulated in double (per tile of rows, then per thread: part[thread][2][CO]), without
+ * writing v. The normalised output is then one more pass of gate_rows. */
+#define STATS_TILE(NR, NV)                                                                           \
+    static void stats_tile_##NR##_##NV(const float* x, long xs, int CI, const float* Wt, int CO,      \
+                                       const float* alpha, double* part, long r0, int o0) {          \
+        vec acc[NR][2];                                                                              \
+        for (int i = 0; i < NR; i++) acc[i][0] = acc[i][1] = splat(0.0f);                           \
+        const float* xr = x + r0 * xs;                                                               \
+        const float* w = Wt + o0;                                                                    \
+        for (int k = 0; k < CI; k++, w += CO) {                                                      \
+            vec w0 = load(w), w1 = NV == 2 ? load(w + VL) : splat(0.0f);                             \
+            for (int i = 0; i < NR; i++) {                                                           \
+                vec xv = splat(xr[i * xs + k]);                                                      \
+                acc[i][0] += xv * w0;                                                                \
+                if (NV == 2) acc[i][1] += xv * w1;                                                   \
+            }                                                                                        \
+        }                                                                                            \
+        for (int j = 0; j < NV; j++) {                                                               \
+            vec s1 = splat(0.0f), s2 = splat(0.0f);                                                  \
+            for (int i = 0; i < NR; i++) {                                                           \
+                vec v = splat(alpha[r0 + i]) * acc[i][j];                                            \
+                s1 += v;                                                                             \
+                s2 += v * v;                                                                         \
+            }                                                                                        \
+            double* p1 = part + o0 + j * VL;                                                         \
+            double* p2 = p1 + CO;                                                                    \
+            for (int l = 0; l < VL; l++) {                                                           \
+                p1[l] += s1[l];                                                                      \
+                p2[l] += s2[l];                                                                      \
+            }                                                                                        \
+        }                                                                                            \
+    }
+STATS_TILE(R, 2)
+STATS_TILE(R, 1)
+STATS_TILE(1, 2)
+STATS_TILE(1, 1)
+
+/* x: `rows` rows of CI floats (row stride xs); Wt: Tensor[CI, CO]; alpha: Tensor[rows]; part:
+ * Tensor[threads, 2, CO] of doubles, zeroed by the caller. CO must be a multiple of VL. */
+void gate_rows_stats(const float* x, long xs, int CI, const float* Wt, int CO, const float* alpha, double* part,
+                     long rows, int threads) {
+    long tiles = (rows + R - 1) / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < tiles; t++) {
+        double* mine = part + (long)omp_get_thread_num() * 2 * CO;
+        long r0 = t * R;
+        int nr = rows - r0 < R ? (int)(rows - r0) : R;
+        for (int o0 = 0; o0 < CO; o0 += TW) {
+            int two = CO - o0 >= TW;
+            if (nr == R)
+                (two ? stats_tile_R_2 : stats_tile_R_1)(x, xs, CI, Wt, CO, alpha, mine, r0, o0);
+            else
+                for (int i = 0; i < nr; i++)
+                    (two ? stats_tile_1_2 : stats_tile_1_1)(x, xs, CI, Wt, CO, alpha, mine, r0 + i, o0);
         }
     }
 }
