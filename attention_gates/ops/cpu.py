@@ -8,9 +8,10 @@ ones, so no operand is copied. The output transform never materialises ``alpha *
     W(alpha * x) = alpha * (W0 @ x) + b                          (per voxel, W0 = Tensor[C, C])
 
 so it is one product over ``x`` and an in-place epilogue. Batch normalisation is folded
-into ``W0`` and ``b`` in evaluation, and computed from the product in training. In inference
-on channels-last float32 ``x`` the product and its epilogue are one pass of the native kernel
-(:mod:`attention_gates.ops.native`) where it is available.
+into ``W0`` and ``b`` in evaluation, and computed from the product in training. Where the
+native kernels (:mod:`attention_gates.ops.native`) are available, the product and its epilogue
+are one pass over ``x`` in inference (channels-last or contiguous float32), and channels-last
+float32 training computes the batch statistics and the backward through ``W`` with them too.
 
 The forward keeps for the backward (``_GridAttentionCPU``) only its inputs, theta's output
 on the coarse grid and the batch ``1/std``, nothing of ``x``'s size: the backward recomputes the

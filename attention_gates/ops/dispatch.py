@@ -190,10 +190,10 @@ def _needs_grad(x: Tensor, g: Tensor, weights) -> bool:
 def _auto_order(x: Tensor, g: Tensor, weights) -> tuple[str, ...]:
     if x.device.type == "cuda":
         return ("triton", "reference")
-    # cpu: faster than the reference for inference in float32 (1.7x contiguous, 1.9x channels-last
-    # on the paper's level-2 gate, benchmarks/cpu_gate.py), not for training (1.1x contiguous, 0.6x
-    # channels-last); under torch.compile the compiler fuses
-    # the reference (the cpu backend's backward calls torch.autograd.grad, which dynamo does not trace)
+    # cpu: faster than the reference for inference in float32 (1.6-2.6x on the paper's level-2 gate,
+    # benchmarks/cpu_gate.py), not clearly for training (0.9-1.2x contiguous; channels-last 1.26x
+    # with the default allocator, 0.97x with MALLOC_MMAP_MAX_=0); under torch.compile the compiler
+    # fuses the reference (the cpu backend's backward calls torch.autograd.grad, which dynamo does not trace)
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32

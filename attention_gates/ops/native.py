@@ -6,7 +6,8 @@
 
 which is ``W``'s product with the gate's epilogue ``alpha * (W0 x) + b`` (one head), or the folded
 multi-head block ``relu(c + sum_i alpha_i * (A_i x))``, without writing the product and reading it
-back; :func:`planes_product` computes the same on contiguous tensors. The kernels
+back; :func:`planes_product` computes the same on contiguous tensors, and :func:`rows_stats`
+and :func:`backward_rows` serve the backend's training with batch statistics. The kernels
 (``csrc/gate_cpu.c``) keep a tile of voxels x outputs in registers, are vectorised for the
 machine's SIMD (over output channels for rows, over voxels for planes) and run on PyTorch's own
 OpenMP threads.
