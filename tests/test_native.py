@@ -196,6 +196,26 @@ def test_multi_gate_block(monkeypatch, heads, channels_last):
 
 
 @needs_kernel
+def test_rows_stats_matches_float64():
+    """Per-channel sum and sum of squares of alpha * (W x): batches, row counts that end in a partial
+    tile, widths ending in half a tile, a shift far from zero (the float64 sums keep the variance)."""
+    gen = torch.Generator().manual_seed(6)
+    vl = native.vector_width()
+    for n, c, co, spatial in [(2, 16, 3 * vl, (5, 7, 3)), (1, 7, vl, (9, 11))]:
+        x = torch.randn(n, *spatial, c, generator=gen) + 3.0
+        W, alpha = torch.randn(co, c, generator=gen), torch.rand(n, 1, *spatial, generator=gen)
+        s1, s2 = native.rows_stats(x, W, alpha)
+        v = alpha.double().movedim(1, -1) * (x.double() @ W.double().t())
+        assert s1.dtype == s2.dtype == torch.float64 and s1.shape == s2.shape == (co,)
+        torch.testing.assert_close(s1, v.flatten(0, -2).sum(0), rtol=1e-5, atol=1e-6 * v.abs().sum().item())
+        torch.testing.assert_close(s2, v.square().flatten(0, -2).sum(0), rtol=1e-5, atol=0.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.rows_stats(x, W, alpha[..., :1])
+    with pytest.raises(ValueError, match=f"multiple of {vl}"):
+        native.rows_stats(x, W[:-1], alpha)
+
+
+@needs_kernel
 def test_backward_rows_matches_float64():
     """h = A1 dy + alpha (A2 x) + bias and h . x per row: batches, strided rows, widths ending in half a tile."""
     gen = torch.Generator().manual_seed(5)
@@ -289,8 +309,8 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(native.available() and native.vector_width() == 8, reason="this machine builds the 8-wide kernel already")
 def test_eight_wide_build(tmp_path):
     """The kernels as machines without AVX-512 build them (8 floats per vector, 3-row tiles for
-    rows, 4-channel tiles for planes), compiled here with -mno-avx512f: the same results as
-    float64 arithmetic."""
+    rows, 4-channel tiles for planes), compiled here with -mno-avx512f, the training kernels
+    included: the same results as float64 arithmetic."""
     code = """
         import torch
         from attention_gates.ops import native
@@ -306,6 +326,18 @@ def test_eight_wide_build(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
             planes = native.planes_product(x.movedim(-1, 1).contiguous(), A, alpha=alpha, bias=bias, relu=heads > 1).double()
             torch.testing.assert_close(planes, want.movedim(-1, 1), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        for n, c in [(2, 8), (1, 24)]:  # the training kernels
+            x, dy = torch.randn(n, 7, 5, c, generator=gen), torch.randn(n, 7, 5, c, generator=gen)
+            A1, A2, b, a = torch.randn(c, c, generator=gen), torch.randn(c, c, generator=gen), torch.randn(c, generator=gen), torch.rand(n, 1, 7, 5, generator=gen)
+            v = a.double().movedim(1, -1) * (x.double() @ A1.double().t())
+            s1, s2 = native.rows_stats(x, A1, a)
+            torch.testing.assert_close(s1, v.sum((0, 1, 2)), rtol=1e-5, atol=1e-5 * v.abs().sum().item())
+            torch.testing.assert_close(s2, v.square().sum((0, 1, 2)), rtol=1e-5, atol=0.0)
+            h, hx = native.backward_rows(dy, x, A1, A2, a, b)
+            want = dy.double() @ A1.double().t() + a.double().movedim(1, -1) * (x.double() @ A2.double().t()) + b.double()
+            torch.testing.assert_close(h.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            want_hx = (want * x.double()).sum(-1).unsqueeze(1)
+            torch.testing.assert_close(hx.double(), want_hx, rtol=1e-5, atol=1e-5 * want_hx.abs().max().item())
     """
     result = _python(code, ATTENTION_GATES_CACHE=str(tmp_path), ATTENTION_GATES_NATIVE_CFLAGS="-mno-avx512f")
     assert result.returncode == 0, result.stderr
