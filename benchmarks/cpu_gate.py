@@ -165,6 +165,11 @@ def _nets(size: int, batch: int = 1) -> dict[str, Callable[[], object]]:
     return fns
 
 
+def _baseline(name: str) -> str:
+    """The ``UNet3D`` entry in the same layout as the network entry ``name``."""
+    return "UNet3D, channels_last" if name.endswith("channels_last") else "UNet3D"
+
+
 def _progress(msg: str) -> None:
     """A progress line on stderr (the table and the JSON path go to stdout)."""
     print(f"  {msg}", file=sys.stderr, flush=True)
@@ -304,7 +309,7 @@ def main(argv=None) -> Optional[dict]:
                 rows.append([f"gate L2 {mode}, {lay}", name, common.fmt_seconds(s["median"]), common.fmt_seconds(s["iqr"]),
                              common.fmt_ratio(ref / s["median"]), note])  # fmt: skip
     for name, s in result["model"].items():
-        unet = result["model"]["UNet3D, channels_last" if name.endswith("channels_last") else "UNet3D"]["median"]
+        unet = result["model"][_baseline(name)]["median"]
         note = f"{s['median'] / unet:.3f} x UNet3D (same layout)"
         if "attention_share" in s:
             note += f"; in-call: 1 + {s['attention_share']:.3f}"
@@ -315,7 +320,7 @@ def main(argv=None) -> Optional[dict]:
             if net.startswith("UNet3D"):
                 note = f"peak RSS {common.fmt_bytes(a['peak_rss_bytes'])}, {a['minor_page_faults']} page faults"
             else:  # the ratio of the best runs, and each run's in-call share
-                note = f"{med / best['UNet3D, channels_last' if net.endswith('channels_last') else 'UNet3D']:.3f} x UNet3D (same layout)"
+                note = f"{med / best[_baseline(net)]:.3f} x UNet3D (same layout)"
                 shares = [r["model"][net]["attention_share"] for r in a["runs"] if "attention_share" in r["model"][net]]
                 if shares:
                     note += "; in-call: 1 + " + " / ".join(f"{v:.3f}" for v in shares)

@@ -207,11 +207,12 @@ def _native(t: Tensor, w: Tensor, out_channels: Optional[int] = None) -> bool:
     return w.dtype == torch.float32 and native.applies(t, [out_channels or w.shape[0]])
 
 
-def _native_backward(dy5: Tensor, W0: Tensor) -> bool:
-    """Whether :func:`attention_gates.ops.native.backward_rows` takes the output transform's
-    backward: a channels-last float32 gradient whose channel count is a multiple of the
-    vector width, without a graph being built (no double backward through it)."""
-    return not torch.is_grad_enabled() and _channels_last(dy5) and _native(dy5, W0)
+def _native_rows(t: Tensor, W0: Tensor) -> bool:
+    """Whether the training kernels (:func:`attention_gates.ops.native.rows_stats`,
+    :func:`~attention_gates.ops.native.backward_rows`) take ``t``: channels-last float32 whose
+    channel count is a multiple of the vector width, with no graph being built (the forward of
+    the autograd function, its backward without double backward)."""
+    return not torch.is_grad_enabled() and _channels_last(t) and _native(t, W0)
 
 
 def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None, relu: bool = False) -> Tensor:
@@ -261,11 +262,11 @@ def _theta(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
     where its per-call cost dominates; 0.8x at 4096 voxels). Otherwise a oneDNN convolution.
     """
     k = tuple(weights[0].shape[2:])
-    if all(kk == 1 for kk in k):
-        return conv1x1(x, torch.cat(weights) if len(weights) > 1 else weights[0], None)
     T = [s // kk for s, kk in zip(x.shape[2:], k)]
-    if not (_channels_last(x) and x.shape[0] * math.prod(T) <= _PATCH_MAX_ROWS):
-        return conv(x, torch.cat(weights) if len(weights) > 1 else weights[0], None, stride=k)
+    pointwise = all(kk == 1 for kk in k)
+    if pointwise or not (_channels_last(x) and x.shape[0] * math.prod(T) <= _PATCH_MAX_ROWS):
+        w = torch.cat(weights) if len(weights) > 1 else weights[0]
+        return conv1x1(x, w, None) if pointwise else conv(x, w, None, stride=k)
     d = len(k)
     r = x.movedim(1, -1)[(slice(None), *(slice(0, t * kk) for t, kk in zip(T, k)))]  # [N, *S (cropped), C]
     for i in range(d):  # [N, T1, k1, ..., Td, kd, C]
@@ -357,10 +358,10 @@ class _GridAttentionCPU(torch.autograd.Function):
             out = xs * alpha
         else:
             W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
-            if cfg.norm == "batch" and cfg.training and _channels_last(xs) and _native(xs, W0):
+            n = X.shape[0] * X.shape[2]
+            if cfg.norm == "batch" and cfg.training and _native_rows(xs, W0):
                 # two passes of the native kernel: the statistics of alpha * (W0 x) (without writing
                 # it), then the normalised output as a scaled product with its epilogue
-                n = x.shape[0] * a.shape[2]
                 s1, s2 = native.rows_stats(xs.movedim(1, -1), W0, alpha)
                 mean64 = s1 / n
                 mean, var = mean64.to(dtype), (s2 / n - mean64.square()).clamp_min(0).to(dtype)
@@ -372,7 +373,6 @@ class _GridAttentionCPU(torch.autograd.Function):
             elif cfg.norm == "batch" and cfg.training:
                 out = conv1x1(xs, W0, None)  # W0 x, in x's layout
                 U = out.flatten(2)  # a view (with N = 1 its batch stride is arbitrary: return out, not U)
-                n = U.shape[0] * U.shape[2]
                 mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
                 torch.addcmul(-mean[:, None], U, a, out=U)  # alpha * W0 x - mean, in place
                 var = torch.matmul(U.square(), U.new_ones(U.shape[2], 1)).sum(0).squeeze(1) / n  # a product:
@@ -485,7 +485,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
         A1, A2 = (W0 * k1[:, None]).t(), W0.t() @ (k2[:, None] * W0)
-        if _native_backward(dy5, W0):  # h = A1 dy + alpha (A2 x) + W0^T k3 - A2 mean(ax), and h . x, in one pass
+        if _native_rows(dy5, W0):  # h = A1 dy + alpha (A2 x) + W0^T k3 - A2 mean(ax), and h . x, in one pass
             shape = dy5.shape
             h, hx = native.backward_rows(
                 dy5.movedim(1, -1), X.view(shape).movedim(1, -1), A1, A2, a.view(shape[0], 1, *shape[2:]),
