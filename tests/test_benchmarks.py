@@ -203,7 +203,7 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
         assert ("attention_share" in s) == name.startswith("AttentionUNet3D") and s.get("attention_share", 1) > 0
     assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
     gate_rows = 4 * len(gate["contiguous"]["eval"])  # (2 layouts x 2 modes) per variant
-    assert len(data["table"]) == gate_rows + 6 + 2 * 6  # gate rows, model rows, allocator rows (each model per setting)
+    assert len(data["table"]) == gate_rows + 2 + 6 + 2 * 6  # gate rows, products rows, model rows, allocator rows
     alloc_att = [r for r in data["table"] if r["case"].startswith("alloc") and r["variant"].startswith("AttentionUNet3D")]
     assert len(alloc_att) == 8 and all("x UNet3D (same layout); in-call: 1 + " in r["vs floor / note"] for r in alloc_att)
     assert data["config"]["model_batch"] == 1 and any(r["case"] == "model 1x16^3 eval" for r in data["table"])
@@ -211,6 +211,38 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
     assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice
     assert "MALLOC_MMAP_MAX_=0" in advice and "torch used 1 of" in advice
+    assert set(gate["products"]) == {"eval", "train"} and all(s["n"] == 2 for s in gate["products"].values())
+    products = data["products"]  # one by one: the same multiply-adds the FLOP counter saw
+    assert sum(p["flops"] for p in products if p["phase"] == "forward") == gate["eval_flops"]
+    assert sum(p["flops"] for p in products) == gate["train_flops"]
+    assert all(p["GFLOPps"] == pytest.approx(p["flops"] / p["median_s"] / 1e9) for p in products)
+    eval_t, train_t, model_t = data["targets"]
+    best = min(gate[lay]["eval"]["cpu"]["median"] for lay in cpu_gate.LAYOUTS)
+    assert eval_t["met"] == (best <= 3 * gate["floor_s"]) and eval_t["products_s"] == gate["products"]["eval"]["median"]
+    speed = max(gate[lay]["train"]["reference"]["median"] / gate[lay]["train"]["cpu"]["median"] for lay in cpu_gate.LAYOUTS)
+    assert train_t["met"] == (speed >= 3) and f"{speed:.2f}x the reference" in train_t["line"]
+    shares = [s["attention_share"] for n, s in data["model"].items() if n.startswith("AttentionUNet3D[cpu]")]
+    assert model_t["met"] == (max(shares) <= 0.03) and len(model_t["ratio"]) == 2
+
+
+@pytest.mark.parametrize("x_shape, g_shape", [((1, 8, 8, 8, 8), (1, 16, 4, 4, 4)), ((2, 4, 10, 6, 8), (2, 12, 3, 3, 4))])
+def test_gate_products_are_the_flops_of_the_reference(x_shape, g_shape):
+    """The product list times exactly the multiply-adds the FLOP counter finds in the reference
+    gate's forward and its backward (x's and g's gradients, every weight's), g on its own grid too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attention_gates import GridAttentionGate3D
+    from benchmarks import cpu_gate
+
+    gate = GridAttentionGate3D(x_shape[1], g_shape[1], 6, backend="reference")
+    x, g = torch.randn(x_shape, requires_grad=True), torch.randn(g_shape, requires_grad=True)
+    products = cpu_gate.gate_products(x_shape, g_shape, 6)
+    flops = {phase: sum(2 * math.prod(p["mkn"]) for p in products if p["phase"] == phase) for phase in ("forward", "backward")}
+    with FlopCounterMode(display=False) as forward:
+        out, _ = gate(x, g)
+    with FlopCounterMode(display=False) as backward:
+        out.backward(torch.randn_like(out))
+    assert (flops["forward"], flops["backward"]) == (forward.get_total_flops(), backward.get_total_flops())
 
 
 def test_cpu_gate_model_bench_takes_a_batch():
