@@ -223,6 +223,27 @@ def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
     assert train_t["met"] == (speed >= 3) and f"{speed:.2f}x the reference" in train_t["line"]
     shares = [s["attention_share"] for n, s in data["model"].items() if n.startswith("AttentionUNet3D[cpu]")]
     assert model_t["met"] == (max(shares) <= 0.03) and len(model_t["ratio"]) == 2
+    mp = data["model_products"]  # three gated skips (4 products each) and the gating signal
+    assert len(mp["products"]) == 13 and mp["share"] > 0 and model_t["products_share"] == mp["share"]
+    assert mp["flops"] == sum(2 * math.prod(p["mkn"]) for p in mp["products"])
+
+
+def test_attention_products_of_the_paper_model():
+    """At 16^3 the paper model's gated skips see x = 32x8^3, 64x4^3, 128x2^3 with g = 64x4^3,
+    128x2^3 and the 256x1^3 gating signal; two heads with F_int = F_l, factor 2."""
+    from attention_gates import AttentionUNet3D
+    from benchmarks import cpu_gate
+
+    products = dict(cpu_gate.attention_products(AttentionUNet3D().eval(), torch.randn(1, 1, 16, 16, 16)))
+    assert products == {
+        "gating": (1, 256, 256),
+        "level 4 theta": (1, 128 * 8, 2 * 128), "level 4 phi": (1, 256, 2 * 128),
+        "level 4 psi": (1, 2 * 128, 2), "level 4 output": (8, 128, 2 * 128),
+        "level 3 theta": (8, 64 * 8, 2 * 64), "level 3 phi": (8, 128, 2 * 64),
+        "level 3 psi": (8, 2 * 64, 2), "level 3 output": (64, 64, 2 * 64),
+        "level 2 theta": (64, 32 * 8, 2 * 32), "level 2 phi": (64, 64, 2 * 32),
+        "level 2 psi": (64, 2 * 32, 2), "level 2 output": (512, 32, 2 * 32),
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("x_shape, g_shape", [((1, 8, 8, 8, 8), (1, 16, 4, 4, 4)), ((2, 4, 10, 6, 8), (2, 12, 3, 3, 4))])
