@@ -128,9 +128,9 @@ def gate_products(x_shape, g_shape, inter_channels: int, factor: int = 2) -> lis
     forward = {"theta": (coarse, k, inter_channels), "phi": (gating, g_shape[1], inter_channels),
                "psi": (coarse, inter_channels, 1), "W": (fine, c, c)}  # fmt: skip
     out = [{"name": name, "phase": "forward", "mkn": mkn, "weight_grad": False} for name, mkn in forward.items()]
-    for name, (m, kk, nn) in forward.items():
-        out.append({"name": f"{name} input grad", "phase": "backward", "mkn": (m, nn, kk), "weight_grad": False})
-        out.append({"name": f"{name} weight grad", "phase": "backward", "mkn": (kk, m, nn), "weight_grad": True})
+    for name, (rows, cin, cout) in forward.items():
+        out.append({"name": f"{name} input grad", "phase": "backward", "mkn": (rows, cout, cin), "weight_grad": False})
+        out.append({"name": f"{name} weight grad", "phase": "backward", "mkn": (cin, rows, cout), "weight_grad": True})
     return out
 
 
@@ -404,19 +404,19 @@ def model_products_bench(size: int, warmup: int, repeats: int, batch: int = 1) -
     fmt = torch.channels_last_3d
     x = torch.randn(batch, 1, size, size, size).contiguous(memory_format=fmt)
     unet = UNet3D().eval().to(memory_format=fmt)
-    products = attention_products(AttentionUNet3D(backend="cpu").eval().to(memory_format=fmt), x)
-    mats = [(torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)) for _, (m, k, n) in products]
+    products = [{"name": name, "mkn": mkn, "weight_grad": False}
+                for name, mkn in attention_products(AttentionUNet3D(backend="cpu").eval().to(memory_format=fmt), x)]  # fmt: skip
 
     def unet_call() -> None:
         with torch.inference_mode():
             unet(x)
 
-    fns = {"UNet3D, channels_last": unet_call, "products": _sequence([lambda a=a, b=b, o=o: torch.mm(a, b, out=o) for a, b, o in mats])}
+    fns = {"UNet3D, channels_last": unet_call, "products": _sequence(list(_product_fns(products).values()))}
     times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=torch.device("cpu"))
     out = {name: common.summarize(t) for name, t in times.items()}
     return {
-        "products": [{"name": n, "mkn": mkn} for n, mkn in products],
-        "flops": sum(2 * math.prod(mkn) for _, mkn in products),
+        "products": [{"name": p["name"], "mkn": p["mkn"]} for p in products],
+        "flops": sum(2 * math.prod(p["mkn"]) for p in products),
         "products_s": out["products"]["median"],
         "UNet3D_s": out["UNet3D, channels_last"]["median"],
         "share": statistics.median(p / u for p, u in zip(times["products"], times["UNet3D, channels_last"])),
