@@ -2,18 +2,21 @@
 
 from .blocks import ConvBlock, DeepSupervisionHead, GatingSignal, UpBlock, deep_supervision_weights
 from .convert import load_oktay_state_dict
-from .finetune import (
-    TransferReport,
-    attention_unet_from_unet,
-    checkpoint_config,
-    freeze_backbone,
-    gate_parameters,
-    init_passthrough,
-    unfreeze,
-)
+from .finetune import freeze_backbone, gate_parameters, unfreeze
 from .functional import grid_attention
 from .gates import GridAttentionGate, GridAttentionGate2D, GridAttentionGate3D, MultiAttentionGate
-from .nets import AttentionUNet, AttentionUNet2D, AttentionUNet3D, UNet, UNet2D, UNet3D
+from .nets import (
+    AttentionUNet,
+    AttentionUNet2D,
+    AttentionUNet3D,
+    TransferReport,
+    UNet,
+    UNet2D,
+    UNet3D,
+    attention_unet_from_unet,
+    checkpoint_config,
+    init_passthrough,
+)
 from .ops import BackendUnavailableError, get_backend, use_backend
 
 __version__ = "0.1.0"

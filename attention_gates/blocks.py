@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import resample
-from .gates import conv_nd, init_kaiming, norm_nd
+from .layers import conv_nd, init_kaiming, norm_nd
 
 __all__ = ["ConvBlock", "GatingSignal", "UpBlock", "DeepSupervisionHead", "deep_supervision_weights"]
 

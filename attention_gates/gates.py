@@ -2,110 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as AF
-from .ops.cpu import conv, conv1x1, multi_gate_inference_cpu, onednn_applies
-from .ops.dispatch import _check_name, chosen
+from .layers import Factor, as_tuple, check_spatial_dims, conv_nd, init_kaiming, norm_nd
+from .ops import check_name
 
-__all__ = [
-    "GridAttentionGate",
-    "GridAttentionGate2D",
-    "GridAttentionGate3D",
-    "MultiAttentionGate",
-    "conv_nd",
-    "Conv3d",
-    "norm_nd",
-    "as_tuple",
-]
-
-Factor = Union[int, Sequence[int]]
-
-
-def conv_nd(spatial_dims: int) -> type[nn.Module]:
-    """``nn.Conv1d``/``nn.Conv2d``/:class:`Conv3d` for ``spatial_dims`` 1, 2 or 3."""
-    _check_dims(spatial_dims)
-    return (nn.Conv1d, nn.Conv2d, Conv3d)[spatial_dims - 1]
-
-
-class Conv3d(nn.Conv3d):
-    """:class:`torch.nn.Conv3d` that takes oneDNN on the CPU for a single volume.
-
-    PyTorch picks its CPU convolution by a rule written for 2D: with batch 1 and kernels of
-    at most 3 it takes oneDNN only when ``N * C * D * H > 20480``, which leaves many layers
-    of a 3D U-Net at batch 1 (for example ``Tensor[1, 16, 32, 32, 32]`` with a 3x3x3 kernel)
-    on its slow reference loop, 3-5x slower than oneDNN on 2 cores. For inputs of batch 1
-    this subclass calls :func:`attention_gates.ops.cpu.conv`, which takes oneDNN for float32 CPU
-    tensors when it is available and enabled (``torch.backends.mkldnn.enabled``, so it can be
-    turned off). 1x1x1 convolutions (stride 1, one group) of such inputs of any batch, as in
-    segmentation heads and the gating signal, are :func:`attention_gates.ops.cpu.conv1x1`: a
-    matrix product, or oneDNN for large channels-last inputs (oneDNN reorders a contiguous input:
-    ``Tensor[1, 16, 64, 64, 64]`` to 2 channels took 6-9x longer). Otherwise it is
-    :class:`nn.Conv3d`: same parameters, state dict and results up to float32 rounding. Under
-    :func:`torch.compile` and dispatch modes (``FlopCounterMode``, fake tensors,
-    :func:`torch.export.export`) it is plain :class:`nn.Conv3d` too: they see ``aten.convolution``.
-    """
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if input.dim() == 5 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            if self._pointwise and onednn_applies(input) and weight.dtype == torch.float32:
-                return conv1x1(input, weight, bias)
-            if input.shape[0] == 1:
-                return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        return super()._conv_forward(input, weight, bias)
-
-    @property
-    def _pointwise(self) -> bool:
-        return self.kernel_size == self.stride == self.dilation == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1
-
-
-def norm_nd(norm: str, spatial_dims: int, channels: int, num_groups: int = 8) -> nn.Module:
-    """A normalisation layer: ``"batch"``, ``"instance"`` (affine), ``"group"`` or ``"none"``."""
-    _check_dims(spatial_dims)
-    if norm == "batch":
-        return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[spatial_dims - 1](channels)
-    if norm == "instance":
-        return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1](channels, affine=True)
-    if norm == "group":
-        return nn.GroupNorm(_groups(num_groups, channels), channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {AF.NORMS}, got {norm!r}")
-
-
-def _groups(num_groups: int, channels: int) -> int:
-    """The largest divisor of ``channels`` that is at most ``num_groups``."""
-    return max(d for d in range(1, min(num_groups, channels) + 1) if channels % d == 0)
-
-
-def _check_dims(spatial_dims: int) -> None:
-    if spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-
-
-def as_tuple(value: Factor, spatial_dims: int, name: str = "subsample_factor") -> tuple[int, ...]:
-    """``value`` as a tuple of ``spatial_dims`` positive ints (an int is repeated)."""
-    if isinstance(value, int):
-        value = (value,) * spatial_dims
-    value = tuple(value)
-    if len(value) != spatial_dims or not all(isinstance(v, int) and v >= 1 for v in value):
-        raise ValueError(f"{name} must be a positive int or {spatial_dims} positive ints, got {value!r}")
-    return value
-
-
-def init_kaiming(module: nn.Module) -> None:
-    """The authors' initialisation: Kaiming-normal (fan-in) conv weights, zero biases, norms at identity."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+__all__ = ["GridAttentionGate", "GridAttentionGate2D", "GridAttentionGate3D", "MultiAttentionGate"]
 
 
 class GridAttentionGate(nn.Module):
@@ -161,7 +67,7 @@ class GridAttentionGate(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _check_dims(spatial_dims)
+        check_spatial_dims(spatial_dims)
         for name, v in (("in_channels", in_channels), ("gating_channels", gating_channels)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -169,12 +75,7 @@ class GridAttentionGate(nn.Module):
             inter_channels = max(in_channels // 2, 1)
         if not isinstance(inter_channels, int) or inter_channels < 1:
             raise ValueError(f"inter_channels must be a positive int or None, got {inter_channels!r}")
-        if sigma1 not in AF.SIGMA1:
-            raise ValueError(f"sigma1 must be one of {AF.SIGMA1}, got {sigma1!r}")
-        if sigma2 not in AF.SIGMA2:
-            raise ValueError(f"sigma2 must be one of {AF.SIGMA2}, got {sigma2!r}")
-        if norm not in AF.NORMS:
-            raise ValueError(f"norm must be one of {AF.NORMS}, got {norm!r}")
+        AF.GateOptions(norm=norm, sigma1=sigma1, sigma2=sigma2)  # raises for a name it does not know
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.gating_channels = gating_channels
@@ -183,7 +84,7 @@ class GridAttentionGate(nn.Module):
         self.sigma1, self.sigma2 = sigma1, sigma2
         self.norm = norm
         self.align_corners = align_corners
-        self.backend = None if backend is None else _check_name(backend)
+        self.backend = None if backend is None else check_name(backend)
         Conv = conv_nd(spatial_dims)
         k = self.subsample_factor
         self.theta = Conv(in_channels, inter_channels, kernel_size=k, stride=k, bias=False)
@@ -310,15 +211,8 @@ class MultiAttentionGate(nn.Module):
             nn.ReLU(inplace=True),
         )
         init_kaiming(self.combine)
-        self._output_map_cache: Optional[tuple] = None  # (key, snapshot, (A, c)): see _cached_output_map
 
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        folded = self._folded(x, g)
-        if folded is not None:
-            A, c = folded
-            heads = [(gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias) for gate in self.gates]
-            gate = self.gates[0]
-            return multi_gate_inference_cpu(x, g, heads, A, c, sigma1=gate.sigma1, align_corners=gate.align_corners)
         outs, alphas = zip(*(gate(x, g) for gate in self.gates))
         return self.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
 
@@ -351,52 +245,6 @@ class MultiAttentionGate(nn.Module):
             A.append(sc[:, None] * (Wc_i @ M))
             c = c + Wc_i @ b
         return torch.cat(A), sc * c + tc
-
-    def _folded(self, x: Tensor, g: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        """:meth:`folded_output_map` when this call takes
-        :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu` (in evaluation mode without gradients,
-        when the gates' calls would run on the ``cpu`` backend: ``"auto"`` takes it for float32 CPU
-        inference), else ``None``. The map is cached (:meth:`_cached_output_map`)."""
-        if self.training or not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != self.gates[0].spatial_dims + 2:
-            return None  # (not on the CPU: the gates' own calls check and dispatch, once)
-        gate = self.gates[0]
-        if gate.W is None or isinstance(gate.W[1], nn.SyncBatchNorm) or any(gt.backend != gate.backend for gt in self.gates):
-            return None
-        weights = tuple(self.parameters()) if torch.is_grad_enabled() else ()  # (for autograd's sake only)
-        AF.check_gate_inputs(
-            x, g, gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
-            norm=gate.norm, num_groups=gate.num_groups, training=False, sigma1=gate.sigma1, sigma2=gate.sigma2,
-        )  # fmt: skip
-        name = chosen(
-            gate.backend, x, g, W_weight=gate.W[0].weight, norm=gate.norm, training=False,
-            sigma1=gate.sigma1, sigma2=gate.sigma2, weights=weights,
-        )  # fmt: skip
-        if name != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, g, *weights))):
-            return None  # gradients wanted: the gates' own calls (the folded path has no backward)
-        return self._cached_output_map()
-
-    def _cached_output_map(self) -> Optional[tuple[Tensor, Tensor]]:
-        """:meth:`folded_output_map`, rebuilt only when the tensors it reads have changed.
-
-        The map is kept with a copy of everything it was folded from (the output transforms'
-        and ``combine``'s weights, biases and running statistics, their types, modes and
-        ``eps``), and used again while the module's tensors equal that copy, value for value.
-        Version counters cannot decide this: ``p.data.copy_(...)`` changes a parameter without
-        bumping them. The check took 45-88 us on the paper model's blocks, folding 200-284 us.
-        """
-        layers = [layer for gate in self.gates for layer in gate.W] + [self.combine[0], self.combine[1]]
-        # (the modules' own dicts: nn.Module.__getattr__ took a third of this check's time)
-        sources = [t for layer in layers for d in (layer._parameters, layer._buffers) for t in d.values() if t is not None]
-        key = (
-            tuple((t.shape, t.dtype, t.device) for t in sources),
-            tuple((type(layer), layer.training, getattr(layer, "eps", None)) for layer in layers),
-        )
-        cached = getattr(self, "_output_map_cache", None)  # (absent from modules pickled before it existed)
-        if cached is not None and cached[0] == key and all(torch.equal(a, b) for a, b in zip(cached[1], sources)):
-            return cached[2]
-        folded = self.folded_output_map()
-        self._output_map_cache = None if folded is None else (key, [t.detach().clone() for t in sources], folded)
-        return folded
 
 
 def _eval_affine(norm: nn.Module, conv: nn.Module) -> Optional[tuple[Tensor, Tensor]]:

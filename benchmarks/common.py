@@ -245,6 +245,24 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def commit() -> str:
+    """The git commit measured (``<sha>-dirty`` with uncommitted changes to tracked files), or ``"unknown"``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty.strip() else "")
+
+
+def output_path(out: Optional[str], device: torch.device, script: str) -> Path:
+    """``--out`` or the one current result of ``script`` on this machine: ``benchmarks/results/<machine tag>/<script>.json``."""
+    path = Path(out) if out else RESULTS_DIR / machine_tag(device) / f"{script}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def output_dir(out: Optional[str], device: torch.device) -> Path:
     """``--out`` or ``benchmarks/results/<machine tag>``, created."""
     path = Path(out) if out else RESULTS_DIR / machine_tag(device)

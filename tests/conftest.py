@@ -1,5 +1,4 @@
 import os
-import tempfile
 
 import pytest
 import torch
@@ -10,9 +9,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=30)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-# the cpu backend's native kernel is built into this run's own cache, not the user's
-os.environ.setdefault("ATTENTION_GATES_CACHE", tempfile.mkdtemp(prefix="attention-gates-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -176,110 +176,50 @@ def test_summarize_and_interleaving():
     assert [len(v) for v in times.values()] == [2, 2] and all(t >= 0 for v in times.values() for t in v)
 
 
-def test_cpu_gate_quick_writes_well_formed_results(tmp_path):
-    from benchmarks import cpu_gate
+def test_cpu_backends_quick_writes_every_section(tmp_path):
+    from attention_gates.ops import measured
+    from benchmarks import cpu_backends
 
-    path = tmp_path / "cpu_gate.json"
-    data = cpu_gate.main(["--quick", "--threads", "1", "--out", str(path)])
-    assert json.loads(path.read_text())["config"]["quick"] is True
-    from attention_gates.ops import native
-
-    assert data["native_kernel"] == {"available": native.available(), "unavailable_reason": native.unavailable_reason()}
-    gate = data["gate_level2"]
-    for layout in cpu_gate.LAYOUTS:
-        for mode in ("eval", "train"):
-            assert set(gate[layout][mode]) == {"reference", "cpu"} | ({"cpu-torch"} if native.available() else set())
-            assert all(s["n"] == 2 and s["median"] > 0 for s in gate[layout][mode].values())
-    # x = 1x8x16^3, g = 1x16x8^3, F_int = 8: theta 8x(8*8) per coarse voxel, phi 8x16, psi 1x8, W 8x8 per voxel
-    coarse, fine = 8**3, 16**3
-    assert gate["eval_flops"] == 2 * (coarse * (8 * 64 + 8 * 16 + 8) + fine * 8 * 8)
-    assert gate["flop_floor_s"] == pytest.approx(gate["eval_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
-    # training: every convolution again for its input's gradient (x and g need one) and its weight's
-    assert gate["train_flops"] == 3 * gate["eval_flops"]
-    assert gate["train_flop_floor_s"] == pytest.approx(gate["train_flops"] / (data["gemm"]["GFLOPps"] * 1e9))
-    assert {n.split(",")[0] for n in data["model"]} == {"UNet3D", "AttentionUNet3D[reference]", "AttentionUNet3D[cpu]"}
-    assert len(data["model"]) == 6
-    for name, s in data["model"].items():  # the attention modules' share, measured within each call
-        assert ("attention_share" in s) == name.startswith("AttentionUNet3D") and s.get("attention_share", 1) > 0
-    assert set(data["allocator"]) == {"default", "no-mmap"} and data["allocator"]["no-mmap"]["env"]["MALLOC_MMAP_MAX_"] == "0"
-    gate_rows = 4 * len(gate["contiguous"]["eval"])  # (2 layouts x 2 modes) per variant
-    assert len(data["table"]) == gate_rows + 2 + 6 + 2 * 6  # gate rows, products rows, model rows, allocator rows
-    alloc_att = [r for r in data["table"] if r["case"].startswith("alloc") and r["variant"].startswith("AttentionUNet3D")]
-    assert len(alloc_att) == 8 and all("x UNet3D (same layout); in-call: 1 + " in r["vs floor / note"] for r in alloc_att)
-    assert data["config"]["model_batch"] == 1 and any(r["case"] == "model 1x16^3 eval" for r in data["table"])
-    advice = "\n".join(data["advice"])
-    layout_speedup = data["model"]["UNet3D"]["median"] / data["model"]["UNet3D, channels_last"]["median"]
-    assert f"channels_last_3d made UNet3D {layout_speedup:.2f}x" in advice
-    assert "MALLOC_MMAP_MAX_=0" in advice and "torch used 1 of" in advice
-    assert set(gate["products"]) == {"eval", "train"} and all(s["n"] == 2 for s in gate["products"].values())
-    products = data["products"]  # one by one: the same multiply-adds the FLOP counter saw
-    assert sum(p["flops"] for p in products if p["phase"] == "forward") == gate["eval_flops"]
-    assert sum(p["flops"] for p in products) == gate["train_flops"]
-    assert all(p["GFLOPps"] == pytest.approx(p["flops"] / p["median_s"] / 1e9) for p in products)
-    eval_t, train_t, model_t = data["targets"]
-    best = min(gate[lay]["eval"]["cpu"]["median"] for lay in cpu_gate.LAYOUTS)
-    assert eval_t["met"] == (best <= 3 * gate["floor_s"]) and eval_t["products_s"] == gate["products"]["eval"]["median"]
-    speed = max(gate[lay]["train"]["reference"]["median"] / gate[lay]["train"]["cpu"]["median"] for lay in cpu_gate.LAYOUTS)
-    assert train_t["met"] == (speed >= 3) and f"{speed:.2f}x the reference" in train_t["line"]
-    shares = [s["attention_share"] for n, s in data["model"].items() if n.startswith("AttentionUNet3D[cpu]")]
-    assert model_t["met"] == (max(shares) <= 0.03) and len(model_t["ratio"]) == 2
-    mp = data["model_products"]  # three gated skips (4 products each) and the gating signal
-    assert len(mp["products"]) == 13 and mp["share"] > 0 and model_t["products_share"] == mp["share"]
-    assert mp["flops"] == sum(2 * math.prod(p["mkn"]) for p in mp["products"])
+    path = tmp_path / "cpu_backends.json"
+    data = cpu_backends.main(["--quick", "--threads", "1", "--out", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(data))
+    assert data["commit"] == common.commit() and data["machine"]["torch_threads"] == 1
+    rows = data["gate"]  # the rows of the table behind "auto": one per mode and layout, every CPU backend timed
+    assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("eval", "train") for lay in ("contiguous", "channels_last")]
+    for r in rows:
+        assert measured.Key(*(r[f] for f in measured.Key._fields)).device == "cpu" and r["commit"] == data["commit"]
+        assert set(r["ms"]) == set(cpu_backends.BACKENDS) and all(v > 0 for v in r["ms"].values())
+    assert [(r["size"], r["mode"]) for r in data["network"]] == [(24, "eval"), (24, "train")]
+    assert all(set(r["ms"]) == {*cpu_backends.BACKENDS, "UNet3D"} for r in data["network"])
+    (transform,) = data["transform"]
+    assert set(transform["ms"]) == {f"{a}|{t}" for a in ("AttentionUNet3D", "UNet3D") for t in cpu_backends.TRANSFORMS}
+    (alloc,) = data["allocator"]
+    assert set(alloc["ms"]) == {"default", "MALLOC_MMAP_MAX_=0"} and all(v > 0 for v in alloc["ms"].values())
+    table = cpu_backends.tables(data)
+    assert "auto takes" in table and "MALLOC_MMAP_MAX_=0" in table
 
 
-def test_attention_products_of_the_paper_model():
-    """At 16^3 the paper model's gated skips see x = 32x8^3, 64x4^3, 128x2^3 with g = 64x4^3,
-    128x2^3 and the 256x1^3 gating signal; two heads with F_int = F_l, factor 2."""
-    from attention_gates import AttentionUNet3D
-    from benchmarks import cpu_gate
-
-    products = dict(cpu_gate.attention_products(AttentionUNet3D().eval(), torch.randn(1, 1, 16, 16, 16)))
-    assert products == {
-        "gating": (1, 256, 256),
-        "level 4 theta": (1, 128 * 8, 2 * 128), "level 4 phi": (1, 256, 2 * 128),
-        "level 4 psi": (1, 2 * 128, 2), "level 4 output": (8, 128, 2 * 128),
-        "level 3 theta": (8, 64 * 8, 2 * 64), "level 3 phi": (8, 128, 2 * 64),
-        "level 3 psi": (8, 2 * 64, 2), "level 3 output": (64, 64, 2 * 64),
-        "level 2 theta": (64, 32 * 8, 2 * 32), "level 2 phi": (64, 64, 2 * 32),
-        "level 2 psi": (64, 2 * 32, 2), "level 2 output": (512, 32, 2 * 32),
-    }  # fmt: skip
+def _row(**kw):
+    row = dict(device="cpu", capability="x86_64", dtype="float32", mode="eval", layout="contiguous", context="eager",
+               ms={"reference": 2.0, "compile": 3.0, "cpu": 1.0}, commit="abc", source="here")  # fmt: skip
+    return {**row, **kw}
 
 
-@pytest.mark.parametrize("x_shape, g_shape", [((1, 8, 8, 8, 8), (1, 16, 4, 4, 4)), ((2, 4, 10, 6, 8), (2, 12, 3, 3, 4))])
-def test_gate_products_are_the_flops_of_the_reference(x_shape, g_shape):
-    """The product list times exactly the multiply-adds the FLOP counter finds in the reference
-    gate's forward and its backward (x's and g's gradients, every weight's), g on its own grid too."""
-    from torch.utils.flop_counter import FlopCounterMode
+def test_measured_rows_are_added_and_replaced_by_key(tmp_path):
+    from benchmarks import measured as table
 
-    from attention_gates import GridAttentionGate3D
-    from benchmarks import cpu_gate
-
-    gate = GridAttentionGate3D(x_shape[1], g_shape[1], 6, backend="reference")
-    x, g = torch.randn(x_shape, requires_grad=True), torch.randn(g_shape, requires_grad=True)
-    products = cpu_gate.gate_products(x_shape, g_shape, 6)
-    flops = {phase: sum(2 * math.prod(p["mkn"]) for p in products if p["phase"] == phase) for phase in ("forward", "backward")}
-    with FlopCounterMode(display=False) as forward:
-        out, _ = gate(x, g)
-    with FlopCounterMode(display=False) as backward:
-        out.backward(torch.randn_like(out))
-    assert (flops["forward"], flops["backward"]) == (forward.get_total_flops(), backward.get_total_flops())
-
-
-def test_cpu_gate_model_bench_takes_a_batch():
-    """``--batch N``: the networks get ``Tensor[N, 1, S, S, S]``."""
-    from benchmarks import cpu_gate
-
-    seen = []
-    hook = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda m, args: seen.append(args[0].shape[0]) if type(m).__name__ in ("UNet3D", "AttentionUNet3D") else None
-    )
-    try:
-        out = cpu_gate.model_bench(16, 0, 1, batch=2)
-    finally:
-        hook.remove()
-    assert len(out) == 6 and all(s["median"] > 0 for s in out.values())
-    assert seen and set(seen) == {2}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps({"about": "test", "rows": [_row(), _row(mode="train")]}))
+    table.add_rows([_row(ms={"reference": 1.0, "compile": 1.0, "cpu": 2.0}), _row(device="cuda", capability="9.0")], path)
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 3 and json.loads(path.read_text())["about"] == "test"
+    replaced = [r for r in rows if r["device"] == "cpu" and r["mode"] == "eval"]
+    assert len(replaced) == 1 and replaced[0]["ms"]["cpu"] == 2.0
+    with pytest.raises(ValueError, match=r"row 0 lacks \['commit'\]"):
+        table.add_rows([{k: v for k, v in _row().items() if k != "commit"}], path)
+    with pytest.raises(ValueError, match=r"must time both 'reference' and 'compile'"):
+        table.add_rows([_row(ms={"reference": 1.0, "cpu": 0.5})], path)
+    assert "auto takes" in table.show(path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_gates import GridAttentionGate2D, GridAttentionGate3D
-from attention_gates.functional import grid_attention, grid_attention_reference
-from attention_gates.ops import BackendUnavailableError, native, not_supported_reasons, use_backend
-from attention_gates.ops.cpu import grid_attention_cpu
-from attention_gates.ops.dispatch import select
+from attention_gates.functional import GateOptions, GateWeights, grid_attention
+from attention_gates.ops import BackendUnavailableError, not_supported_reasons, use_backend
+from attention_gates.ops import cpu
+from gate_cases import flat, reference
+
+grid_attention_cpu = flat(cpu.grid_attention_cpu)
 
 # Tolerance per compute dtype, as (rtol, atol) on max|cpu - reference| <= atol + rtol * max|reference|.
 # float64: both sides are exact up to summation order (~1e-16 relative per operation).
@@ -98,7 +100,7 @@ def run(fn, x, g, params, stats, *, grad_out=True, grad_alpha=True, requires=Non
 def compare(case, dtype=torch.float64, ref_case=None, **kw):
     """The cpu backend and the reference on the same case: every output, gradient and statistic."""
     got = run(grid_attention_cpu, *case, **kw)
-    want = run(grid_attention_reference, *(ref_case or case), **kw)
+    want = run(reference, *(ref_case or case), **kw)
     assert_close(got[0], want[0].to(got[0].dtype), dtype, "out")
     assert_close(got[1], want[1].to(got[1].dtype), dtype, "alpha")
     assert set(got[2]) == set(want[2])
@@ -210,7 +212,7 @@ def test_float32_channels_last_products(dims, size, large, training):
     # every voxel, are checked at float32 tolerance on smaller cases elsewhere)
     got, _ = compare((x, g, params, stats), torch.float32, training=training, requires=["x", "W_weight", "theta_weight"])
     assert got[0].is_contiguous(memory_format=fmt)
-    with native.disabled(), profile() as prof:  # (the native kernel would take W in inference where it applies)
+    with profile() as prof:
         run(grid_attention_cpu, x, g, params, stats, training=training)
     calls = {e.key: e.count for e in prof.key_averages()}
     # theta, W (forward) and W^T (backward, run in both modes) when large; phi and psi act on the
@@ -410,50 +412,20 @@ def test_inference_mode_eval():
     assert_close(a1, a2, torch.float32, "alpha")
 
 
-def test_eval_batch_norm_needs_running_stats():
-    x, g, params, _ = make_case(2)
-    with pytest.raises(ValueError, match="running_mean and running_var are required"):
-        grid_attention_cpu(x, g, **params, training=False)
-
-
-def _case_kwargs(params, **kw):
-    return dict(W_weight=params.get("W_weight"), weights=tuple(params.values()), **kw)
+def _weights(params, stats=None) -> GateWeights:
+    return GateWeights(**params, **(stats or {}))
 
 
 def test_dispatcher_refuses_unsupported_cases_with_reasons():
     x, g, params, stats = make_case(3, dtype=torch.float32)
     with pytest.raises(BackendUnavailableError, match=r"(?s)backend 'cpu' cannot run.*sigma2='softmax'"):
         grid_attention(x, g, **params, **stats, sigma2="softmax", backend="cpu")
-    reasons = not_supported_reasons(
-        "cpu", x, g, **_case_kwargs(params, norm="group", training=True, sigma1="relu", sigma2="softmax")
-    )
+    reasons = not_supported_reasons("cpu", x, g, _weights(params), GateOptions(norm="group", training=True, sigma2="softmax"))
     assert len(reasons) == 2 and "softmax" in reasons[0] and "norm='group'" in reasons[1]
-    x64, g64 = x.double(), g.double()
-    reasons = not_supported_reasons(
-        "cpu", x64, g64, **_case_kwargs(params, norm="batch", training=True, sigma1="relu", sigma2="sigmoid")
-    )
+    reasons = not_supported_reasons("cpu", x.double(), g.double(), _weights(params), GateOptions(training=True))
     assert reasons and "float64" in reasons[0]
     with pytest.raises(ValueError, match="sigma2 must be 'sigmoid'"):
         grid_attention_cpu(x, g, **params, **stats, sigma2="softmax")
-
-
-def test_auto_picks_cpu_for_float32_cpu_inference():
-    x, g, params, stats = make_case(3, dtype=torch.float32)
-    case = _case_kwargs(params, norm="batch", training=False, sigma1="relu", sigma2="sigmoid")
-    with use_backend("auto"):
-        with torch.no_grad():  # inference: the cpu backend is the faster one there
-            assert select(None, x, g, **case).__name__ == "_cpu_impl"
-        # training (a gradient needed): the reference, faster than the cpu backend's recomputing backward
-        assert select(None, x.requires_grad_(), g, **case) is grid_attention_reference
-        x = x.detach()
-        with torch.inference_mode():
-            assert select(None, x, g, **case).__name__ == "_cpu_impl"
-        assert select(None, x, g, **{**case, "sigma2": "softmax"}) is grid_attention_reference
-        x16, g16 = x.bfloat16(), g.bfloat16()  # measured only in float32: auto keeps the reference
-        assert select(None, x16, g16, **case) is grid_attention_reference
-    out, alpha = grid_attention(x, g, **params, **stats, backend="auto")
-    want = grid_attention_reference(x, g, **params, **stats)
-    assert_close(out, want[0], torch.float32, "out")
 
 
 @pytest.mark.slow  # about 10 s of compilation on 2 cores

@@ -1,12 +1,13 @@
-"""Choosing the gate's implementation: precedence, "auto", explicit requests and their errors."""
+"""Choosing the gate's implementation: precedence, "auto" and the measured table, explicit requests and their errors."""
+
+import json
 
 import pytest
 import torch
 
 from attention_gates import GridAttentionGate2D
-from attention_gates.functional import grid_attention, grid_attention_reference
-from attention_gates.ops import BackendUnavailableError, get_backend, use_backend
-from attention_gates.ops import dispatch
+from attention_gates.functional import GateOptions, GateWeights, grid_attention, grid_attention_reference
+from attention_gates.ops import BackendUnavailableError, dispatch, get_backend, measured, use_backend
 
 
 @pytest.fixture
@@ -17,10 +18,10 @@ def gate_case():
     return gate, x, g
 
 
-def _case(gate, **kw):
-    weights = (gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
-               gate.W[0].weight, gate.W[0].bias, gate.W[1].weight, gate.W[1].bias)  # fmt: skip
-    return {**dict(W_weight=gate.W[0].weight, norm="batch", training=False, sigma1="relu", sigma2="sigmoid", weights=weights), **kw}
+def _weights(gate) -> GateWeights:
+    W, bn = gate.W
+    return GateWeights(gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
+                       W.weight, W.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)  # fmt: skip
 
 
 def test_precedence_call_over_module_over_context_over_env(monkeypatch, gate_case):
@@ -65,27 +66,99 @@ def test_explicit_triton_on_the_cpu_lists_every_reason(monkeypatch, gate_case):
     gate, x, g = gate_case
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError) as err:
-        dispatch.select("triton", x, g, **_case(gate, sigma2="softmax"))
+        dispatch.select("triton", x, g, _weights(gate), GateOptions(sigma2="softmax"))
     msg = str(err.value)
     assert "backend 'triton' cannot run" in msg and "[2, 4, 8, 6]" in msg
     assert "Triton kernels need a CUDA tensor" in msg and "sigma2='softmax'" in msg
     monkeypatch.setattr(dispatch, "_HAS_TRITON", False)
     with pytest.raises(BackendUnavailableError, match="Triton is not installed"):
-        dispatch.select("triton", x, g, **_case(gate))
+        dispatch.select("triton", x, g, _weights(gate), GateOptions())
 
 
-def test_auto_falls_back_and_prefers_the_cpu_path_for_inference(monkeypatch, gate_case):
+def _with_winner(monkeypatch, key, backend):
+    monkeypatch.setattr(measured, "_WINNERS", {key: backend})
+
+
+def test_auto_takes_a_fused_backend_only_where_the_table_names_it(monkeypatch, gate_case):
     gate, x, g = gate_case
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w, opt = _weights(gate), GateOptions()
     with torch.no_grad():
-        assert dispatch.select("auto", x, g, **_case(gate)) is dispatch._cpu_impl
-        # a case the fused paths refuse: the reference, silently (that is what "auto" means)
-        assert dispatch.select("auto", x, g, **_case(gate, sigma2="softmax")) is grid_attention_reference
-    # training needs gradients: the reference (the cpu path's backward is slower)
-    assert dispatch.select("auto", x, g, **_case(gate)) is grid_attention_reference
-    # float64: the reference
+        key = dispatch.measured_key(x, g, w)
+        assert key == measured.Key("cpu", measured.host_capability(), "float32", "eval", "contiguous", "eager")
+        _with_winner(monkeypatch, key, None)
+        assert dispatch.chosen("auto", x, g, w, opt) == "reference"
+        _with_winner(monkeypatch, key, "cpu")
+        assert dispatch.select("auto", x, g, w, opt) is dispatch._cpu_impl
+        # a call the winner cannot run: the reference, silently (that is what "auto" means)
+        assert dispatch.select("auto", x, g, w, GateOptions(sigma2="softmax")) is grid_attention_reference
+        # another row (channels-last, float64): no winner there
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        assert dispatch.measured_key(x_cl, g, w).layout == "channels_last"
+        assert dispatch.chosen("auto", x_cl, g, w, opt) == "reference"
+        assert dispatch.chosen("auto", x.double(), g.double(), w, opt) == "reference"
+    # gradients wanted: the training row, which names no winner here
+    assert dispatch.measured_key(x, g, w).mode == "train"
+    assert dispatch.chosen("auto", x, g, w, opt) == "reference"
+
+
+def test_inside_torch_compile_the_key_says_compiled(gate_case):
+    gate, x, g = gate_case
+    w = _weights(gate)
+    seen = []
+
+    def fn(x):
+        seen.append(dispatch.measured_key(x, g, w).context)
+        return x + 1
+
     with torch.no_grad():
-        assert dispatch.select("auto", x.double(), g.double(), **_case(gate.double())) is grid_attention_reference
+        torch.compile(fn, backend="eager", fullgraph=True)(x)
+    assert seen == ["compiled"]
+
+
+@pytest.mark.parametrize(
+    "ms, winner",
+    [
+        ({"reference": 1.0, "compile": 2.0, "cpu": 0.5}, "cpu"),
+        ({"reference": 1.0, "compile": 0.6, "cpu": 0.7}, None),  # behind compile
+        ({"reference": 1.0, "compile": 2.0, "cpu": 0.97}, None),  # ahead by less than the margin
+        ({"reference": 1.0, "cpu": 0.1}, None),  # compile not measured: no claim
+        ({"reference": 1.0, "compile": 1.0, "cpu": 0.5, "triton": 0.4}, "triton"),
+    ],
+)
+def test_a_row_names_a_winner_only_when_ahead_of_both_baselines(ms, winner):
+    assert measured._row_winner({"ms": ms}) == winner
+
+
+def test_the_committed_table_is_well_formed():
+    rows = json.loads(measured.PATH.read_text())["rows"]
+    assert measured.rows() == tuple(rows)
+    for r in rows:
+        assert r["device"] in ("cpu", "cuda") and r["mode"] in ("eval", "train") and r["context"] in ("eager", "compiled")
+        assert r["layout"] in ("contiguous", "channels_last") and r["dtype"] in ("float32", "float16", "bfloat16")
+        assert {"reference", "compile"} <= set(r["ms"]) and r["commit"] and r["source"]
+        assert set(r["ms"]) <= set(dispatch.BACKENDS) - {"auto"}
+
+
+def test_a_malformed_table_is_refused_naming_the_row(tmp_path):
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps({"rows": [{"device": "cpu", "ms": {}}]}))
+    with pytest.raises(ValueError, match=r"row 0 has no 'capability'"):
+        measured._read(path)
+
+
+def test_deterministic_algorithms_rule_out_the_kernels_atomic_backward(monkeypatch, gate_case):
+    gate, x, g = gate_case
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    w, opt = _weights(gate), GateOptions(training=True)
+    x = x.requires_grad_()
+    assert not any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
+        with torch.no_grad():  # inference has no backward: allowed
+            assert not any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.slow

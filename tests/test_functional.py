@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attention_gates.functional import check_gate_inputs, grid_attention, grid_attention_reference
+from attention_gates.functional import GateOptions, GateWeights, check_gate_inputs, grid_attention
+from gate_cases import reference
 
 DT = torch.float64
 LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -142,7 +144,7 @@ def assert_close(a, b, tol=1e-10):
 def test_matches_paper_equations(d, k, align_corners):
     k = (k,) * 3 if isinstance(k, int) else k
     args = make_case(d=d, size=(7, 6, 5), g_size=(3, 5, 2), k=k)
-    out, alpha = grid_attention_reference(*args, align_corners=align_corners)
+    out, alpha = reference(*args, align_corners=align_corners)
     want, want_alpha = paper_gate(*args, align_corners=align_corners)
     assert out.shape == args[0].shape and alpha.shape == (args[0].shape[0], 1) + args[0].shape[2:]
     assert_close(alpha, want_alpha)
@@ -153,13 +155,13 @@ def test_matches_paper_equations(d, k, align_corners):
 @pytest.mark.parametrize("sigma2", ["sigmoid", "softmax"])
 def test_activations(sigma1, sigma2):
     args = make_case(d=2, size=(9, 7), g_size=(2, 3), k=(3, 2))
-    out, alpha = grid_attention_reference(*args, sigma1=sigma1, sigma2=sigma2)
+    out, alpha = reference(*args, sigma1=sigma1, sigma2=sigma2)
     want, want_alpha = paper_gate(*args, sigma1=sigma1, sigma2=sigma2)
     assert_close(alpha, want_alpha)
     assert_close(out, want)
     if sigma2 == "softmax":  # with factor 1 and g on x's grid, alpha is unresampled: each sample sums to one
         args = make_case(d=2, size=(5, 3), g_size=(5, 3), k=(1, 1))
-        _, alpha = grid_attention_reference(*args, sigma1=sigma1, sigma2=sigma2)
+        _, alpha = reference(*args, sigma1=sigma1, sigma2=sigma2)
         assert_close(alpha.sum(dim=(1, 2, 3)), torch.ones(2, dtype=DT))
 
 
@@ -170,7 +172,7 @@ def test_output_transform_norms(norm, training):
     groups = 3 if norm == "group" else 1
     before = args[11].clone()
     mine = [a.clone() if a is not None else None for a in args]
-    out, _ = grid_attention_reference(*mine, norm=norm, num_groups=groups, training=training, momentum=0.3)
+    out, _ = reference(*mine, norm=norm, num_groups=groups, training=training, momentum=0.3)
     want, _ = paper_gate(*args, norm=norm, num_groups=groups, training=training, momentum=0.3)
     assert_close(out, want)
     # running statistics: updated as F.batch_norm does, by batch norm in training only
@@ -183,7 +185,7 @@ def test_running_stats_as_functional_batch_norm():
     args = make_case(d=2, c_l=5, size=(6, 6), g_size=(3, 3))
     rm, rv = torch.zeros(5, dtype=DT), torch.ones(5, dtype=DT)
     args[11], args[12] = rm, rv
-    out, alpha = grid_attention_reference(*args, training=True, momentum=0.25, eps=1e-3)
+    out, alpha = reference(*args, training=True, momentum=0.25, eps=1e-3)
     x, Ww, Wb, nw, nb = args[0], args[7], args[8], args[9], args[10]
     y = F.conv2d(alpha * x, Ww, Wb)
     rm2, rv2 = torch.zeros(5, dtype=DT), torch.ones(5, dtype=DT)
@@ -196,7 +198,7 @@ def test_running_stats_as_functional_batch_norm():
 
 def test_no_output_transform_is_alpha_times_x():
     args = make_case(d=3, transform=False)
-    out, alpha = grid_attention_reference(*args)
+    out, alpha = reference(*args)
     assert_close(out, alpha * args[0])
     assert_close(out, paper_gate(*args)[0])
 
@@ -212,7 +214,7 @@ def test_optional_biases_and_affine():
 def test_g_on_theta_grid_is_not_resampled():
     # g already on theta's grid: phi(g) is used as is, so the gate is exactly eq. 1 voxel by voxel
     args = make_case(d=2, size=(8, 6), g_size=(4, 3), transform=False)
-    _, alpha = grid_attention_reference(*args, align_corners=True)
+    _, alpha = reference(*args, align_corners=True)
     x, g, tw, pw, pb, sw, sb = args
     q = F.conv2d(F.relu(F.conv2d(x, tw, stride=2) + F.conv2d(g, pw, pb)), sw, sb)
     assert_close(alpha, resize(torch.sigmoid(q), (8, 6), True))
@@ -224,7 +226,7 @@ def test_public_function_equals_reference():
         a = [t.clone() if t is not None else None for t in args]
         b = [t.clone() if t is not None else None for t in args]
         out_a, alpha_a = grid_attention(*a, training=training, backend="reference")
-        out_b, alpha_b = grid_attention_reference(*b, training=training)
+        out_b, alpha_b = reference(*b, training=training)
         assert_close(out_a, out_b, 0)
         assert_close(alpha_a, alpha_b, 0)
         assert_close(a[11], b[11], 0)
@@ -289,7 +291,7 @@ def test_gradcheck(d, norm, training, sigma1, sigma2):
         for i, t in zip(diff, ts):
             full[i] = t
         full[11], full[12] = rm.clone(), rv.clone()
-        return grid_attention_reference(
+        return reference(
             *full, norm=norm, num_groups=2, training=training, sigma1=sigma1, sigma2=sigma2
         )  # fmt: skip
 
@@ -320,7 +322,8 @@ BASE = dict(d=2, n=2, c_l=4, c_g=3, c_int=2, size=(6, 6), g_size=(3, 3), k=(2, 2
         (1, torch.randn(2, 3, 1, 3, 3, 3), ValueError, r"g must be Tensor\[N, C, \*spatial\].*got 6 dims"),
         (1, torch.randn(2, 3, 3, 3, 3), ValueError, r"x and g must have the same number of spatial dims"),
         (1, torch.randn(3, 3, 3, 3), ValueError, r"x and g must have the same batch size.*\[3, 3, 3, 3\]"),
-        (2, None, TypeError, r"theta_weight must be a torch\.Tensor, got NoneType"),
+        (2, None, ValueError, r"theta_weight is required, got None"),
+        (2, [[1.0]], TypeError, r"theta_weight must be a torch\.Tensor, got list"),
         (2, torch.randn(2, 4, 2), ValueError, r"theta_weight must be Tensor\[F_int, F_l.*2 kernel dims.*\[2, 4, 2\]"),
         (2, torch.randn(2, 5, 2, 2), ValueError, r"theta_weight must have shape \[2, 4, 2, 2\] to match x's channels.*got \[2, 5, 2, 2\]"),
         (3, torch.randn(2, 4, 1, 1), ValueError, r"phi_weight must have shape \[2, 3, 1, 1\].*g's channels.*got \[2, 4, 1, 1\]"),
@@ -383,5 +386,22 @@ def test_batch_norm_training_needs_two_values():
     assert out.shape == args[0].shape
 
 
+def test_eval_batch_norm_needs_running_statistics():
+    args = make_case(**BASE)
+    args[11] = args[12] = None
+    with pytest.raises(ValueError, match=r"running_mean and running_var are required for norm='batch' when training=False"):
+        grid_attention(*args)
+    out, _ = grid_attention(*args, training=True)  # batch statistics need none
+    assert out.shape == args[0].shape
+
+
 def test_check_gate_inputs_accepts_valid_call():
-    assert check_gate_inputs(*make_case(**BASE)) is None
+    x, g, *weights = make_case(**BASE)
+    assert check_gate_inputs(x, g, GateWeights(*weights), GateOptions()) is None
+
+
+def test_options_are_checked_when_made():
+    with pytest.raises(ValueError, match=r"sigma1 must be one of \('relu', 'softplus'\), got 'tanh'"):
+        GateOptions(sigma1="tanh")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        GateOptions().training = True

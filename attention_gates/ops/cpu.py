@@ -8,10 +8,7 @@ ones, so no operand is copied. The output transform never materialises ``alpha *
     W(alpha * x) = alpha * (W0 @ x) + b                          (per voxel, W0 = Tensor[C, C])
 
 so it is one product over ``x`` and an in-place epilogue. Batch normalisation is folded
-into ``W0`` and ``b`` in evaluation, and computed from the product in training. Where the
-native kernels (:mod:`attention_gates.ops.native`) are available, the product and its epilogue
-are one pass over ``x`` in inference (channels-last or contiguous float32), and channels-last
-float32 training computes the batch statistics and the backward through ``W`` with them too.
+into ``W0`` and ``b`` in evaluation, and computed from the product in training.
 
 The forward keeps for the backward (``_GridAttentionCPU``) only its inputs, theta's output
 on the coarse grid and the batch ``1/std``, nothing of ``x``'s size: the backward recomputes the
@@ -26,29 +23,19 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from .reference import GateOptions, GateWeights
 
 __all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "conv1x1", "onednn_applies"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-@dataclass(frozen=True)
-class _Config:
-    norm: str  # "batch" or "none"; "none" also when there is no W
-    training: bool
-    momentum: float
-    eps: float
-    sigma1: str
-    align_corners: bool
 
 
 def _channels_last(t: Tensor) -> bool:
@@ -198,38 +185,15 @@ def _resample(t: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
     return out
 
 
-def _native(t: Tensor, w: Tensor, out_channels: Optional[int] = None) -> bool:
-    """Whether the native kernel takes a product of ``t = Tensor[N, C, *S]`` by ``w`` with
-    ``out_channels`` outputs (default ``w.shape[0]``; see :func:`attention_gates.ops.native.applies`;
-    they have no autograd)."""
-    if torch.is_grad_enabled() and (t.requires_grad or w.requires_grad):
-        return False
-    return w.dtype == torch.float32 and native.applies(t, [out_channels or w.shape[0]])
-
-
-def _native_rows(t: Tensor, W0: Tensor) -> bool:
-    """Whether the training kernels (:func:`attention_gates.ops.native.rows_stats`,
-    :func:`~attention_gates.ops.native.backward_rows`) take ``t``: channels-last float32 whose
-    channel count is a multiple of the vector width, with no graph being built (the forward of
-    the autograd function, its backward without double backward)."""
-    return not torch.is_grad_enabled() and _channels_last(t) and _native(t, W0)
-
-
 def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """``act(bias + sum_h alpha_h * (A_h @ x))`` per voxel of ``x = Tensor[N, C, *S]``, in ``x``'s layout.
 
     ``A = Tensor[H * Co, C]`` holds the heads' matrices stacked, ``alpha = Tensor[N, H, *S]``
-    their attention maps (``None``: one head, unscaled), ``bias = Tensor[Co]``. One pass of the
-    native kernel where it applies (:func:`_native`), else a product (:func:`conv1x1`) and an
-    epilogue per head.
+    their attention maps (``None``: one head, unscaled), ``bias = Tensor[Co]``: one product
+    (:func:`conv1x1`) and an epilogue per head.
     """
     heads = 1 if alpha is None else alpha.shape[1]
     co = A.shape[0] // heads
-    if _native(x, A, co):
-        if not _channels_last(x):
-            return native.planes_product(x, A, alpha=alpha, bias=bias, relu=relu)
-        rows = native.rows_product(x.movedim(1, -1), A, alpha=alpha, bias=bias, relu=relu)
-        return rows.movedim(-1, 1)  # [N, Co, *S], channels-last like x
     P = conv1x1(x, A, None if alpha is not None else bias)
     if alpha is None:
         return P.relu_() if relu else P
@@ -327,7 +291,7 @@ def _theta_conv_backward(dt: Tensor, x: Tensor, weight: Tensor, *, input_grad: b
     return torch.ops.aten.convolution_backward(dt, x, weight, None, k, zeros, [1] * len(k), False, zeros, 1, mask)[0 if input_grad else 1]
 
 
-def _attention(t: Tensor, g, phi_weight, phi_bias, psi_weight, psi_bias, cfg: _Config) -> Tensor:
+def _attention(t: Tensor, g, phi_weight, phi_bias, psi_weight, psi_bias, cfg: GateOptions) -> Tensor:
     """Eqs. 1-2 on theta's grid ``T``, from ``t = W_x^T x``: ``sigmoid(q_att)`` as ``Tensor[N, 1, *T]``."""
     p = _resample(conv1x1(g, phi_weight, phi_bias), t.shape[2:], cfg.align_corners)
     f = (t + p).relu_() if cfg.sigma1 == "relu" else F.softplus(t + p)
@@ -359,18 +323,7 @@ class _GridAttentionCPU(torch.autograd.Function):
         else:
             W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
             n = X.shape[0] * X.shape[2]
-            if cfg.norm == "batch" and cfg.training and _native_rows(xs, W0):
-                # two passes of the native kernel: the statistics of alpha * (W0 x) (without writing
-                # it), then the normalised output as a scaled product with its epilogue
-                s1, s2 = native.rows_stats(xs.movedim(1, -1), W0, alpha)
-                mean64 = s1 / n
-                mean, var = mean64.to(dtype), (s2 / n - mean64.square()).clamp_min(0).to(dtype)
-                invstd = torch.rsqrt(var + cfg.eps)
-                k = gamma * invstd
-                out = _scaled_product(xs, W0 * k[:, None], beta - k * mean, alpha)
-                _update_running(running_mean, running_var, mean + b, var * (n / (n - 1)), cfg.momentum)
-                stats = (invstd,)
-            elif cfg.norm == "batch" and cfg.training:
+            if cfg.norm == "batch" and cfg.training:
                 out = conv1x1(xs, W0, None)  # W0 x, in x's layout
                 U = out.flatten(2)  # a view (with N = 1 its batch stride is arbitrary: return out, not U)
                 mean = torch.matmul(U, a.mT).sum(0).squeeze(1) / n  # mean of alpha * W0 x
@@ -397,7 +350,7 @@ class _GridAttentionCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_alpha):
         x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b, rm, rv, t, *stats = ctx.saved_tensors
-        cfg: _Config = ctx.cfg
+        cfg: GateOptions = ctx.cfg
         needs = ctx.needs_input_grad
         dtype = _compute_dtype(x)
         # recompute alpha from theta's output with a graph over the coarse inputs that need gradients
@@ -414,12 +367,12 @@ class _GridAttentionCPU(torch.autograd.Function):
         dy = dy5.flatten(2)
         grads: list[Optional[Tensor]] = [None] * 11
         if W_w is None:
-            h, hx = dy, None  # d(alpha x)
+            h = dy  # d(alpha x)
         else:
-            h, hx, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            h, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
             grads[7:11] = w_grads
         if wanted:
-            d_alpha = d_alpha.to(dtype) + (hx if hx is not None else (h * X).sum(1, keepdim=True)).view_as(alpha)
+            d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
             coarse_grads = dict(zip(wanted, torch.autograd.grad(alpha, [leaves[i] for i in wanted], d_alpha)))
             grads[1], grads[3:7] = coarse_grads.get(1), [coarse_grads.get(i) for i in range(2, 6)]
             if needs_t:
@@ -449,7 +402,7 @@ def _output_params(W_w, W_b, norm_w, norm_b, dtype):
     return W0, b, gamma, beta
 
 
-def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _Config, needs, dtype):
+def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: GateOptions, needs, dtype):
     """Gradients through ``out = norm(alpha * (W0 x) + b)``, from ``C x C`` products.
 
     Let ``ax = alpha * x`` and ``dv`` be the gradient at the norm's input; per channel
@@ -463,15 +416,11 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
     ``dy5`` is the output's gradient in ``x``'s layout, ``Tensor[N, C, *S]`` (the 1x1 products
     take it whole: a view back from its flattened form may carry another batch stride, which
     oneDNN reads as another layout); ``X`` and ``a`` are ``Tensor[N, C, S]`` views. Returns
-    ``h = d(alpha x)`` as ``Tensor[N, C, S]``; ``hx = sum_c h x`` as ``Tensor[N, 1, *S]`` when the
-    native kernel computed ``h`` with it (training, channels-last float32: one pass instead of a
-    product per term, a bias pass, and ``h * x`` and its sum), else ``None``; and the gradients of
-    ``(W_w, W_b, norm_w, norm_b)``.
+    ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
     """
     dy = dy5.flatten(2)
     W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
     n = X.shape[0] * X.shape[2]
-    hx = None
     d_beta = dy.sum((0, 2))
     if cfg.norm == "batch" and cfg.training:
         (invstd,) = stats
@@ -484,18 +433,9 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         k3 = -k1 * d_beta / n
         d_W0 = k1[:, None] * P + k2[:, None] * (W0 @ _gram(axc, axc))
         d_b = torch.zeros_like(d_beta)  # batch statistics remove any per-channel shift
-        A1, A2 = (W0 * k1[:, None]).t(), W0.t() @ (k2[:, None] * W0)
-        if _native_rows(dy5, W0):  # h = A1 dy + alpha (A2 x) + W0^T k3 - A2 mean(ax), and h . x, in one pass
-            shape = dy5.shape
-            h, hx = native.backward_rows(
-                dy5.movedim(1, -1), X.view(shape).movedim(1, -1), A1, A2, a.view(shape[0], 1, *shape[2:]),
-                W0.t() @ k3 - (A2 @ ax_mean).squeeze(1),
-            )  # fmt: skip
-            h = h.movedim(-1, 1).flatten(2)
-        else:
-            h = conv1x1(dy5, A1, None).flatten(2)
-            _mm(A2, axc, acc=h)
-            h += (W0.t() @ k3)[:, None]
+        h = conv1x1(dy5, (W0 * k1[:, None]).t(), None).flatten(2)  # (W0^T k1) dy
+        _mm(W0.t() @ (k2[:, None] * W0), axc, acc=h)
+        h += (W0.t() @ k3)[:, None]
     else:
         P = _gram(dy, torch.mul(X, a, out=torch.empty_like(X)))  # sum dy ax^T
         k1, d_gamma = gamma.new_ones(()), None
@@ -506,7 +446,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
         h = conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
-    return h, hx, [
+    return h, [
         d_W0 if needs[7] else None,
         d_b if needs[8] and W_b is not None else None,
         d_gamma if needs[9] and norm_w is not None else None,
@@ -514,58 +454,28 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: _C
     ]
 
 
-def grid_attention_cpu(
-    x: Tensor,
-    g: Tensor,
-    theta_weight: Tensor,
-    phi_weight: Tensor,
-    phi_bias: Optional[Tensor],
-    psi_weight: Tensor,
-    psi_bias: Optional[Tensor],
-    W_weight: Optional[Tensor] = None,
-    W_bias: Optional[Tensor] = None,
-    norm_weight: Optional[Tensor] = None,
-    norm_bias: Optional[Tensor] = None,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    *,
-    norm: str = "batch",
-    num_groups: int = 1,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-    sigma1: str = "relu",
-    sigma2: str = "sigmoid",
-    align_corners: bool = False,
-) -> tuple[Tensor, Tensor]:
+def grid_attention_cpu(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions = GateOptions()) -> tuple[Tensor, Tensor]:
     """The grid attention gate on CPU tensors; same arguments, results and gradients as
-    :func:`attention_gates.functional.grid_attention_reference`.
+    :func:`attention_gates.ops.reference.grid_attention_reference`.
 
     ``x = Tensor[N, F_l, *S]`` and ``g = Tensor[N, F_g, *S_g]`` with 1, 2 or 3 spatial dims, any
     subsample factor; returns ``(out: Tensor[N, F_l, *S], alpha: Tensor[N, 1, *S])``, ``out`` in
-    ``x``'s memory format. Updates ``running_mean``/``running_var`` in place when ``training`` and
-    ``norm="batch"``. Supports ``sigma2="sigmoid"`` and ``norm`` ``"batch"`` or ``"none"`` (or no
-    ``W``); ``num_groups`` is accepted for the common signature and unused. float16/bfloat16
-    inputs are computed in float32, float64 in float64.
+    ``x``'s memory format. Updates the running statistics in place when ``opt.training`` and
+    ``opt.norm="batch"``. Supports ``sigma2="sigmoid"`` and ``norm`` ``"batch"`` or ``"none"`` (or no
+    ``W``). float16/bfloat16 inputs are computed in float32, float64 in float64.
 
     Use it through :func:`attention_gates.functional.grid_attention` with ``backend="cpu"``,
     which checks the inputs first.
     """
-    if sigma2 != "sigmoid":
-        raise ValueError(f"sigma2 must be 'sigmoid' for the cpu backend, got {sigma2!r}")
-    if W_weight is not None and norm not in ("batch", "none"):
-        raise ValueError(f"norm must be 'batch' or 'none' for the cpu backend, got {norm!r}")
-    if W_weight is None:
-        norm = "none"
-    if norm == "batch" and not training and (running_mean is None or running_var is None):
-        raise ValueError("running_mean and running_var are required for norm='batch' when training=False, got None")
+    if opt.sigma2 != "sigmoid":
+        raise ValueError(f"sigma2 must be 'sigmoid' for the cpu backend, got {opt.sigma2!r}")
+    if w.W_weight is not None and opt.norm not in ("batch", "none"):
+        raise ValueError(f"norm must be 'batch' or 'none' for the cpu backend, got {opt.norm!r}")
+    if w.W_weight is None:
+        opt = dataclasses.replace(opt, norm="none")
     x = x if _channels_last(x) else x.contiguous()
     g = g if _channels_last(g) else g.contiguous()
-    cfg = _Config(norm, training, momentum, eps, sigma1, align_corners)
-    return _GridAttentionCPU.apply(
-        x, g, theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias,
-        norm_weight, norm_bias, running_mean, running_var, cfg,
-    )  # fmt: skip
+    return _GridAttentionCPU.apply(x, g, *w, opt)
 
 
 def multi_gate_inference_cpu(
@@ -600,7 +510,7 @@ def multi_gate_inference_cpu(
     phi_w, phi_b, psi_b = (torch.cat([_bias(h, i) for h in heads]) for i in (1, 2, 4))
     CI = heads[0][0].shape[0]
     psi_blocks = torch.block_diag(*(h[3].reshape(1, CI) for h in heads))  # [H, H * CI]
-    cfg = _Config("none", False, 0.0, 0.0, sigma1, align_corners)
+    cfg = GateOptions(norm="none", sigma1=sigma1, align_corners=align_corners)
     q = _attention(_theta(x, [h[0] for h in heads]), g, phi_w, phi_b, psi_blocks, psi_b, cfg)  # [N, H, *T]
     alpha = _resample(q, x.shape[2:], align_corners)  # [N, H, *S]
     return _scaled_product(x, A, c, alpha, relu=True), alpha

@@ -1,14 +1,19 @@
 """Choosing an implementation of the grid attention gate.
 
-Every backend computes :func:`attention_gates.functional.grid_attention_reference` and
-says, for a given call, why it cannot run (``not_supported_reasons``):
+Every backend computes :func:`~attention_gates.ops.reference.grid_attention_reference`, takes
+``(x, g, weights: GateWeights, options: GateOptions)`` and says, for a given call, why it cannot
+run it (:func:`not_supported_reasons`):
 
 - ``"reference"``: eager PyTorch, every case.
 - ``"compile"``: :func:`torch.compile` of the reference.
 - ``"triton"``: fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 - ``"cpu"``: the gate as channel matrix products with a recomputing backward, for CPU tensors.
-- ``"auto"``: triton on CUDA tensors, cpu on float32 CPU tensors when no gradient is needed
-  (inference), when they support the call; else the reference.
+- ``"auto"``: a fused backend only where a measurement showed it ahead: the committed table of
+  :mod:`attention_gates.ops.measured` names, per device kind, dtype, mode (eval or training),
+  memory layout and context (eager or inside :func:`torch.compile`), the backend that beat both
+  the reference and ``compile``; where it names none (or that backend cannot run the call), the
+  reference. Under ``torch.use_deterministic_algorithms(True)`` a backend whose results are not
+  run-to-run reproducible cannot run (an explicit request raises; ``"auto"`` passes it by).
 
 The backend is chosen per call (``backend=``), per module (the ``backend=`` constructor
 argument) or globally, with :func:`use_backend` or the environment variable
@@ -27,29 +32,26 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .. import functional as _functional
+from . import measured
+from .reference import GateOptions, GateWeights, grid_attention_reference
 
-__all__ = [
-    "BACKENDS",
-    "BackendUnavailableError",
-    "get_backend",
-    "use_backend",
-    "not_supported_reasons",
-    "select",
-    "chosen",
-]
+__all__ = ["BACKENDS", "BackendUnavailableError", "get_backend", "use_backend", "not_supported_reasons", "select", "chosen", "measured_key"]
 
 BACKENDS = ("auto", "reference", "compile", "triton", "cpu")
 ENV_VAR = "ATTENTION_GATES_BACKEND"
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_CAPABILITY = measured.host_capability()
 _override: list[str] = []
+
+Impl = Callable[[Tensor, Tensor, GateWeights, GateOptions], tuple[Tensor, Tensor]]
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message lists every reason."""
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`, else a ``ValueError`` listing them."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
@@ -62,7 +64,7 @@ def get_backend() -> str:
     env = os.environ.get(ENV_VAR)
     if env:
         try:
-            return _check_name(env.strip())
+            return check_name(env.strip())
         except ValueError as e:
             raise ValueError(f"${ENV_VAR}: {e}") from None
     return "auto"
@@ -78,7 +80,7 @@ def use_backend(name: str) -> Iterator[None]:
         ...     get_backend()
         'reference'
     """
-    _override.append(_check_name(name))
+    _override.append(check_name(name))
     try:
         yield
     finally:
@@ -88,134 +90,133 @@ def use_backend(name: str) -> Iterator[None]:
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once; does not import it
 
 
-def triton_available() -> bool:
-    return _HAS_TRITON
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _fused_reasons(backend: str, x: Tensor, g: Tensor, *, W_weight, norm, training, sigma1, sigma2, weights, dtypes=_FUSED_DTYPES) -> list[str]:
+def _needs_grad(x: Tensor, g: Tensor, w: GateWeights) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, *w))
+
+
+def _fused_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions, dtypes=_FUSED_DTYPES) -> list[str]:
     """Reasons shared by the fused backends (triton, cpu)."""
     reasons = []
-    if sigma2 != "sigmoid":
-        reasons.append(f"sigma2={sigma2!r}: only the paper's 'sigmoid' gate is fused (softmax needs a grid-wide reduction)")
-    if W_weight is not None and norm not in ("batch", "none"):
-        reasons.append(f"norm={norm!r}: only 'batch' or 'none' after W are fused")
+    if opt.sigma2 != "sigmoid":
+        reasons.append(f"sigma2={opt.sigma2!r}: only the paper's 'sigmoid' gate is fused (softmax needs a grid-wide reduction)")
+    if w.W_weight is not None and opt.norm not in ("batch", "none"):
+        reasons.append(f"norm={opt.norm!r}: only 'batch' or 'none' after W are fused")
     names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
     got = {x.dtype, g.dtype}
     if not got <= set(dtypes):
         reasons.append(f"dtype {sorted(map(str, got))}: supported are {names}")
-    for t in weights:
-        if t is not None and t.dtype not in dtypes:
-            reasons.append(f"weight dtype {t.dtype}: supported are {names}")
-            break
+    if any(t is not None and t.dtype not in dtypes for t in w):
+        reasons.append(f"weight dtype {next(t.dtype for t in w if t is not None and t.dtype not in dtypes)}: supported are {names}")
     return reasons
 
 
-def _triton_reasons(x: Tensor, g: Tensor, **case) -> list[str]:
+def _triton_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     reasons = []
-    if not triton_available():
+    if not _HAS_TRITON:
         reasons.append("Triton is not installed (pip install 'attention-gates[triton]')")
-    if x.device.type == "cuda":
-        pass
-    elif x.device.type == "cpu":
+    if x.device.type == "cpu":
         if not _interpreting():
             reasons.append("x is on the CPU: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
-    else:
+    elif x.device.type != "cuda":
         reasons.append(f"device {x.device.type!r}: Triton kernels need a CUDA tensor")
     # float64 (for gradcheck) only through the interpreter
-    dtypes = _FUSED_DTYPES + ((torch.float64,) if x.device.type == "cpu" else ())
-    reasons += _fused_reasons("triton", x, g, dtypes=dtypes, **case)
+    reasons += _fused_reasons(x, g, w, opt, dtypes=_FUSED_DTYPES + ((torch.float64,) if x.device.type == "cpu" else ()))
+    if torch.are_deterministic_algorithms_enabled() and _needs_grad(x, g, w):
+        reasons.append(
+            "torch.use_deterministic_algorithms(True): the kernels' backward sums weight gradients with atomic adds, "
+            "whose order varies from run to run"
+        )
     from .triton.support import shape_reasons
 
-    reasons += shape_reasons(x, g, case["weights"][0])
-    return reasons
+    return reasons + shape_reasons(x, g, w.theta_weight)
 
 
-def _cpu_reasons(x: Tensor, g: Tensor, **case) -> list[str]:
+def _cpu_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     reasons = []
     if x.device.type != "cpu":
         reasons.append(f"x is on {x.device}: the cpu backend runs on CPU tensors")
-    reasons += _fused_reasons("cpu", x, g, **case)
-    return reasons
+    return reasons + _fused_reasons(x, g, w, opt)
 
 
-def _reference_reasons(x: Tensor, g: Tensor, **case) -> list[str]:
+def _no_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     return []
 
 
-_compiled: dict = {}
+_compiled: dict[str, Impl] = {}
 
 
-def _compiled_reference(*args, **kwargs):
+def _compiled_reference(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
     if torch.compiler.is_compiling():  # already inside a compiled region: trace the reference
-        return _functional.grid_attention_reference(*args, **kwargs)
-    fn = _compiled.get("fn")
-    if fn is None:
-        fn = _compiled["fn"] = torch.compile(_functional.grid_attention_reference, dynamic=False)
-    return fn(*args, **kwargs)
+        return grid_attention_reference(x, g, w, opt)
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(grid_attention_reference, dynamic=False)
+    return _compiled["fn"](x, g, w, opt)
 
 
-def _triton_impl(*args, **kwargs):
+def _triton_impl(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
     from .triton.autograd import grid_attention_triton
 
-    return grid_attention_triton(*args, **kwargs)
+    return grid_attention_triton(x, g, w, opt)
 
 
-def _cpu_impl(*args, **kwargs):
+def _cpu_impl(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
     from .cpu import grid_attention_cpu
 
-    return grid_attention_cpu(*args, **kwargs)
+    return grid_attention_cpu(x, g, w, opt)
 
 
-_REGISTRY: dict[str, tuple[Callable[..., list[str]], Callable]] = {
-    "reference": (_reference_reasons, _functional.grid_attention_reference),
-    "compile": (_reference_reasons, _compiled_reference),
+_REGISTRY: dict[str, tuple[Callable[[Tensor, Tensor, GateWeights, GateOptions], list[str]], Impl]] = {
+    "reference": (_no_reasons, grid_attention_reference),
+    "compile": (_no_reasons, _compiled_reference),
     "triton": (_triton_reasons, _triton_impl),
     "cpu": (_cpu_reasons, _cpu_impl),
 }
 
 
-def not_supported_reasons(backend: str, x: Tensor, g: Tensor, **case) -> list[str]:
+def not_supported_reasons(backend: str, x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     """Why ``backend`` cannot run this call (an empty list when it can)."""
-    return _REGISTRY[_check_name(backend)][0](x, g, **case)
+    if check_name(backend) == "auto":
+        return []
+    return _REGISTRY[backend][0](x, g, w, opt)
 
 
-def _needs_grad(x: Tensor, g: Tensor, weights) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, *weights))
+def _layout(x: Tensor) -> str:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    return "channels_last" if channels_last else "contiguous"
 
 
-def _auto_order(x: Tensor, g: Tensor, weights) -> tuple[str, ...]:
+def measured_key(x: Tensor, g: Tensor, w: GateWeights) -> measured.Key:
+    """The row of :mod:`~attention_gates.ops.measured` that this call falls under."""
     if x.device.type == "cuda":
-        return ("triton", "reference")
-    # cpu: faster than the reference for inference in float32 (1.6-2.6x on the paper's level-2 gate,
-    # benchmarks/cpu_gate.py), not clearly for training (0.9-1.2x contiguous; channels-last 1.26x
-    # with the default allocator, 0.97x with MALLOC_MMAP_MAX_=0); under torch.compile the compiler
-    # fuses the reference (the cpu backend's backward calls torch.autograd.grad, which dynamo does not trace)
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not _needs_grad(x, g, weights)
-        and not torch.compiler.is_compiling()
-    ):
-        return ("cpu", "reference")
-    return ("reference",)
+        props = torch.cuda.get_device_properties(x.device)
+        capability = f"{props.major}.{props.minor}"
+    else:
+        capability = _CPU_CAPABILITY
+    return measured.Key(
+        device=x.device.type,
+        capability=capability,
+        dtype=str(x.dtype).replace("torch.", ""),
+        mode="train" if _needs_grad(x, g, w) else "eval",
+        layout=_layout(x),
+        context="compiled" if torch.compiler.is_compiling() else "eager",
+    )
 
 
-def chosen(backend: Optional[str], x: Tensor, g: Tensor, **case) -> str:
+def chosen(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> str:
     """The name of the backend that runs this call (see the module docstring for the rules).
 
     Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run it.
     """
-    name = _check_name(backend) if backend is not None else get_backend()
+    name = check_name(backend) if backend is not None else get_backend()
     if name == "auto":
-        for candidate in _auto_order(x, g, case["weights"]):
-            if not not_supported_reasons(candidate, x, g, **case):
-                return candidate
-        raise AssertionError("unreachable: the reference supports every call")
-    reasons = not_supported_reasons(name, x, g, **case)
+        fused = measured.winner(measured_key(x, g, w))
+        return fused if fused is not None and not not_supported_reasons(fused, x, g, w, opt) else "reference"
+    reasons = not_supported_reasons(name, x, g, w, opt)
     if reasons:
         raise BackendUnavailableError(
             f"backend {name!r} cannot run this call (x: {list(x.shape)} {x.dtype} on {x.device}):\n  - "
@@ -224,6 +225,6 @@ def chosen(backend: Optional[str], x: Tensor, g: Tensor, **case) -> str:
     return name
 
 
-def select(backend: Optional[str], x: Tensor, g: Tensor, **case) -> Callable:
+def select(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> Impl:
     """The implementation that runs this call: that of :func:`chosen`."""
-    return _REGISTRY[chosen(backend, x, g, **case)][1]
+    return _REGISTRY[chosen(backend, x, g, w, opt)][1]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...functional import resample
+from ..reference import GateOptions, GateWeights, resample
 from . import launch
 
 __all__ = ["grid_attention_triton"]
@@ -113,15 +113,10 @@ def _backward(ctx, dout, dalpha, _dac, _dmean, _dvar):
 gate_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grid_attention_triton(
-    x: Tensor, g: Tensor, theta_weight: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
-    psi_weight: Tensor, psi_bias: Optional[Tensor], W_weight: Optional[Tensor] = None, W_bias: Optional[Tensor] = None,
-    norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
-    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None, *,
-    norm: str = "batch", num_groups: int = 1, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-    sigma1: str = "relu", sigma2: str = "sigmoid", align_corners: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """The fused gate, with :func:`~attention_gates.functional.grid_attention`'s arguments and results."""
+def grid_attention_triton(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
+    """The fused gate: ``(out, alpha)`` of :func:`~attention_gates.ops.reference.grid_attention_reference`."""
+    theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias, norm_weight, norm_bias, running_mean, running_var = w
+    norm, training, momentum, eps, sigma1, align_corners = opt.norm, opt.training, opt.momentum, opt.eps, opt.sigma1, opt.align_corners
     C, CI = x.shape[1], theta_weight.shape[0]
     # phi is a 1x1 conv and linear resampling weights sum to one: resampling g equals resampling phi(g)
     coarse = tuple(s // k for s, k in zip(x.shape[2:], theta_weight.shape[2:]))

@@ -10,7 +10,8 @@
 - At ``builder-inited``, ``_generated/benchmarks.rst`` (tables from
   ``benchmarks/results/**/*.json`` and the plots in ``_static/benchmarks/``) and
   ``_generated/guides_toc.rst`` (the toctree of the optional guide pages present) and
-  ``_generated/pancreas_help.rst`` (the pancreas example's ``--help``).
+  ``_generated/pancreas_help.rst`` (the pancreas example's ``--help``) and
+  ``_generated/measured.rst`` (the table ``"auto"`` follows, with the choice in every row).
 """
 
 from __future__ import annotations
@@ -227,7 +228,25 @@ def generate(app) -> None:
             logger.info("ag_docs: %s.rst is missing; the index says so", g)
             toc += [f".. note:: The page ``{g}.rst`` is not in this build (it does not exist yet).", ""]
     write_if_changed(GENERATED / "guides_toc.rst", "\n".join(toc) + "\n")
+    write_if_changed(GENERATED / "measured.rst", "\n".join(render_measured()) + "\n")
     generate_cli_help()
+
+
+def render_measured() -> list[str]:
+    """The rows of ``attention_gates/ops/measured.json`` as a table, with what ``"auto"`` takes in each."""
+    from attention_gates.ops import measured
+
+    rows = measured.rows()
+    if not rows:
+        return [".. note:: The table is empty: ``\"auto\"`` takes the reference everywhere.", ""]
+    body = []
+    for r in rows:
+        cells = {f: r[f] for f in measured.Key._fields}
+        cells.update({f"{k} (ms)": v for k, v in r["ms"].items()})
+        cells["auto takes"] = measured._row_winner(r) or "reference"
+        cells["measured on"] = f"{r.get('machine', '?')}, commit {r['commit'][:10]}"
+        body.append(cells)
+    return _table(body, "measured medians of the paper model's level-2 gate, and the choice of ``\"auto\"``")
 
 
 def generate_cli_help() -> None:

@@ -1,0 +1,257 @@
+"""Which implementation of the gate wins on this CPU, and what the CPU inference transform gains.
+
+``python -m benchmarks.cpu_backends`` measures, side by side in interleaved rounds (medians):
+
+1. **the gate**: the paper model's level-2 gate (``x: Tensor[1, 32, 48, 48, 48]``,
+   ``g: Tensor[1, 64, 24, 24, 24]``, ``W`` + BatchNorm), eval forward under
+   :func:`torch.inference_mode` and a training forward + backward, ``x`` contiguous and
+   channels-last, on every gate backend that runs on the CPU: ``reference``, ``compile``
+   (inductor) and ``cpu``. These are the rows of :mod:`attention_gates.ops.measured` for this
+   machine's architecture (``--write-table`` adds them).
+2. **the network**: the paper's ``AttentionUNet3D`` with its gates on each backend, and
+   ``UNet3D``, channels-last, batch 1 at ``--sizes`` (default 64^3 and 96^3): inference and a
+   training step (forward + backward).
+3. **the transform**: inference of ``AttentionUNet3D`` and ``UNet3D`` as built, and after
+   :func:`attention_gates.cpu.optimize_for_inference` with every step and with each step left out.
+4. **the allocator**: inference of the transformed ``AttentionUNet3D`` in child processes with
+   glibc's default allocator and with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>`` (large
+   tensors then stay in the heap instead of being mapped, page-faulted and unmapped on every
+   call), the two alternating.
+
+The table is printed last; the JSON (the commit measured, the machine, its load, every timing
+summary) goes to ``benchmarks/results/<machine>/cpu_backends.json``. The machine may be shared:
+only ratios from the same rounds mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from attention_gates import AttentionUNet3D, UNet3D
+from attention_gates.cpu import optimize_for_inference
+from attention_gates.ops import measured
+
+from . import common
+from .gates import GateCase
+from .measured import add_rows
+
+X_SHAPE, G_SHAPE = (1, 32, 48, 48, 48), (1, 64, 24, 24, 24)  # level 2 of the paper model, 96^3 input
+LAYOUTS = {"contiguous": False, "channels_last": True}
+CL = torch.channels_last_3d
+
+
+BACKENDS = ("reference", "compile", "cpu")
+ALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def _ms(times: Sequence[float]) -> float:
+    return 1e3 * common.summarize(times)["median"]
+
+
+def gate_rows(warmup: int, repeats: int, x_shape=X_SHAPE, g_shape=G_SHAPE) -> list[dict]:
+    """One row per (mode, layout): the median ms of every backend, all in the same rounds per mode."""
+    cpu, rows = torch.device("cpu"), []
+    cases = {(lay, b): GateCase(b, 2, x_shape, g_shape, cpu, channels_last=cl) for lay, cl in LAYOUTS.items() for b in BACKENDS}
+    for mode in ("eval", "train"):
+        _progress(f"gate {list(x_shape)}, {mode}: {len(cases)} variants x {repeats} rounds")
+        times = common.time_interleaved({f"{lay}/{b}": c.fn(mode) for (lay, b), c in cases.items()}, warmup=warmup, repeats=repeats, device=cpu)
+        for lay in LAYOUTS:
+            rows.append({
+                "device": "cpu", "capability": measured.host_capability(), "dtype": "float32", "mode": mode,
+                "layout": lay, "context": "eager", "ms": {b: _ms(times[f"{lay}/{b}"]) for b in BACKENDS},
+            })  # fmt: skip
+    return rows
+
+
+class _Net:
+    """A network on ``backend`` (``None`` for UNet3D), channels-last, with its inference and training-step callables."""
+
+    def __init__(self, net: torch.nn.Module, size: int, backend: Optional[str] = None) -> None:
+        torch.manual_seed(0)
+        self.net = net.to(memory_format=CL)
+        if backend is not None:
+            self.net.set_backend(backend)
+        self.x = torch.randn(1, 1, size, size, size).contiguous(memory_format=CL)
+
+    def infer(self) -> None:
+        self.net.eval()
+        with torch.inference_mode():
+            self.net(self.x)
+
+    def train_step(self) -> None:
+        self.net.train()
+        self.net.zero_grad(set_to_none=True)
+        self.net(self.x).sum().backward()
+
+    def fn(self, mode: str) -> Callable[[], None]:
+        return self.infer if mode == "eval" else self.train_step
+
+
+def network_rows(sizes: Sequence[int], warmup: int, repeats: int) -> list[dict]:
+    """Per size and mode: the median ms of AttentionUNet3D on each gate backend and of UNet3D, in the same rounds."""
+    rows, cpu = [], torch.device("cpu")
+    for size in sizes:
+        nets = {b: _Net(AttentionUNet3D(), size, b) for b in BACKENDS}
+        nets["UNet3D"] = _Net(UNet3D(), size)
+        for mode in ("eval", "train"):
+            _progress(f"AttentionUNet3D at {size}^3, {mode}: {len(nets)} variants x {repeats} rounds")
+            times = common.time_interleaved({k: n.fn(mode) for k, n in nets.items()}, warmup=warmup, repeats=repeats, device=cpu)
+            rows.append({"size": size, "mode": mode, "ms": {k: _ms(t) for k, t in times.items()}})
+    return rows
+
+
+TRANSFORMS = {
+    "as built": None,
+    "optimize_for_inference": {},
+    "  without fold": {"fold": False},
+    "  without onednn": {"onednn": False},
+    "  without channels_last": {"channels_last": False},
+}
+
+
+def transform_rows(sizes: Sequence[int], warmup: int, repeats: int) -> list[dict]:
+    """Per size: inference of AttentionUNet3D and UNet3D as built and after the transform (and
+    each of its steps left out), all in the same rounds; the input in the layout each model takes."""
+    rows, cpu = [], torch.device("cpu")
+    for size in sizes:
+        fns = {}
+        for arch, cls in (("AttentionUNet3D", AttentionUNet3D), ("UNet3D", UNet3D)):
+            torch.manual_seed(0)
+            base = cls().eval()
+            for name, options in TRANSFORMS.items():
+                net = base if options is None else optimize_for_inference(base, **options)
+                cl = options is not None and options.get("channels_last", True)
+                x = torch.randn(1, 1, size, size, size)
+                x = x.contiguous(memory_format=CL) if cl else x
+
+                def infer(net=net, x=x) -> None:
+                    with torch.inference_mode():
+                        net(x)
+
+                fns[f"{arch}|{name}"] = infer
+        _progress(f"transform at {size}^3: {len(fns)} variants x {repeats} rounds")
+        times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=cpu)
+        rows.append({"size": size, "ms": {k: _ms(t) for k, t in times.items()}})
+    return rows
+
+
+def _allocator_child(size: int, warmup: int, repeats: int) -> None:
+    """In a child process: median seconds of the transformed AttentionUNet3D's inference, as JSON on stdout."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(AttentionUNet3D().eval())
+    x = torch.randn(1, 1, size, size, size).contiguous(memory_format=CL)
+
+    def infer() -> None:
+        with torch.inference_mode():
+            net(x)
+
+    times = common.time_interleaved({"infer": infer}, warmup=warmup, repeats=repeats, device=torch.device("cpu"))["infer"]
+    print(json.dumps({"median_s": common.summarize(times)["median"], "peak_rss": common.peak_rss()}))
+
+
+def allocator_rows(sizes: Sequence[int], warmup: int, repeats: int, rounds: int = 3, threads: Optional[int] = None) -> list[dict]:
+    """Per size: the transformed network's inference in child processes, default allocator and
+    :data:`ALLOC_ENV` alternating ``rounds`` times; the medians of the children's medians."""
+    rows = []
+    for size in sizes:
+        _progress(f"allocator at {size}^3: 2 settings x {rounds} child processes")
+        got: dict[str, list[dict]] = {"default": [], "MALLOC_MMAP_MAX_=0": []}
+        for _ in range(rounds):
+            for name, extra in (("default", {}), ("MALLOC_MMAP_MAX_=0", ALLOC_ENV)):
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
+                cmd = [sys.executable, "-m", "benchmarks.cpu_backends", "--allocator-child", str(size),
+                       "--warmup", str(warmup), "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                got[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rows.append({
+            "size": size,
+            "ms": {k: 1e3 * common.summarize([r["median_s"] for r in v])["median"] for k, v in got.items()},
+            "peak_rss": {k: max(r["peak_rss"] for r in v) for k, v in got.items()},
+        })  # fmt: skip
+    return rows
+
+
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def tables(result: dict) -> str:
+    out = []
+    out.append(f"level-2 gate {result['gate_shapes']} (ms, median; speed-up over the reference):")
+    rows = []
+    for r in result["gate"]:
+        ms = r["ms"]
+        rows.append([r["mode"], r["layout"], *(f"{ms[b]:.2f} ({ms['reference'] / ms[b]:.2f}x)" for b in BACKENDS), measured._row_winner(r) or "reference"])
+    out.append(common.format_table(["mode", "layout", *BACKENDS, "auto takes"], rows))
+    for r in result["network"]:
+        ms = r["ms"]
+        out.append(f"\nAttentionUNet3D, channels-last, 1x1x{r['size']}^3, {r['mode']} (ms; speed-up over the reference gates; / UNet3D):")
+        out.append(common.format_table(
+            ["variant", "ms", "speed-up", "/ UNet3D"],
+            [[k, f"{v:.1f}", f"{ms['reference'] / v:.3f}", f"{v / ms['UNet3D']:.3f}"] for k, v in ms.items()],
+        ))  # fmt: skip
+    for r in result["transform"]:
+        ms = r["ms"]
+        out.append(f"\ninference at 1x1x{r['size']}^3 (ms; speed-up over the model as built):")
+        body = []
+        for arch in ("AttentionUNet3D", "UNet3D"):
+            built = ms[f"{arch}|as built"]
+            body += [[f"{arch} {name.strip()}" if not name.startswith(" ") else f"  {name.strip()}", f"{ms[f'{arch}|{name}']:.1f}",
+                      f"{built / ms[f'{arch}|{name}']:.3f}"] for name in TRANSFORMS]  # fmt: skip
+        out.append(common.format_table(["model", "ms", "speed-up"], body))
+        a, u = ms["AttentionUNet3D|optimize_for_inference"], ms["UNet3D|optimize_for_inference"]
+        out.append(f"transformed AttentionUNet3D / transformed UNet3D: {a / u:.3f}")
+    for r in result["allocator"]:
+        d, m = r["ms"]["default"], r["ms"]["MALLOC_MMAP_MAX_=0"]
+        out.append(f"\ntransformed AttentionUNet3D at 1x1x{r['size']}^3, allocator: default {d:.1f} ms, "
+                   f"MALLOC_MMAP_MAX_=0 {m:.1f} ms ({d / m:.3f}x; peak RSS {common.fmt_bytes(r['peak_rss']['default'])} "
+                   f"vs {common.fmt_bytes(r['peak_rss']['MALLOC_MMAP_MAX_=0'])})")  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_backends", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=11, help="interleaved rounds per measurement (default 11)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="network input edges (default 64 96)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="smoke run: a small gate, 24^3 networks, 2 rounds")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/cpu_backends.json)")
+    p.add_argument("--write-table", action="store_true", help="add the gate rows to attention_gates/ops/measured.json")
+    p.add_argument("--allocator-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+    if args.allocator_child is not None:
+        return _allocator_child(args.allocator_child, args.warmup, args.repeats)
+    common.allow_recompiles()
+    cpu = torch.device("cpu")
+    shapes = ((1, 8, 8, 8, 8), (1, 16, 4, 4, 4)) if args.quick else (X_SHAPE, G_SHAPE)
+    repeats, sizes = (2, [24]) if args.quick else (args.repeats, args.sizes)
+    result = {"script": "cpu_backends", "commit": common.commit(), "machine": common.machine_info(cpu), "load_before": common.load_average()}
+    result["gate_shapes"] = {"x": list(shapes[0]), "g": list(shapes[1])}
+    result["gate"] = gate_rows(args.warmup, repeats, *shapes)
+    result["network"] = network_rows(sizes, args.warmup, repeats)
+    result["transform"] = transform_rows(sizes, args.warmup, repeats)
+    result["allocator"] = allocator_rows(sizes, args.warmup, repeats, rounds=1 if args.quick else 3, threads=args.threads)
+    result["load_after"] = common.load_average()
+    for row in result["gate"]:
+        row.update(commit=result["commit"], machine=result["machine"]["cpu_model"], source="benchmarks/results/" + common.machine_tag(cpu) + "/cpu_backends.json")
+    path = common.output_path(args.out, cpu, "cpu_backends")
+    common.write_json(path, result)
+    if args.write_table and not args.quick:
+        add_rows(result["gate"])
+    print(tables(result))
+    print(f"\nload average before/after: {result['load_before']} / {result['load_after']}; JSON: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""attention_gates.cpu: the explicit CPU inference transform (oneDNN routing, channels-last, the folded
+multi-head block) against the untransformed modules, and the plain modules staying plain."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from attention_gates import AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D
+from attention_gates.cpu import FoldedMultiAttentionGate, OneDNNConv3d, optimize_for_inference
+from attention_gates.ops.cpu import multi_gate_inference_cpu
+from gate_cases import functional_args, inputs, randomise, reference
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
+def _ops(fn) -> set[str]:
+    """The aten ops that ``fn()`` ran."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain modules are plain
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plain_networks_hold_plain_torch_convolutions():
+    for net in (UNet3D(filters=[4, 8, 16]), AttentionUNet3D(filters=[4, 8, 16]), UNet2D(filters=[4, 8])):
+        convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        assert convs and all(type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in convs)
+        assert not any(isinstance(m, FoldedMultiAttentionGate) for m in net.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# OneDNNConv3d
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_case(c_in=16, c_out=8, size=(16, 16, 16), batch=1, **kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(c_in, c_out, **{"kernel_size": 3, "padding": 1, **kwargs})
+    conv.__class__ = OneDNNConv3d
+    x = torch.randn(batch, c_in, *size, requires_grad=True)
+    return conv, x
+
+
+def _matches_nn_conv3d_in_float64(conv: OneDNNConv3d, x: torch.Tensor, grad_atol: float = 1e-4) -> torch.Tensor:
+    """``conv(x)`` with its gradients (input and parameters) against ``nn.Conv3d`` with the same
+    parameters in float64; returns ``conv(x)``."""
+    ref = nn.Conv3d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias is not None
+    ).double()
+    ref.load_state_dict(conv.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = conv(x), ref(x64)
+    assert y.shape == y64.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *conv.parameters()], dy)
+    grads64 = torch.autograd.grad(y64, [x64, *ref.parameters()], dy.double())
+    for got, want in zip(grads, grads64):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=grad_atol)
+    return y
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stride": 2}, {"dilation": 2, "padding": 2}, {"groups": 4}],
+    ids=["3x3x3", "stride2", "dilated", "groups"],
+)
+def test_single_volume_goes_to_onednn_with_nn_conv3d_results(kwargs):
+    conv, x = _conv_case(size=(9, 10, 7), **kwargs)
+    assert "aten::mkldnn_convolution" in _ops(lambda: conv(x))
+    _matches_nn_conv3d_in_float64(conv, x)
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("size, channels_last, onednn", [((9, 10, 7), False, False), ((9, 10, 7), True, False), ((32, 32, 16), True, True)])
+def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last, onednn):
+    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least 16384 voxels, else a
+    matrix product; values and gradients as nn.Conv3d's in float64, output in the input's layout."""
+    conv, x = _conv_case(batch=batch, size=size, kernel_size=1, padding=0)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    ops = _ops(lambda: conv(x))
+    assert ("aten::mkldnn_convolution" in ops) == onednn, ops
+    assert onednn or {"aten::mm", "aten::addmm", "aten::bmm"} & ops, ops
+    y = _matches_nn_conv3d_in_float64(conv, x, grad_atol=1e-3)  # (weight gradients: sums over up to 32768 voxels)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize(
+    "batch, dtype, padding_mode",
+    [(2, torch.float32, "zeros"), (1, torch.float64, "zeros"), (1, torch.float32, "reflect")],
+    ids=["batch2", "float64", "reflect"],
+)
+def test_other_inputs_take_nn_conv3d(batch, dtype, padding_mode, monkeypatch):
+    """A batch of several volumes, float64 or another padding mode: nn.Conv3d's own forward."""
+    conv, x = _conv_case(batch=batch, padding_mode=padding_mode)
+    conv.to(dtype)
+    x = x.detach().to(dtype)
+    calls = []
+    monkeypatch.setattr("attention_gates.cpu.conv", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("attention_gates.cpu.conv1x1", lambda *a, **k: calls.append(1))
+    torch.testing.assert_close(conv(x), nn.Conv3d._conv_forward(conv, x, conv.weight, conv.bias))
+    assert not calls
+
+
+@needs_onednn
+def test_the_onednn_flag_turns_it_off():
+    conv, x = _conv_case()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert "aten::mkldnn_convolution" not in _ops(lambda: conv(x))
+
+
+def test_compile_flop_counter_and_export_see_aten_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv, x = _conv_case()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        conv(x)
+    assert counter.get_total_flops() == 2 * x[0, 0].numel() * 8 * 16 * 27
+    graph = torch.export.export(conv, (x.detach(),)).graph_module.code
+    assert "aten.conv3d" in graph and "mkldnn" not in graph
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(conv, fullgraph=True, backend="aot_eager")(x), conv(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# FoldedMultiAttentionGate
+# ---------------------------------------------------------------------------------------------
+
+
+def _unfolded(block, x, g):
+    """The block computed head by head on the reference, then concatenated and combined."""
+    outs, alphas = [], []
+    for gate in block.gates:
+        if isinstance(gate.W[1], nn.Identity):
+            args, kw = [
+                gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias, gate.W[0].weight, gate.W[0].bias,
+            ], {"norm": "none"}  # fmt: skip
+        else:
+            args, kw = functional_args(gate), {}
+        out, alpha = reference(x, g, *args, **kw, sigma1=gate.sigma1, sigma2=gate.sigma2, align_corners=gate.align_corners)
+        outs.append(out)
+        alphas.append(alpha)
+    return block.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
+
+
+def _folded(block):
+    return FoldedMultiAttentionGate.fold(copy.deepcopy(block))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("dims, heads", [(3, 2), (2, 1), (2, 3)])
+def test_folded_block_equals_head_by_head(dims, heads, norm, channels_last):
+    """In float32 CPU inference the block is relu(c + sum_i alpha_i * (A_i x)): one product over x."""
+    block = randomise(MultiAttentionGate(dims, 8, 12, inter_channels=6, heads=heads, norm=norm)).eval()
+    x, g = inputs(d=dims, c_l=8, c_g=12, size=(12, 10, 6), g_size=(6, 5, 3))
+    x, g = x.float(), g.float()
+    if channels_last:
+        fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    folded = _folded(block)
+    with torch.no_grad():
+        want32 = _unfolded(block, x, g)
+        truth = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())
+        out, alpha = folded(x, g)
+    assert folded.A.shape == (heads * 8, 8) and folded.c.shape == (8,)
+    # exact algebra: the folded computation in float64 equals the head-by-head one to rounding
+    block64 = copy.deepcopy(block).double()
+    heads_params = [(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in block64.gates]
+    with torch.no_grad():
+        out64, _ = multi_gate_inference_cpu(x.double(), g.double(), heads_params, *block64.folded_output_map())
+    assert (out64 - truth[0]).abs().max().item() <= 1e-12 * truth[0].abs().max().item()
+    # float32: each entry of A is a sum of products of three float32 factors (combine's conv, W's
+    # conv, the norms' scales) that may cancel, so the fold's rounding is tens of float32 ulps of
+    # the output here, against a few for the head-by-head computation; 1e-5 relative catches any
+    # wrong term (those are O(1))
+    scale = truth[0].abs().max().item()
+    assert (out.double() - truth[0]).abs().max().item() <= 1e-5 * scale
+    assert (want32[0].double() - truth[0]).abs().max().item() <= 1e-5 * scale
+    assert (alpha.double() - truth[1]).abs().max().item() <= 1e-6
+    assert out.stride() == x.stride()  # x's layout
+
+
+def test_folded_output_has_x_strides_for_one_channels_last_sample():
+    """With N = 1 a layout inferred from sliced operands can put the batch stride anywhere (still
+    'channels-last'), and torch.cat then takes a slow copy: the output takes x's strides."""
+    folded = _folded(MultiAttentionGate(3, 8, 12, inter_channels=6).eval())
+    x = torch.randn(1, 8, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(1, 12, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        out, _ = folded(x, g)
+    assert out.stride() == x.stride() == (8**4, 1, 8 * 8 * 8, 8 * 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, g_size",
+    [
+        ({"sigma1": "softplus"}, (4, 5, 3)),
+        ({"subsample_factor": (2, 2, 1)}, (4, 5, 6)),
+        ({"align_corners": True}, (3, 4, 2)),  # g on another grid than theta's: phi(g) resampled
+        ({"heads": 3, "inter_channels": 5}, (4, 5, 3)),
+    ],
+    ids=["softplus", "factor221", "align_corners-g-resized", "3heads-Fint5"],
+)
+def test_folded_block_variants(kwargs, g_size):
+    block = randomise(MultiAttentionGate(3, 8, 12, **{"inter_channels": 6, **kwargs})).eval()
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 8, 9, 10, 6, generator=gen), torch.randn(2, 12, *g_size, generator=gen)
+    with torch.no_grad():
+        out, alpha = _folded(block)(x, g)
+        truth = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())
+    assert (out.double() - truth[0]).abs().max().item() <= 1e-5 * truth[0].abs().max().item()
+    assert (alpha.double() - truth[1]).abs().max().item() <= 1e-6
+
+
+def test_blocks_without_an_affine_output_side_are_not_folded():
+    for block in (
+        MultiAttentionGate(3, 8, 12, inter_channels=6, norm="instance").eval(),
+        MultiAttentionGate(3, 8, 12, inter_channels=6).train(),  # batch statistics
+        MultiAttentionGate(3, 8, 12, inter_channels=6, output_transform=False).eval(),
+        MultiAttentionGate(3, 8, 12, inter_channels=6, sigma2="softmax").eval(),
+    ):
+        assert FoldedMultiAttentionGate.fold(block) is None and type(block) is MultiAttentionGate
+
+
+def test_folded_block_refuses_training_gradients_and_other_tensors():
+    folded = _folded(MultiAttentionGate(3, 8, 12, inter_channels=6).eval())
+    x, g = torch.randn(1, 8, 8, 8, 8), torch.randn(1, 12, 4, 4, 4)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        folded(x.requires_grad_(), g)
+    x = x.detach()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"float32 CPU tensors, got x torch.float64 on cpu"):
+            folded(x.double(), g.double())
+        folded.train()
+        with pytest.raises(RuntimeError, match="is for inference"):
+            folded(x, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize_for_inference
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"fold": False}, {"channels_last": False}, {"onednn": False}], ids=["all", "no-fold", "contiguous", "no-onednn"]
+)
+def test_transformed_network_computes_the_original(options):
+    torch.manual_seed(0)
+    net = randomise(AttentionUNet3D(filters=[4, 8, 16, 32])).eval()
+    before = copy.deepcopy(net.state_dict())
+    fast = optimize_for_inference(net, **options)
+    x = torch.randn(1, 1, 20, 24, 16)
+    with torch.inference_mode():
+        want, got = net(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # the original is untouched: its modules, layout and values
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert type(net.gates["2"]) is MultiAttentionGate and type(net.encoders[0].conv1[0]) is nn.Conv3d
+    assert net.encoders[1].conv1[0].weight.is_contiguous()
+    # the copy: what was asked for, the original's state-dict keys, frozen
+    assert set(fast.state_dict()) == set(net.state_dict()) and not fast.training
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert (type(fast.gates["2"]) is FoldedMultiAttentionGate) == options.get("fold", True)
+    assert (type(fast.encoders[0].conv1[0]) is OneDNNConv3d) == options.get("onednn", True)
+    assert fast.encoders[1].conv1[0].weight.is_contiguous(memory_format=torch.channels_last_3d) == options.get("channels_last", True)
+    # weights of the original load into the transformed model (frozen copy: the fold was made before)
+    fast.load_state_dict(net.state_dict())
+
+
+def test_transform_of_a_non_module_is_an_error():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        optimize_for_inference({})
