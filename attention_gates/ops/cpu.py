@@ -310,18 +310,20 @@ class _GridAttentionCPU(torch.autograd.Function):
     """``(out, alpha)`` of the gate; saves the inputs, theta's output (coarse) and the batch ``invstd``."""
 
     @staticmethod
-    def forward(ctx, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b, running_mean, running_var, cfg):
+    def forward(ctx, x, g, *args):  # args: the fields of GateWeights, then GateOptions (apply takes tensors one by one)
+        *weights, cfg = args
+        w = GateWeights(*weights)
         dtype = _compute_dtype(x)
         xs, gs = x.to(dtype), g.to(dtype)
-        coarse = [_cast(t, dtype) for t in (theta_w, phi_w, phi_b, psi_w, psi_b)]
+        coarse = [_cast(t, dtype) for t in w[:5]]
         t = _theta(xs, [coarse[0]])  # [N, F_int, *T], saved: the backward starts from it
         alpha = _resample(_attention(t, gs, *coarse[1:], cfg), x.shape[2:], cfg.align_corners)  # [N, 1, *S]
         a, X = alpha.flatten(2), xs.flatten(2)
         stats: tuple = ()
-        if W_w is None:
+        if w.W_weight is None:
             out = xs * alpha
         else:
-            W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
+            W0, b, gamma, beta = _output_params(w, dtype)
             n = X.shape[0] * X.shape[2]
             if cfg.norm == "batch" and cfg.training:
                 out = conv1x1(xs, W0, None)  # W0 x, in x's layout
@@ -332,30 +334,29 @@ class _GridAttentionCPU(torch.autograd.Function):
                 # vector_norm over dims (0, 2) of a channels-last U took 4.4 ms, this 1.0 ms (same accuracy)
                 invstd = torch.rsqrt(var + cfg.eps)
                 torch.addcmul(beta[:, None], U, (gamma * invstd)[:, None], out=U)
-                _update_running(running_mean, running_var, mean + b, var * (n / (n - 1)), cfg.momentum)
+                _update_running(w, mean + b, var * (n / (n - 1)), cfg.momentum)
                 stats = (invstd,)
             else:
                 if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
-                    s = gamma * torch.rsqrt(running_var.to(dtype) + cfg.eps)
-                    W0, b = W0 * s[:, None], (b - running_mean.to(dtype)) * s + beta
+                    s = gamma * torch.rsqrt(w.running_var.to(dtype) + cfg.eps)
+                    W0, b = W0 * s[:, None], (b - w.running_mean.to(dtype)) * s + beta
                 out = _scaled_product(xs, W0, b, alpha)  # alpha * (W0 x) + b
-        keep_stats = cfg.norm == "batch" and not cfg.training and W_w is not None
+        keep_stats = cfg.norm == "batch" and not cfg.training and w.W_weight is not None
         ctx.cfg = cfg
-        ctx.save_for_backward(
-            x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b,
-            running_mean if keep_stats else None, running_var if keep_stats else None, t, *stats,
-        )  # fmt: skip
+        running = (w.running_mean, w.running_var) if keep_stats else (None, None)
+        ctx.save_for_backward(x, g, *w[:9], *running, t, *stats)
         return out.to(x.dtype), alpha.to(x.dtype)
 
     @staticmethod
     def backward(ctx, d_out, d_alpha):
-        x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b, rm, rv, t, *stats = ctx.saved_tensors
+        x, g, *saved = ctx.saved_tensors
+        w, (t, *stats) = GateWeights(*saved[:11]), saved[11:]
         cfg: GateOptions = ctx.cfg
         needs = ctx.needs_input_grad
         dtype = _compute_dtype(x)
         # recompute alpha from theta's output with a graph over the coarse inputs that need gradients
         needs_t = needs[0] or needs[2]
-        coarse_in = [t, g, phi_w, phi_b, psi_w, psi_b]
+        coarse_in = [t, g, *w[1:5]]
         coarse_needs = [needs_t, needs[1], *needs[3:7]]
         leaves = [None if v is None else v.detach().to(dtype).requires_grad_(n) for v, n in zip(coarse_in, coarse_needs)]
         wanted = [i for i, v in enumerate(leaves) if v is not None and v.requires_grad]
@@ -366,10 +367,10 @@ class _GridAttentionCPU(torch.autograd.Function):
         dy5 = _dense(d_out.to(dtype), xs)  # x's layout; its [N, C, S] view for the products
         dy = dy5.flatten(2)
         grads: list[Optional[Tensor]] = [None] * 11
-        if W_w is None:
+        if w.W_weight is None:
             h = dy  # d(alpha x)
         else:
-            h, w_grads = _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg, needs, dtype)
+            h, w_grads = _output_backward(dy5, X, a, w, stats, cfg, needs, dtype)
             grads[7:11] = w_grads
         if wanted:
             d_alpha = d_alpha.to(dtype) + (h * X).sum(1, keepdim=True).view_as(alpha)
@@ -377,32 +378,32 @@ class _GridAttentionCPU(torch.autograd.Function):
             grads[1], grads[3:7] = coarse_grads.get(1), [coarse_grads.get(i) for i in range(2, 6)]
             if needs_t:
                 h_x = h.view(x.shape) if needs[0] else None
-                grads[0], grads[2] = _theta_backward(coarse_grads[0], xs, theta_w.to(dtype), needs[2], h_x, alpha.detach())
-        inputs = (x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, norm_w, norm_b)
+                grads[0], grads[2] = _theta_backward(coarse_grads[0], xs, w.theta_weight.to(dtype), needs[2], h_x, alpha.detach())
+        inputs = (x, g, *w[:9])
         # view only where the shape differs: a same-shape view of one channels-last sample changes its batch stride
         grads = [None if gr is None else gr.to(inp.dtype) if gr.shape == inp.shape else gr.to(inp.dtype).view(inp.shape)
                  for gr, inp in zip(grads, inputs)]  # fmt: skip
         return (*grads, None, None, None)
 
 
-def _update_running(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor, var: Tensor, momentum: float) -> None:
+def _update_running(w: GateWeights, mean: Tensor, var: Tensor, momentum: float) -> None:
     """The norm's running statistics, moved towards this batch's ``mean`` and unbiased ``var`` (in place)."""
-    if running_mean is not None:
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+    if w.running_mean is not None:
+        w.running_mean.mul_(1 - momentum).add_(mean.to(w.running_mean.dtype), alpha=momentum)
+        w.running_var.mul_(1 - momentum).add_(var.to(w.running_var.dtype), alpha=momentum)
 
 
-def _output_params(W_w, W_b, norm_w, norm_b, dtype):
+def _output_params(w: GateWeights, dtype):
     """``W0 = Tensor[C, C]``, ``b``, and the norm's ``gamma``/``beta`` (identity when absent), in ``dtype``."""
-    W0 = W_w.flatten(1).to(dtype)
+    W0 = w.W_weight.flatten(1).to(dtype)
     c = W0.shape[0]
-    b = W_b.to(dtype) if W_b is not None else W0.new_zeros(c)
-    gamma = norm_w.to(dtype) if norm_w is not None else W0.new_ones(c)
-    beta = norm_b.to(dtype) if norm_b is not None else W0.new_zeros(c)
+    b = w.W_bias.to(dtype) if w.W_bias is not None else W0.new_zeros(c)
+    gamma = w.norm_weight.to(dtype) if w.norm_weight is not None else W0.new_ones(c)
+    beta = w.norm_bias.to(dtype) if w.norm_bias is not None else W0.new_zeros(c)
     return W0, b, gamma, beta
 
 
-def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: GateOptions, needs, dtype):
+def _output_backward(dy5, X, a, w: GateWeights, stats, cfg: GateOptions, needs, dtype):
     """Gradients through ``out = norm(alpha * (W0 x) + b)``, from ``C x C`` products.
 
     Let ``ax = alpha * x`` and ``dv`` be the gradient at the norm's input; per channel
@@ -419,7 +420,7 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: Ga
     ``h = d(alpha x)`` as ``Tensor[N, C, S]`` and the gradients of ``(W_w, W_b, norm_w, norm_b)``.
     """
     dy = dy5.flatten(2)
-    W0, b, gamma, beta = _output_params(W_w, W_b, norm_w, norm_b, dtype)
+    W0, b, gamma, beta = _output_params(w, dtype)
     n = X.shape[0] * X.shape[2]
     d_beta = dy.sum((0, 2))
     if cfg.norm == "batch" and cfg.training:
@@ -440,17 +441,17 @@ def _output_backward(dy5, X, a, W_w, W_b, norm_w, norm_b, rm, rv, stats, cfg: Ga
         P = _gram(dy, torch.mul(X, a, out=torch.empty_like(X)))  # sum dy ax^T
         k1, d_gamma = gamma.new_ones(()), None
         if cfg.norm == "batch":
-            inv = torch.rsqrt(rv.to(dtype) + cfg.eps)
+            inv = torch.rsqrt(w.running_var.to(dtype) + cfg.eps)
             k1 = gamma * inv
-            d_gamma = inv * ((W0 * P).sum(1) + (b - rm.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
+            d_gamma = inv * ((W0 * P).sum(1) + (b - w.running_mean.to(dtype)) * d_beta)  # sum dy * (W(alpha x) - rm) * inv
         d_W0 = k1[..., None] * P
         d_b = k1 * d_beta
         h = conv1x1(dy5, (W0 * k1[..., None]).t(), None).flatten(2)
     return h, [
         d_W0 if needs[7] else None,
-        d_b if needs[8] and W_b is not None else None,
-        d_gamma if needs[9] and norm_w is not None else None,
-        d_beta if needs[10] and norm_b is not None else None,
+        d_b if needs[8] and w.W_bias is not None else None,
+        d_gamma if needs[9] and w.norm_weight is not None else None,
+        d_beta if needs[10] and w.norm_bias is not None else None,
     ]
 
 
