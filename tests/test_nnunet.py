@@ -7,7 +7,6 @@ Its own suite (``-m nnunet``, the ``nnunet`` step of scripts/test.sh); needs the
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -17,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("nnunetv2", reason="the nnunet extra: pip install -e '.[nnunet]'")
+
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -562,3 +564,47 @@ def test_nnunet_plans_trains_and_predicts_with_the_trainer(tmp_path):
     image = sitk.ReadImage(str(raw / "imagesTs" / "tiny_900_0000.nii.gz"))
     assert prediction.GetSize() == image.GetSize() and prediction.GetSpacing() == pytest.approx(SPACING_XYZ)
     assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def test_cost_benchmark_quick_writes_consistent_results(tmp_path):
+    """benchmarks/nnunet_cost.py --quick: the JSON is what it returned, the parameter counts are those
+    of the networks built from the plan it stores, the ratios follow from the rows (no timing asserted)."""
+    import statistics
+
+    from benchmarks import nnunet_cost
+
+    threads = torch.get_num_threads()
+    try:
+        returned = nnunet_cost.main(["--quick", "--device", "cpu", "--no-rss", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "nnunet_cost.json").read_text())
+    assert data == json.loads(json.dumps(returned))
+    rows = {r["model"]: r for r in data["results"]}
+    assert set(rows) == {"PlainConvUNet", "AttentionPlainConvUNet"}
+    for model, cls in (("PlainConvUNet", PlainConvUNet), ("AttentionPlainConvUNet", AttentionPlainConvUNet)):
+        name = CLASS_NAME if cls is AttentionPlainConvUNet else PLAIN_CLASS_NAME
+        net = get_network_from_plans(name, data["plan"]["arch_kwargs"], REQUIRES_IMPORT, 1, 3, deep_supervision=True)
+        assert rows[model]["params"] == sum(p.numel() for p in net.parameters())
+        assert rows[model]["feature_map_size"] == net.compute_conv_feature_map_size(data["plan"]["patch_size"])
+        samples = data["samples"][model]
+        assert len(samples["train_step_s"]) == data["settings"]["repeats"] == 2
+        assert rows[model]["train_step_s"] == statistics.median(samples["train_step_s"]) > 0
+        assert rows[model]["forward_s"] == statistics.median(samples["forward_s"]) > 0
+        assert rows[model]["train_step_flops"] > 2 * rows[model]["forward_flops"] > 0
+    plain, gated = rows["PlainConvUNet"], rows["AttentionPlainConvUNet"]
+    assert gated["params"] > plain["params"] and gated["forward_flops"] > plain["forward_flops"]
+    for r in data["ratios"]:
+        if r["metric"] == "step_memory_bytes":
+            assert r["gated_over_plain"] is None  # --no-rss on the CPU
+        else:
+            assert r["gated_over_plain"] == pytest.approx(gated[r["metric"]] / plain[r["metric"]])
+        if r["metric"] in ("forward_s", "train_step_s"):
+            per_round = [g / p for g, p in zip(data["samples"]["AttentionPlainConvUNet"][r["metric"]], data["samples"]["PlainConvUNet"][r["metric"]])]
+            assert r["paired"] == pytest.approx(statistics.median(per_round))
+        else:
+            assert r["paired"] is None
+    assert data["settings"]["gates"] == {**GATE_DEFAULTS, "gated_skips": list(range(1, data["plan"]["arch_kwargs"]["n_stages"] - 1))}

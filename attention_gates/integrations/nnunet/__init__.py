@@ -1,13 +1,13 @@
 """Attention gates inside nnU-Net v2 (``pip install 'attention-gates[nnunet]'``).
 
-- :class:`AttentionPlainConvUNet`: nnU-Net's default network (``PlainConvUNet``) with the
+- :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`: nnU-Net's default network (``PlainConvUNet``) with the
   paper's gates on its skips; a plans file can name it
   (``"network_class_name": "attention_gates.integrations.nnunet.AttentionPlainConvUNet"``).
 - :class:`nnUNetTrainerAttentionGates`: nnU-Net's default trainer with that network, for
   ``nnUNetv2_train ... -tr nnUNetTrainerAttentionGates`` once ``nnUNet_extTrainer`` lists
   :func:`trainer_dir`.
 - :func:`write_attention_plans`: a plans variant naming the network, for nnU-Net's own trainer.
-- :meth:`AttentionPlainConvUNet.from_plain` and :func:`convert_checkpoint`: a trained
+- :meth:`AttentionPlainConvUNet.from_plain <attention_gates.integrations.nnunet.network.AttentionPlainConvUNet.from_plain>` and :func:`convert_checkpoint`: a trained
   ``PlainConvUNet`` with pass-through gates, computing the same logits.
 
 The command line ``attention-gates-nnunet`` (or ``python -m attention_gates.integrations.nnunet``)

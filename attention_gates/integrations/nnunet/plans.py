@@ -1,4 +1,4 @@
-"""The files nnU-Net reads: a plans variant naming :class:`AttentionPlainConvUNet`, a trained
+"""The files nnU-Net reads: a plans variant naming :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`, a trained
 plain checkpoint turned into a gated one, and the folder nnU-Net searches for the trainer.
 
 - :func:`write_attention_plans`: ``nnUNetPlans.json`` -> ``nnUNetAttentionPlans.json`` beside it,
@@ -54,7 +54,7 @@ def attention_plans(
     configurations: Optional[Sequence[str]] = None,
     **gate_options: Any,
 ) -> tuple[dict[str, Any], list[str]]:
-    """A copy of ``plans`` (a plans file's dict) whose configurations name :class:`AttentionPlainConvUNet`.
+    """A copy of ``plans`` (a plans file's dict) whose configurations name :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`.
 
     Args:
         plans: the source plans (nnU-Net's ``nnUNetPlans.json``, loaded).
@@ -150,10 +150,10 @@ def convert_checkpoint(
     psi_bias: float = 12.0,
     **gate_options: Any,
 ) -> Path:
-    """Turn a trained ``PlainConvUNet``'s nnU-Net checkpoint into one of :class:`AttentionPlainConvUNet`.
+    """Turn a trained ``PlainConvUNet``'s nnU-Net checkpoint into one of :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`.
 
     The output is the input checkpoint with ``network_weights`` those of
-    :meth:`AttentionPlainConvUNet.from_plain` (the trained weights, pass-through gates), its stored
+    :meth:`AttentionPlainConvUNet.from_plain <attention_gates.integrations.nnunet.network.AttentionPlainConvUNet.from_plain>` (the trained weights, pass-through gates), its stored
     plans naming the gated network at ``configuration`` (default: the checkpoint's), and
     ``trainer_name`` ``nnUNetTrainerAttentionGates``; the optimizer's and grad scaler's states,
     which belong to the plain network's parameters, are dropped. Written atomically.
@@ -164,7 +164,7 @@ def convert_checkpoint(
     ``-pretrained_weights``.
 
     Raises:
-        ValueError: ``output`` is ``checkpoint``; see :meth:`AttentionPlainConvUNet.from_plain`.
+        ValueError: ``output`` is ``checkpoint``; see :meth:`AttentionPlainConvUNet.from_plain <attention_gates.integrations.nnunet.network.AttentionPlainConvUNet.from_plain>`.
     """
     source, target = Path(checkpoint), Path(output)
     if target.exists() and target.resolve() == source.resolve():

@@ -1,4 +1,4 @@
-"""``nnUNetTrainerAttentionGates``: nnU-Net's default trainer, training :class:`AttentionPlainConvUNet`.
+"""``nnUNetTrainerAttentionGates``: nnU-Net's default trainer, training :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`.
 
 nnU-Net looks trainers up by class name (``nnUNetv2_train ... -tr NAME``, and again at
 inference) in its own package and then in the folders listed in the environment variable
@@ -22,7 +22,7 @@ __all__ = ["nnUNetTrainerAttentionGates"]
 
 
 class nnUNetTrainerAttentionGates(nnUNetTrainer):
-    """nnU-Net's trainer with :class:`~attention_gates.integrations.nnunet.AttentionPlainConvUNet`
+    """nnU-Net's trainer with :class:`~attention_gates.integrations.nnunet.network.AttentionPlainConvUNet`
     as the network: everything else (data, augmentation, loss, deep supervision, schedule,
     inference) is ``nnUNetTrainer``'s.
 
