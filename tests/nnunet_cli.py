@@ -7,9 +7,10 @@ One thing differs from the script: where ``import torchvision`` fails, nnU-Net's
 module is replaced by an empty one first. nnU-Net looks a trainer up by importing every module of
 its own trainers package before it searches ``nnUNet_extTrainer``, and its Primus trainers import
 timm, which imports torchvision; the torchvision the package registry serves is a CUDA build that
-cannot load beside a CPU-only torch (as on the CI runners), so without this every trainer outside
-``nnUNetTrainer.py`` fails to resolve there, nnU-Net's own variants included. Nothing else changes:
-the lookup, planning, training and prediction are nnU-Net's code.
+cannot load beside a CPU-only torch (this project's set-up: the CPU torch wheel, the registry's
+torchvision), so without this every trainer outside ``nnUNetTrainer.py`` fails to resolve there,
+nnU-Net's own variants included. Nothing else changes: the lookup, planning, training and
+prediction are nnU-Net's code.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from importlib.metadata import entry_points
 PRIMUS = "nnunetv2.training.nnUNetTrainer.primus.primus_trainers"
 
 
-def stub_primus_if_torchvision_is_broken() -> bool:
-    """Replace nnU-Net's Primus trainers module by an empty one when torchvision cannot be imported."""
+def torchvision_is_broken() -> bool:
+    """Whether ``import torchvision`` fails (a CUDA build beside a CPU torch raises RuntimeError, not ImportError)."""
     try:
         import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001 - a CUDA build beside a CPU torch raises RuntimeError, not ImportError
-        sys.modules[PRIMUS] = types.ModuleType(PRIMUS)
+    except Exception:  # noqa: BLE001
         return True
     return False
 
@@ -34,7 +34,8 @@ def stub_primus_if_torchvision_is_broken() -> bool:
 def main(argv: list[str]) -> None:
     command, *args = argv
     (entry,) = entry_points(group="console_scripts", name=command)
-    stub_primus_if_torchvision_is_broken()
+    if torchvision_is_broken():
+        sys.modules[PRIMUS] = types.ModuleType(PRIMUS)
     sys.argv = [command, *args]
     entry.load()()
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -444,15 +445,15 @@ def test_trainer_builds_the_gated_network_from_default_plans():
 
 
 def test_nnunet_finds_the_trainer_by_name_through_nnUNet_extTrainer(monkeypatch):
-    sys.path.insert(0, str(HERE))
-    try:
-        from nnunet_cli import stub_primus_if_torchvision_is_broken
-    finally:
-        sys.path.remove(str(HERE))
+    """nnU-Net's own lookup (as ``-tr`` at training and prediction): not found without the variable,
+    the library's class itself with it (see tests/nnunet_cli.py for the Primus module)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # the stub (see nnunet_cli.py) stays in this test
-    stub_primus_if_torchvision_is_broken()
+    monkeypatch.syspath_prepend(str(HERE))
+    import nnunet_cli
+
+    if nnunet_cli.torchvision_is_broken():
+        monkeypatch.setitem(sys.modules, nnunet_cli.PRIMUS, types.ModuleType(nnunet_cli.PRIMUS))
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer nnUNetTrainerAttentionGates"):
         recursive_find_trainer_class_by_name("nnUNetTrainerAttentionGates")
