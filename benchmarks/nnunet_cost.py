@@ -42,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
-from benchmarks.overhead import log
+from benchmarks.overhead import cuda_step_bytes, log
 
 MODELS = ("PlainConvUNet", "AttentionPlainConvUNet")
 PANCREAS = {"spacing": [2.5, 0.8027, 0.8027], "shape": [93, 512, 512], "cases": 281}
@@ -208,19 +208,6 @@ def measure_rss(model: str, config: dict, patch: Sequence[int], batch: int) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cuda_step_bytes(runner: Runner) -> int:
-    device = runner.x.device
-    runner.opt.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    runner.train_step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 ROWS = [  # (label, key, kind)
     ("parameters", "params", "count"),
     ("forward GFLOPs (plan's patch x batch)", "forward_flops", "gflops"),
@@ -320,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         samples[m] = {"forward_s": fwd[m], "train_step_s": trn[m]}
     if device.type == "cuda":
         for m in MODELS:
-            by_model[m]["step_memory_bytes"] = cuda_step_bytes(runners[m])
+            by_model[m]["step_memory_bytes"] = cuda_step_bytes(runners[m], device)
         memory = "torch.cuda.max_memory_allocated over one training step, above the memory allocated before it"
     elif args.no_rss:
         memory = "not measured (--no-rss)"
