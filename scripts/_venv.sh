@@ -12,4 +12,9 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q -e ".[$EXTRAS]"
+# the extras are installed with that torch held: otherwise a requirement of theirs (the nnunet extra's
+# timm needs torchvision, whose newest release needs the newest torch) would replace it with a CUDA build
+TORCH_PIN="$(mktemp)"
+"$PY" -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > "$TORCH_PIN"
+"$PY" -m pip install -q -e ".[$EXTRAS]" -c "$TORCH_PIN"
+rm -f "$TORCH_PIN"

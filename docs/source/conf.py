@@ -52,6 +52,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"Tensor"),
     (r"py:.*", r"(collections\.abc|os|typing|pathlib|contextlib|enum|dataclasses)\..*"),  # the standard library
     (r"py:class", r"(attention_gates\.gates\.)?Factor"),  # the type alias int | Sequence[int], described in each docstring
+    (r"py:.*", r"(nnunetv2|dynamic_network_architectures)(\..*)?"),  # nnU-Net's classes (the nnunet extra): no inventory
+    (r"py:class", r"(attention_gates\.integrations\.nnunet\.(network|plans)\.)?(Source|PathLike)"),  # type aliases, described
 ]
 
 autosummary_generate = True
