@@ -62,8 +62,9 @@ def _version(module: str) -> Optional[str]:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on (no host name)."""
+    """What the numbers were measured on (no host name), and the commit measured."""
     info = {
+        "commit": commit(),
         "device": device.type,
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),

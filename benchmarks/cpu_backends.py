@@ -219,7 +219,8 @@ def tables(result: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_backends", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=11, help="interleaved rounds per measurement (default 11)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds per gate measurement (default 15)")
+    p.add_argument("--network-repeats", type=int, default=7, help="interleaved rounds per network measurement (default 7)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="network input edges (default 64 96)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -234,16 +235,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.allow_recompiles()
     cpu = torch.device("cpu")
     shapes = ((1, 8, 8, 8, 8), (1, 16, 4, 4, 4)) if args.quick else (X_SHAPE, G_SHAPE)
-    repeats, sizes = (2, [24]) if args.quick else (args.repeats, args.sizes)
-    result = {"script": "cpu_backends", "commit": common.commit(), "machine": common.machine_info(cpu), "load_before": common.load_average()}
+    repeats, net_repeats, sizes = (2, 2, [24]) if args.quick else (args.repeats, args.network_repeats, args.sizes)
+    result = {"script": "cpu_backends", "machine": common.machine_info(cpu), "load_before": common.load_average()}
     result["gate_shapes"] = {"x": list(shapes[0]), "g": list(shapes[1])}
     result["gate"] = gate_rows(args.warmup, repeats, *shapes)
-    result["network"] = network_rows(sizes, args.warmup, repeats)
-    result["transform"] = transform_rows(sizes, args.warmup, repeats)
-    result["allocator"] = allocator_rows(sizes, args.warmup, repeats, rounds=1 if args.quick else 3, threads=args.threads)
+    result["network"] = network_rows(sizes, args.warmup, net_repeats)
+    result["transform"] = transform_rows(sizes, args.warmup, net_repeats)
+    result["allocator"] = allocator_rows(sizes, args.warmup, net_repeats, rounds=1 if args.quick else 3, threads=args.threads)
     result["load_after"] = common.load_average()
     for row in result["gate"]:
-        row.update(commit=result["commit"], machine=result["machine"]["cpu_model"], source="benchmarks/results/" + common.machine_tag(cpu) + "/cpu_backends.json")
+        row.update(commit=result["machine"]["commit"], machine=result["machine"]["cpu_model"], source="benchmarks/results/" + common.machine_tag(cpu) + "/cpu_backends.json")
     path = common.output_path(args.out, cpu, "cpu_backends")
     common.write_json(path, result)
     if args.write_table and not args.quick:

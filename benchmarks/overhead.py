@@ -5,7 +5,9 @@ default models and a sweep of input sizes, it measures side by side in one proce
 
 * parameters and forward FLOPs (:class:`torch.utils.flop_counter.FlopCounterMode`: convolutions
   and matrix products, a multiply-add counted as 2 FLOPs; element-wise ops are not counted);
-* inference time (eval mode, :func:`torch.inference_mode`) and training-step time (forward,
+* inference time (eval mode, :func:`torch.inference_mode`; on the CPU every model, MONAI's too,
+  after :func:`attention_gates.cpu.optimize_for_inference` with ``fold=False``: oneDNN for single
+  volumes and channels-last, and the gates still on their backend) and training-step time (forward,
   cross-entropy against random labels, backward, SGD-with-momentum step), median and IQR over
   repeats, the models run round-robin inside every repeat;
 * memory: the bytes saved for backward by one training forward (unique storages caught by
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import common
 from attention_gates import AttentionUNet, UNet
+from attention_gates.cpu import optimize_for_inference
 
 CHANNELS = (16, 32, 64, 128, 256)
 STRIDES = (2, 2, 2, 2)
@@ -155,16 +158,23 @@ def size_label(size: Sequence[int]) -> str:
 
 
 class Runner:
-    """A model with its input, labels and optimizer: one inference call, one training step."""
+    """A model with its input, labels and optimizer: one inference call, one training step.
+
+    On the CPU, inference runs a copy made by :func:`~attention_gates.cpu.optimize_for_inference`
+    (``fold=False``, so that the gates keep their backend) on a channels-last input."""
 
     def __init__(self, net: nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
         self.net, self.x, self.target = net, x, target
         self.opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        self.infer_net, self.infer_x = net, x
+        if x.device.type == "cpu":
+            self.infer_net = optimize_for_inference(net.eval(), fold=False)
+            self.infer_x = x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
 
     def infer(self) -> None:
-        self.net.eval()
+        self.infer_net.eval()
         with torch.inference_mode():
-            self.net(self.x)
+            self.infer_net(self.infer_x)
 
     def train_step(self) -> None:
         self.net.train()

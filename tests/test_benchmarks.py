@@ -183,11 +183,11 @@ def test_cpu_backends_quick_writes_every_section(tmp_path):
     path = tmp_path / "cpu_backends.json"
     data = cpu_backends.main(["--quick", "--threads", "1", "--out", str(path)])
     assert json.loads(path.read_text()) == json.loads(json.dumps(data))
-    assert data["commit"] == common.commit() and data["machine"]["torch_threads"] == 1
+    assert data["machine"]["commit"] == common.commit() and data["machine"]["torch_threads"] == 1
     rows = data["gate"]  # the rows of the table behind "auto": one per mode and layout, every CPU backend timed
     assert [(r["mode"], r["layout"]) for r in rows] == [(m, lay) for m in ("eval", "train") for lay in ("contiguous", "channels_last")]
     for r in rows:
-        assert measured.Key(*(r[f] for f in measured.Key._fields)).device == "cpu" and r["commit"] == data["commit"]
+        assert measured.Key(*(r[f] for f in measured.Key._fields)).device == "cpu" and r["commit"] == data["machine"]["commit"]
         assert set(r["ms"]) == set(cpu_backends.BACKENDS) and all(v > 0 for v in r["ms"].values())
     assert [(r["size"], r["mode"]) for r in data["network"]] == [(24, "eval"), (24, "train")]
     assert all(set(r["ms"]) == {*cpu_backends.BACKENDS, "UNet3D"} for r in data["network"])

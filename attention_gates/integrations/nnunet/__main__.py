@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ...functional import NORMS
+from ...layers import NORMS
 from .plans import DEFAULT_PLANS_NAME, convert_checkpoint, trainer_dir, write_attention_plans
 
 

@@ -33,7 +33,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import Tensor, nn
 
-from ...functional import NORMS
+from ...layers import NORMS
 from ...gates import GridAttentionGate, MultiAttentionGate
 
 __all__ = [
