@@ -1,0 +1,70 @@
+"""Tile sizes and grid sizes of the fused gate's kernels, per GPU architecture.
+
+A committed table instead of autotuning: the same shapes get the same tiles on every run
+(and so the same per-program partial sums, hence bitwise-equal gradients), and no call pays
+for a search. Rows are keyed by the channel bucket ``max(next_pow2(F_l), next_pow2(F_int))``
+(the register tiles are ``[positions, channels]``), and give
+
+- ``coarse``: ``(BLOCK_P, num_warps)`` of the coarse kernels (theta's grid; ``BLOCK_P`` coarse
+  positions, each with its whole subsample patch);
+- ``fine``: ``(BLOCK_S, num_warps)`` of the fine kernels (x's grid; ``BLOCK_S`` positions);
+- ``programs_per_sm``: the persistent grid is ``multiprocessors * programs_per_sm`` programs
+  (fewer when there are fewer tiles).
+
+How the values were chosen: none of them has been timed on a GPU yet. They are the largest
+tiles whose sm_90 code compiles without local-memory spills and within the shared-memory
+limit (``tests/test_triton_codegen.py`` checks both for every row), with ``BLOCK_P`` and
+``BLOCK_S * KW`` at least 64 where the channels allow, the row count Hopper's ``wgmma`` needs.
+A GPU run (``benchmarks/gpu_check.sh``) is what should confirm or replace them; other
+architectures use the ``"default"`` rows until measured.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Tiles(NamedTuple):
+    coarse_block: int  # BLOCK_P
+    coarse_warps: int
+    coarse_per_sm: int  # persistent programs per multiprocessor
+    fine_block: int  # BLOCK_S
+    fine_warps: int
+    fine_per_sm: int
+    stages: int = 1  # Triton's software-pipelining depth (num_stages) of the tile loops
+
+
+# channel bucket -> tiles; the first row whose bucket holds the channels applies
+TABLE: dict[str, dict[int, Tiles]] = {
+    "sm90": {
+        32: Tiles(64, 8, 1, 64, 4, 2),
+        64: Tiles(16, 8, 1, 16, 8, 1),
+        128: Tiles(16, 8, 1, 16, 8, 1),
+        256: Tiles(16, 8, 1, 16, 8, 1),
+    },
+    "default": {
+        32: Tiles(64, 8, 1, 64, 4, 2),
+        64: Tiles(16, 8, 1, 16, 8, 1),
+        128: Tiles(16, 8, 1, 16, 8, 1),
+        256: Tiles(16, 8, 1, 16, 8, 1),
+    },
+}
+# the Triton interpreter (CPU): small tiles and a few programs, so that every program loops
+# over several tiles, as on a GPU
+INTERPRETER = Tiles(32, 4, 0, 64, 4, 0)
+INTERPRETER_PROGRAMS = 3
+
+
+def arch_key(capability: tuple[int, int]) -> str:
+    """The table's key for a CUDA compute capability: ``"sm90"`` for (9, 0), else ``"default"``."""
+    key = f"sm{capability[0]}{capability[1]}"
+    return key if key in TABLE else "default"
+
+
+def lookup(arch: str, channels: int) -> Tiles:
+    """The row of ``TABLE[arch]`` for ``channels`` (the larger of F_l and F_int, a power of two)."""
+    rows = TABLE[arch]
+    for bucket in sorted(rows):
+        if channels <= bucket:
+            return rows[bucket]
+    raise ValueError(f"{channels} channels: the tile table ({arch}) goes up to {max(rows)}")
