@@ -210,7 +210,8 @@ def test_tile_table_rows():
     for arch, rows in tiles.TABLE.items():
         assert max(rows) >= MAX_CHANNELS, arch
         for bucket, row in rows.items():
-            assert row.coarse_block >= 16 and row.fine_block >= 16 and row.coarse_per_sm >= 1 and row.fine_per_sm >= 1
+            assert min(row.coarse_block, row.patch_block, row.fine_block) >= 16  # tl.dot's smallest operand
+            assert row.coarse_per_sm >= 1 and row.fine_per_sm >= 1
     assert tiles.lookup("sm90", 16) == tiles.TABLE["sm90"][32]
     assert tiles.lookup("sm90", 128) == tiles.TABLE["sm90"][128]
     assert tiles.arch_key((9, 0)) == "sm90" and tiles.arch_key((8, 0)) == "default"

@@ -210,6 +210,9 @@ class _Plan:
         self.coarse_args = dict(TPS=self.coarse_tps, NT=self.tiles_coarse, BLOCK_P=row.coarse_block, num_warps=row.coarse_warps)
         self.fine_grid = (max(1, min(self.tiles_fine, self.fine_cap)),)
         self.coarse_grid = (max(1, min(self.tiles_coarse, self.coarse_cap)),)
+        patch_tps = triton.cdiv(self.SC, row.patch_block)
+        self.patch_args = dict(TPS=patch_tps, NT=N * patch_tps, BLOCK_P=row.patch_block, num_warps=row.coarse_warps)
+        self.patch_grid = (max(1, min(N * patch_tps, self.coarse_cap)),)
 
     def fine(self, kernel, *args, **kwargs) -> None:
         """Launch a fine kernel (x's grid) on this plan's persistent grid."""
@@ -218,6 +221,10 @@ class _Plan:
     def coarse(self, kernel, *args, **kwargs) -> None:
         """Launch a coarse kernel (theta's grid) on this plan's persistent grid."""
         _launch(kernel, self.coarse_grid, args, {**self.args, **self.coarse_args, **kwargs})
+
+    def patch(self, kernel, *args, **kwargs) -> None:
+        """Launch ``_patch_bwd`` (theta's grid, its own tiles) on its persistent grid."""
+        _launch(kernel, self.patch_grid, args, {**self.args, **self.patch_args, **kwargs})
 
 
 _OPTIONS = ("num_warps", "num_stages")
@@ -339,8 +346,8 @@ def gate_backward(
     theta, phi_w, phi_b, psi_w = _weights(theta_w, phi_w, phi_b, psi_w)
     plan.coarse(K._coarse_bwd, x, g, theta, phi_w, phi_b, psi_w, alpha_c, dac, df, dg, part_coarse, **sx, **_strides("sg", g), **_strides("sdg", dg))
     # 5. dtheta's partial sums and dx (theta path and W path), written once
-    part_theta = torch.empty((plan.coarse_grid[0], sizes[0]), device=dev, dtype=f32)
-    plan.coarse(K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, **sx, **so, **_strides("sd", dx), **flags)
+    part_theta = torch.empty((plan.patch_grid[0], sizes[0]), device=dev, dtype=f32)
+    plan.patch(K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, **sx, **so, **_strides("sd", dx), **flags)
     # 6. the weight gradients: every partial row summed in a fixed order
     dweights = torch.empty(sum(sizes), device=dev, dtype=f32)
     _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if has_w else ()))

@@ -28,6 +28,7 @@ class Tiles(NamedTuple):
     coarse_block: int  # BLOCK_P
     coarse_warps: int
     coarse_per_sm: int  # persistent programs per multiprocessor
+    patch_block: int  # BLOCK_P of _patch_bwd (the backward's heaviest kernel: x, dout, dx rows and two weights)
     fine_block: int  # BLOCK_S
     fine_warps: int
     fine_per_sm: int
@@ -37,21 +38,21 @@ class Tiles(NamedTuple):
 # channel bucket -> tiles; the first row whose bucket holds the channels applies
 TABLE: dict[str, dict[int, Tiles]] = {
     "sm90": {
-        32: Tiles(64, 8, 1, 64, 4, 2),
-        64: Tiles(16, 8, 1, 16, 8, 1),
-        128: Tiles(16, 8, 1, 16, 8, 1),
-        256: Tiles(16, 8, 1, 16, 8, 1),
+        32: Tiles(64, 8, 1, 32, 64, 8, 1),
+        64: Tiles(16, 8, 1, 16, 16, 8, 1),
+        128: Tiles(16, 8, 1, 16, 16, 8, 1),
+        256: Tiles(16, 8, 1, 16, 16, 8, 1),
     },
     "default": {
-        32: Tiles(64, 8, 1, 64, 4, 2),
-        64: Tiles(16, 8, 1, 16, 8, 1),
-        128: Tiles(16, 8, 1, 16, 8, 1),
-        256: Tiles(16, 8, 1, 16, 8, 1),
+        32: Tiles(64, 8, 1, 32, 64, 8, 1),
+        64: Tiles(16, 8, 1, 16, 16, 8, 1),
+        128: Tiles(16, 8, 1, 16, 16, 8, 1),
+        256: Tiles(16, 8, 1, 16, 16, 8, 1),
     },
 }
 # the Triton interpreter (CPU): small tiles and a few programs, so that every program loops
 # over several tiles, as on a GPU
-INTERPRETER = Tiles(32, 4, 0, 64, 4, 0)
+INTERPRETER = Tiles(32, 4, 0, 16, 64, 4, 0)
 INTERPRETER_PROGRAMS = 3
 
 
