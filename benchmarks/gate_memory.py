@@ -11,12 +11,16 @@
    and computed for triton there from what its autograd saves (alpha on theta's grid, float32,
    and W's mean and variance), a formula the small-shape count checks.
 2. Traffic: for each mode (eval forward, training forward, training backward) the byte floor
-   (each input read once, each output written once) and the bytes the fused passes move, from
-   the pass structure in :mod:`attention_gates.ops.triton.launch`.
+   (each input read once, each output written once) and the bytes the fused launches move:
+   the launches a call really makes, recorded (the launchers run, the kernels do not) as
+   planned for an H100, each adding the tensors its kernel streams
+   (:data:`attention_gates.ops.triton.launch.PASSES`, checked against the kernels' loads and
+   stores under the interpreter by ``tests/test_triton.py``).
 3. Host work per call: the torch operations and Triton launches the launchers issue for one
-   eval forward, training forward and backward (kernels stubbed, ops counted with a
+   eval forward, training forward and backward (kernels recorded, not run; ops counted with a
    ``TorchDispatchMode``). Each costs microseconds of CPU time per call, which small gates on a
-   fast GPU cannot hide: a count that needs no GPU to measure.
+   fast GPU cannot hide: a count that needs no GPU to measure (``tests/test_triton_codegen.py``
+   keeps budgets on it).
 """
 
 from __future__ import annotations

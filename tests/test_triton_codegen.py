@@ -196,6 +196,30 @@ def test_dot_precision_follows_pytorch_flags():
                 conv.fp32_precision = before
 
 
+def test_shape_reasons():
+    from attention_gates.ops.triton.support import shape_reasons
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    assert shape_reasons(meta(2, 256, 4, 4, 4), meta(2, 512, 2, 2, 2), meta(256, 256, 2, 2, 2)) == []
+    reasons = shape_reasons(meta(2, 257, 4, 4, 4), meta(2, 513, 2, 2, 2), meta(300, 257, 2, 2, 2))
+    assert len(reasons) == 3
+    assert "x has 257 channels" in reasons[0] and "inter_channels 300" in reasons[1] and "g has 513 channels" in reasons[2]
+
+
+def test_large_samples_take_64bit_offsets():
+    """A sample of 2^31 elements or more is supported: its launches take 64-bit offsets."""
+    from attention_gates.ops.triton.support import shape_reasons
+
+    theta = torch.empty(32, 32, 2, 2, 2, device="meta")
+    big = torch.empty(1, 32, 1024, 1024, 64, device="meta")  # 2^31 elements in one sample
+    small = torch.empty(64, 32, 64, 64, 64, device="meta")  # 2^29 per sample, 2^35 in all
+    assert shape_reasons(big, big[:, :, ::2, ::2, ::2], theta) == []
+    assert launch._Plan(big, big[:, :, ::2, ::2, ::2], theta, False, False).args["I64"]
+    assert not launch._Plan(small, small[:, :, ::2, ::2, ::2], theta, False, False).args["I64"]
+
+
 def test_plan_for_rejects_unknown_arch():
     with pytest.raises(ValueError, match="arch must be one of"):
         with launch.plan_for("sm75", 40):

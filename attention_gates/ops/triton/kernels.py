@@ -7,36 +7,38 @@ phi ``[F_int, F_g]``, psi ``[F_int]``, W0 ``[F_l, F_l]`` (W's conv without its b
 
 Every kernel is persistent: a grid of a few programs per multiprocessor, each looping over
 tiles ``pid, pid + P, pid + 2P, ...`` (``P`` programs), so that the batch size is bounded by
-nothing but memory and per-program sums have a fixed order.
+nothing but memory, and each program's sums have a fixed order.
 
 Coarse tiles (theta's grid, ``Sc = S // k``) are ``BLOCK_P`` coarse positions of one sample.
-Their subsample patches are read as ``KD * KH`` rows of fine positions, each a contiguous
-segment of ``KW`` fine positions per coarse position (``Tensor[BLOCK_P, BKW, BLOCK_C]``, no
-per-lane division), and theta is one ``tl.dot`` per patch row over ``(offset, channel)``.
-Fine tiles (x's grid) are ``BLOCK_S`` consecutive positions of one sample.
+Their subsample patches are read as ``KD * KH`` patch rows: per coarse position the ``KW``
+consecutive fine positions of the row (``Tensor[BLOCK_P * BKW, BLOCK_C]``, consecutive rows
+consecutive in memory, no per-lane division), viewed as ``[BLOCK_P, BKW * BLOCK_C]`` for theta's
+dot. Fine tiles (x's grid) are ``BLOCK_S`` consecutive positions of one sample.
 
 Forward:
     ``_coarse_fwd``     alpha_c = sigmoid(psi . sigma1(theta(x) + phi(g)) + b_psi)
     ``_fine_stats``     per-program (mean, M2) of ``alpha * u`` (u = W0 x), merged over its tiles (Chan)
-    ``_stats_combine``  their fixed-order combination (float64): W's batch mean and variance
+    ``_stats_combine``  their combination in row order (float64): W's batch mean and variance
     ``_fine_out``       out = alpha * u * scale + shift (bias and norm folded per channel), and alpha
 Backward (recomputing from x, g, alpha_c and the norm statistics):
     ``_fine_bwd_sums``  per-program sums of dout and dout * zhat (the norm's gradients)
     ``_fine_bwd``       d alpha on x's grid, per-program partials of dW0 and db, and dx at the
                         positions no subsample patch covers
-    ``_coarse_bwd``     d alpha_c (the adjoint of alpha's resampling, gathered over the fine
-                        positions each coarse position feeds), then dx (W path and theta path
-                        together, written once in x's dtype), dg, and per-program partials of
-                        dtheta, dphi, dbp, dpsi, db_psi
-    ``_sum_rows``       the fixed-order column sums of per-program partial rows (float64)
+    ``_alpha_adjoint_kernel``  d alpha_c, the adjoint of alpha's resampling: a gather over the
+                        fine positions each coarse position feeds
+    ``_coarse_bwd``     df = d(theta x + phi g) per coarse position (written), dg, and
+                        per-program partials of dphi, dbp, dpsi, db_psi
+    ``_patch_bwd``      per patch row: dx (theta path + recomputed W path, written once in x's
+                        dtype) and per-program partials of dtheta
+    ``_sum_rows``       the column sums of per-program partial rows, in row order (float64)
 The fine kernels resample alpha_c onto x's grid themselves (``_alpha_at``, as ``F.interpolate``).
-No kernel uses atomics: every sum runs in an order fixed by the grid, so gradients are
-bitwise reproducible run to run on one device.
+A program accumulates its partial sums in registers over its tiles and writes them once; no
+kernel uses atomics, so gradients are bitwise reproducible run to run on one device.
 
-Arithmetic is float32 (``ACC``; float64 for float64 inputs). Dot products take their
-operands in ``DOT`` (x's dtype: 16-bit inputs are dotted in their own dtype) with float32
-accumulation and ``PREC`` (``"tf32"``, ``"tf32x3"`` or ``"ieee"``) for float32 operands.
-``I64``: offsets within a sample in 64 bits (a sample of 2^31 elements or more).
+Arithmetic is float32 (``ACC``; float64 for float64 inputs). Dot products take their operands
+in ``DOT`` (x's dtype: 16-bit inputs are dotted in their own dtype) and accumulate in ``ACC``,
+with ``PREC`` (``"tf32"``, ``"tf32x3"`` or ``"ieee"``) for float32 operands. ``I64``: offsets
+within a sample in 64 bits (a sample of 2^31 elements or more).
 """
 
 import triton

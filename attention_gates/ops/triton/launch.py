@@ -11,15 +11,18 @@ Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statis
   1. with a norm: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_rows``: the norm's gradients
      (sums over the grid, which dz needs under batch statistics).
   2. ``_fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
-  3. ``_coarse_bwd`` (reads x, dout, g, d alpha; writes dx and dg): the resampling's adjoint,
-     the theta path and the W path together.
-  4. ``_sum_rows``: the weight gradients from the per-program partial rows of 2 and 3.
-No atomics and no zero-fills: every buffer is written once (or accumulated by the one program
-that owns it), and every sum has a fixed order, so that two runs give bitwise-equal gradients.
+  3. ``_alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
+  4. ``_coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
+  5. ``_patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
+  6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
+No atomics and no zero-fills: every buffer is written once, and every sum has a fixed order
+(given the device's multiprocessor count), so two runs give bitwise-equal gradients.
 
-``PASSES`` lists, per launch, the big tensors each kernel streams through memory (read or
-written once per launch), which is what the traffic model in ``benchmarks/gate_memory.py``
-adds up over the launches a call really makes.
+Tiles and grids come from ``tiles.TABLE`` (per architecture); the dot products' precision from
+PyTorch's flags (``dot_precision``). ``PASSES`` lists, per kernel, the big tensors a launch
+streams through memory (read or written in full, once), which is what the traffic model in
+``benchmarks/gate_memory.py`` adds up over the launches a call really makes (and what an
+interpreter test checks against the kernels' recorded loads and stores).
 """
 
 from __future__ import annotations
@@ -213,18 +216,25 @@ class _Plan:
         patch_tps = triton.cdiv(self.SC, row.patch_block)
         self.patch_args = dict(TPS=patch_tps, NT=N * patch_tps, BLOCK_P=row.patch_block, num_warps=row.coarse_warps)
         self.patch_grid = (max(1, min(N * patch_tps, self.coarse_cap)),)
+        self.x_bytes = x.numel() * x.element_size()
 
-    def fine(self, kernel, *args, **kwargs) -> None:
-        """Launch a fine kernel (x's grid) on this plan's persistent grid."""
-        _launch(kernel, self.fine_grid, args, {**self.args, **self.fine_args, **kwargs})
+    def capped(self, grid: tuple[int], row: int) -> tuple[int]:
+        """``grid`` for a kernel that writes one partial row of ``row`` floats per program: at most
+        as many programs as keep those rows within x's bytes (small gates with big weights: a
+        few programs, not one partial row per multiprocessor)."""
+        return (max(1, min(grid[0], self.x_bytes // (4 * row))),)
 
-    def coarse(self, kernel, *args, **kwargs) -> None:
-        """Launch a coarse kernel (theta's grid) on this plan's persistent grid."""
-        _launch(kernel, self.coarse_grid, args, {**self.args, **self.coarse_args, **kwargs})
+    def fine(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch a fine kernel (x's grid) on this plan's persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.fine_grid, args, {**self.args, **self.fine_args, **kwargs})
 
-    def patch(self, kernel, *args, **kwargs) -> None:
-        """Launch ``_patch_bwd`` (theta's grid, its own tiles) on its persistent grid."""
-        _launch(kernel, self.patch_grid, args, {**self.args, **self.patch_args, **kwargs})
+    def coarse(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch a coarse kernel (theta's grid) on this plan's persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.coarse_grid, args, {**self.args, **self.coarse_args, **kwargs})
+
+    def patch(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch ``_patch_bwd`` (theta's grid, its own tiles) on its persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.patch_grid, args, {**self.args, **self.patch_args, **kwargs})
 
 
 _OPTIONS = ("num_warps", "num_stages")
@@ -328,9 +338,10 @@ def gate_backward(
     sizes = weight_grad_sizes(C, plan.CG, plan.CI, plan.K, has_w)
     dx = torch.empty_like(x)
     daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
-    part_w = torch.empty((plan.fine_grid[0], C * C + C), device=dev, dtype=f32) if has_w else absent
+    grid = plan.capped(plan.fine_grid, C * C + C) if has_w else plan.fine_grid
+    part_w = torch.empty((grid[0], C * C + C), device=dev, dtype=f32) if has_w else absent
     plan.fine(
-        K._fine_bwd, x, alpha_c, w0, dout, dalpha.contiguous() if dalpha is not None else absent, **norm,
+        K._fine_bwd, x, alpha_c, w0, dout, dalpha.contiguous() if dalpha is not None else absent, **norm, grid=grid,
         dx_ptr=dx, daf_ptr=daf, part_ptr=part_w, **sx, **so, **_strides("sd", dx), HAS_DALPHA=dalpha is not None, **flags,
     )  # fmt: skip
     # 3. d alpha_c: the adjoint of alpha's resampling (a gather, no atomics)
@@ -342,12 +353,20 @@ def gate_backward(
     # 4. df = d(theta x + phi g), dg, and the phi and psi gradients' partial sums
     dg = torch.empty_like(g)
     df = torch.empty((N, plan.SC, plan.CI), device=dev, dtype=f32 if x.dtype == torch.float32 else x.dtype)
-    part_coarse = torch.empty((plan.coarse_grid[0], sum(sizes[1:5])), device=dev, dtype=f32)
+    grid = plan.capped(plan.coarse_grid, sum(sizes[1:5]))
+    part_coarse = torch.empty((grid[0], sum(sizes[1:5])), device=dev, dtype=f32)
     theta, phi_w, phi_b, psi_w = _weights(theta_w, phi_w, phi_b, psi_w)
-    plan.coarse(K._coarse_bwd, x, g, theta, phi_w, phi_b, psi_w, alpha_c, dac, df, dg, part_coarse, **sx, **_strides("sg", g), **_strides("sdg", dg))
+    plan.coarse(
+        K._coarse_bwd, x, g, theta, phi_w, phi_b, psi_w, alpha_c, dac, df, dg, part_coarse, grid=grid,
+        **sx, **_strides("sg", g), **_strides("sdg", dg),
+    )  # fmt: skip
     # 5. dtheta's partial sums and dx (theta path and W path), written once
-    part_theta = torch.empty((plan.patch_grid[0], sizes[0]), device=dev, dtype=f32)
-    plan.patch(K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, **sx, **so, **_strides("sd", dx), **flags)
+    grid = plan.capped(plan.patch_grid, sizes[0])
+    part_theta = torch.empty((grid[0], sizes[0]), device=dev, dtype=f32)
+    plan.patch(
+        K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, grid=grid,
+        **sx, **so, **_strides("sd", dx), **flags,
+    )  # fmt: skip
     # 6. the weight gradients: every partial row summed in a fixed order
     dweights = torch.empty(sum(sizes), device=dev, dtype=f32)
     _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if has_w else ()))
