@@ -361,7 +361,7 @@ def stage_models(args) -> list:
             rows.append({"model": name, "amp_bf16": amp, "step_ms": ms, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
             write_json(args.out / "models.json", rows)
             print(json.dumps(rows[-1]), flush=True)
-            del net, opt
+            net = opt = None
             torch.cuda.empty_cache()
     return rows
 

@@ -246,14 +246,18 @@ def _w0_tiles(w0_ptr, C, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
 
 @triton.jit
 def _coarse_pre(
-    x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, s0, rmask, C, CG, CI, H, W, sxn, sxc, sxs, sgn, sgc, sgs,
+    x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, t, TPS, C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BKW: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_CI: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
-    """theta(x) + phi(g) on a coarse tile: ``Tensor[BLOCK_P, BLOCK_CI]``. Per patch row, the x
-    rows ``[BLOCK_P * BKW, BLOCK_C]`` are viewed as ``[BLOCK_P, BKW * BLOCK_C]`` for one dot."""
+    """Coarse tile ``t``: its sample ``n``, positions ``p`` and their mask, and theta(x) + phi(g)
+    there, ``Tensor[BLOCK_P, BLOCK_CI]``. Per patch row, the x rows ``[BLOCK_P * BKW, BLOCK_C]``
+    are viewed as ``[BLOCK_P, BKW * BLOCK_C]`` for one dot."""
     K: tl.constexpr = KD * KH * KW
+    n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
+    pmask = p < SC
+    d0, h0, w, s0, rmask = _patch_rows(t, TPS, SC, H, W, HC, WC, KD, KH, KW, BKW, BLOCK_P, I64)
     c = tl.arange(0, BLOCK_C)
     cg = tl.arange(0, BLOCK_CG)
     ci = tl.arange(0, BLOCK_CI)
@@ -267,7 +271,7 @@ def _coarse_pre(
         woff, wmask = _theta_offsets(q, C, CI, K, KW, BKW, BLOCK_C, BLOCK_CI)
         wq = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
         acc = tl.dot(tl.reshape(xq, [BLOCK_P, BKW * BLOCK_C]), wq, acc, input_precision=PREC)
-    return acc
+    return n, p, pmask, acc
 
 
 @triton.jit
@@ -282,12 +286,9 @@ def _coarse_fwd(
     wpsi = tl.load(wpsi_ptr + ci, mask=ci < CI, other=0.0).to(ACC)
     bpsi = tl.load(bpsi_ptr).to(ACC)
     for t in range(tl.program_id(0), NT, tl.num_programs(0)):
-        n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
-        pmask = p < SC
-        d0, h0, w, s0, rmask = _patch_rows(t, TPS, SC, H, W, HC, WC, KD, KH, KW, BKW, BLOCK_P, I64)
-        pre = _coarse_pre(
-            x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, s0, rmask, C, CG, CI, H, W, sxn, sxc, sxs, sgn, sgc, sgs,
-            KD, KH, KW, BKW, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI, PREC, ACC, DOT,
+        n, p, pmask, pre = _coarse_pre(
+            x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, t, TPS, C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs,
+            KD, KH, KW, BKW, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI, I64, PREC, ACC, DOT,
         )
         q = tl.sum(_sigma1(pre, SOFTPLUS) * wpsi[None, :], axis=1) + bpsi
         tl.store(ac_ptr + n * SC + p, 1.0 / (1.0 + tl.exp(-q)), mask=pmask)
@@ -349,12 +350,9 @@ def _coarse_bwd(
     acc_bpsi = tl.zeros([BLOCK_P], dtype=ACC)
     acc_phi = tl.zeros([BLOCK_CG, BLOCK_CI], dtype=ACC)
     for t in range(pid, NT, tl.num_programs(0)):
-        n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
-        pmask = p < SC
-        d0, h0, w, s0, rmask = _patch_rows(t, TPS, SC, H, W, HC, WC, KD, KH, KW, BKW, BLOCK_P, I64)
-        pre = _coarse_pre(
-            x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, n, p, pmask, s0, rmask, C, CG, CI, H, W, sxn, sxc, sxs, sgn, sgc, sgs,
-            KD, KH, KW, BKW, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI, PREC, ACC, DOT,
+        n, p, pmask, pre = _coarse_pre(
+            x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, t, TPS, C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs,
+            KD, KH, KW, BKW, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI, I64, PREC, ACC, DOT,
         )
         a = tl.load(ac_ptr + n * SC + p, mask=pmask, other=0.0)
         dac = tl.load(dac_ptr + n * SC + p, mask=pmask, other=0.0)
@@ -431,9 +429,12 @@ def _patch_bwd(
 
 
 @triton.jit
-def _fine_u(x_ptr, w0_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
-            PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
-    """The x tile ``Tensor[BLOCK_S, BLOCK_C]`` (``ACC``) and u = x W0^T (x itself without W)."""
+def _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
+            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+            I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """Fine tile ``t``: ``_fine_tile``'s values, then u = x W0^T (x itself without W),
+    ``Tensor[BLOCK_S, BLOCK_C]`` in ``ACC``, and alpha there, ``Tensor[BLOCK_S]``."""
+    n, s, smask, d, h, w = _fine_tile(t, TPS, S, H, W, BLOCK_S, I64)
     xt = _fine_load(x_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C, ACC)
     if HAS_W:
         c = tl.arange(0, BLOCK_C)
@@ -441,7 +442,7 @@ def _fine_u(x_ptr, w0_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C: tl.constexpr,
         u = tl.dot(xt.to(DOT), w0t, input_precision=PREC, out_dtype=ACC)
     else:
         u = xt
-    return xt, u
+    return n, s, smask, u, _alpha_at(ac_ptr, n, d, h, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
 
 
 @triton.jit
@@ -459,9 +460,8 @@ def _fine_stats(
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(pid, NT, tl.num_programs(0)):
-        n, s, smask, d, h, w = _fine_tile(t, TPS, S, H, W, BLOCK_S, I64)
-        xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C, True, PREC, ACC, DOT)
-        a = _alpha_at(ac_ptr, n, d, h, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+        n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
+                                    BLOCK_S, BLOCK_C, True, ALIGN, I64, PREC, ACC, DOT)
         z = a[:, None] * u
         nt = tl.sum(smask.to(ACC), axis=0)
         mt = tl.sum(z, axis=0) / nt
@@ -557,9 +557,8 @@ def _fine_out(
             shift = (shift - tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)) * scale
             shift += tl.load(beta_ptr + c, mask=cmask, other=0.0).to(ACC)
     for t in range(tl.program_id(0), NT, tl.num_programs(0)):
-        n, s, smask, d, h, w = _fine_tile(t, TPS, S, H, W, BLOCK_S, I64)
-        xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C, HAS_W, PREC, ACC, DOT)
-        a = _alpha_at(ac_ptr, n, d, h, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+        n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
+                                    BLOCK_S, BLOCK_C, HAS_W, ALIGN, I64, PREC, ACC, DOT)
         tl.store(alpha_ptr + n * S + s, a.to(alpha_ptr.dtype.element_ty), mask=smask)
         out = a[:, None] * u * scale[None, :] + shift[None, :]
         tl.store(out_ptr + n * son + s[:, None] * sos + c[None, :] * soc, out.to(out_ptr.dtype.element_ty),
@@ -582,9 +581,8 @@ def _fine_bwd_sums(
     s_do = tl.zeros([BLOCK_C], dtype=ACC)
     s_doz = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(pid, NT, tl.num_programs(0)):
-        n, s, smask, d, hh, w = _fine_tile(t, TPS, S, H, W, BLOCK_S, I64)
-        xt, u = _fine_u(x_ptr, w0_ptr, n, s, smask, C, sxn, sxc, sxs, BLOCK_C, True, PREC, ACC, DOT)
-        a = _alpha_at(ac_ptr, n, d, hh, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+        n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
+                                    BLOCK_S, BLOCK_C, True, ALIGN, I64, PREC, ACC, DOT)
         do = _fine_load(do_ptr, n, s, smask, C, son, soc, sos, BLOCK_C, ACC)
         zhat = a[:, None] * u * r[None, :] + h[None, :]
         s_do += tl.sum(do, axis=0)
