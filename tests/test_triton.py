@@ -288,15 +288,23 @@ def test_module_running_stats_and_compile_fullgraph(device):
 
 
 @pytest.mark.interpret
-def test_opcheck():
-    """Schema, fake (meta) kernel, autograd registration of the custom op (torch.library.opcheck)."""
-    from attention_gates.ops.triton.autograd import gate_fwd
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_opcheck(channels_last):
+    """Schema, fake (meta) kernels and autograd registration of both custom ops
+    (torch.library.opcheck): the fake kernels' outputs have the real ones' shapes, dtypes and
+    strides, channels-last included."""
+    from attention_gates.ops.triton.autograd import gate_bwd, gate_fwd
 
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     case = make_case(3, 1, 16, 16, 8, (4, 4, 4), (2, 2, 2))
-    x, g = case["x"].float(), case["g"].float()
+    x, g = (t.float().contiguous(memory_format=fmt) for t in (case["x"], case["g"]))
     p = [t.float().requires_grad_() for t in case["params"]]
     args = (x.requires_grad_(), g, *p, None, None, True, 1e-5, False, False)
     torch.library.opcheck(gate_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        _, _, alpha_c, mean, var = gate_fwd(*args)
+    bwd_args = (torch.randn_like(x), None, x.detach(), g, *(t.detach() for t in p[:8]), alpha_c, mean, var, True, 1e-5, False, False)
+    torch.library.opcheck(gate_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.interpret
