@@ -16,7 +16,7 @@ OUT="${OUT:-benchmarks/results/gpu}"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OUT
 # name:seconds (summary last); the dry run and tests/test_gpu_check.py check that they add up to <= 420
-STAGES=(env:20 gate_float32:130 gate_bfloat16:105 tests:70 levels:35 memcheck:30 summary:10)
+STAGES=(env:15 gate_float32:150 gate_bfloat16:115 tests:60 levels:25 memcheck:25 summary:10)
 LIMIT=420
 
 total=0

@@ -430,14 +430,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, nargs="+", choices=sorted(LEVELS), default=[3, 4], help="levels: which gates")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=sorted(DTYPES), help="levels: which dtypes")
     p.add_argument("--processes", type=int, default=4, help="tests: parallel pytest processes")
-    p.add_argument("--budget", type=float, default=70.0, help="tests: seconds before the processes are stopped")
+    p.add_argument("--budget", type=float, default=60.0, help="tests: seconds before the processes are stopped")
     p.add_argument("--collect-only", action="store_true", help="tests: only collect (no GPU needed)")
     p.add_argument("--check", action="store_true", help="parse every stage's arguments and import what it uses (no GPU)")
     return p
 
 
 CHECK_ARGS = {  # the arguments gpu_check.sh passes, parsed by --check
-    "env": [], "gate": ["--dtype", "bfloat16"], "tests": ["--budget", "70"], "levels": ["--levels", "3", "4"],
+    "env": [], "gate": ["--dtype", "bfloat16"], "tests": ["--budget", "60"], "levels": ["--levels", "3", "4"],
     "sanitize": [], "models": [], "summary": [],
 }
 

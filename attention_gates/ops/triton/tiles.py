@@ -1,22 +1,23 @@
 """Tile sizes and grid sizes of the fused gate's kernels, per GPU architecture.
 
-A committed table instead of autotuning: the same shapes get the same tiles on every run
-(and so the same per-program partial sums, hence bitwise-equal gradients), and no call pays
-for a search. Rows are keyed by the channel bucket ``max(next_pow2(F_l), next_pow2(F_int))``
-(the register tiles are ``[positions, channels]``), and give
+A committed table instead of autotuning: the same shapes get the same tiles on every run (so
+the same per-program partial sums, hence bitwise-equal gradients), and no call pays for a
+search. Rows are keyed by the channel bucket ``max(next_pow2(F_l), next_pow2(F_int))`` (the
+register tiles are ``[positions, channels]``) and give, for the coarse kernels (theta's grid;
+``BLOCK_P`` coarse positions, each with its whole subsample patch), ``_patch_bwd`` (its own
+``BLOCK_P``) and the fine kernels (x's grid; ``BLOCK_S`` positions): the block, the warps and
+the persistent programs per multiprocessor (a grid of ``multiprocessors * per_sm`` programs,
+fewer when there are fewer tiles).
 
-- ``coarse``: ``(BLOCK_P, num_warps)`` of the coarse kernels (theta's grid; ``BLOCK_P`` coarse
-  positions, each with its whole subsample patch);
-- ``fine``: ``(BLOCK_S, num_warps)`` of the fine kernels (x's grid; ``BLOCK_S`` positions);
-- ``programs_per_sm``: the persistent grid is ``multiprocessors * programs_per_sm`` programs
-  (fewer when there are fewer tiles).
-
-How the values were chosen: none of them has been timed on a GPU yet. They are the largest
-tiles whose sm_90 code compiles without local-memory spills and within the shared-memory
-limit (``tests/test_triton_codegen.py`` checks both for every row), with ``BLOCK_P`` and
-``BLOCK_S * KW`` at least 64 where the channels allow, the row count Hopper's ``wgmma`` needs.
-A GPU run (``benchmarks/gpu_check.sh``) is what should confirm or replace them; other
-architectures use the ``"default"`` rows until measured.
+How the values were chosen: none has been timed on a GPU. They are the largest tiles whose
+sm_90 code compiled, with Triton 3.9 and 3.6, without local-memory spills and within the
+shared-memory limit at the paper model's level-2 gate (float32 and bfloat16, contiguous and
+channels-last), and with Triton 3.9 at level 3; ``per_sm`` is what the kernels' registers and
+shared memory let fit on a multiprocessor at once. ``tests/test_triton_codegen.py`` checks all
+of that for the level-2 and level-3 rows. The 128- and 256-channel rows still spill (level 4:
+its weights, ``[F_int, 2 F_l]`` per dot, are whole register tiles). A GPU run
+(``benchmarks/gpu_check.sh``) is what should confirm or replace the values; architectures other
+than sm_90 use the ``"default"`` rows (the same values) until measured.
 """
 
 from __future__ import annotations
