@@ -1,20 +1,24 @@
 """Launchers: the passes of the fused gate over plain tensors (no autograd here).
 
-Forward (``gate_forward``):
-  1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
-  2. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64):
-     the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
-  3. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
-     per-channel affine map (reads x, writes out and alpha).
-  The fine kernels resample alpha_c onto x's grid themselves, as ``F.interpolate`` does.
+Forward (``gate_forward``); the fine kernels resample alpha_c onto x's grid themselves, as
+``F.interpolate`` does:
+
+1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
+2. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64),
+   the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
+3. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
+   per-channel affine map (reads x, writes out and alpha).
+
 Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
-  1. with a norm: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_rows``: the norm's gradients
-     (sums over the grid, which dz needs under batch statistics).
-  2. ``_fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
-  3. ``_alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
-  4. ``_coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
-  5. ``_patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
-  6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
+
+1. with a norm: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_rows``, the norm's gradients
+   (sums over the grid, which dz needs under batch statistics).
+2. ``_fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
+3. ``_alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
+4. ``_coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
+5. ``_patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
+6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
+
 No atomics and no zero-fills: every buffer is written once, and every sum has a fixed order
 (given the device's multiprocessor count), so two runs give bitwise-equal gradients.
 
