@@ -11,21 +11,27 @@
    and computed for triton there from what its autograd saves (alpha on theta's grid, float32,
    and W's mean and variance), a formula the small-shape count checks.
 2. Traffic: for each mode (eval forward, training forward, training backward) the byte floor
-   (each input read once, each output written once) and the bytes the fused passes move, from
-   the pass structure in :mod:`attention_gates.ops.triton.launch`.
+   (each input read once, each output written once) and the bytes the fused launches move:
+   the launches a call really makes, recorded (the launchers run, the kernels do not) as
+   planned for an H100, each adding the tensors its kernel streams
+   (:data:`attention_gates.ops.triton.launch.PASSES`, checked against the kernels' loads and
+   stores under the interpreter by ``tests/test_triton.py``).
 3. Host work per call: the torch operations and Triton launches the launchers issue for one
-   eval forward, training forward and backward (kernels stubbed, ops counted with a
+   eval forward, training forward and backward (kernels recorded, not run; ops counted with a
    ``TorchDispatchMode``). Each costs microseconds of CPU time per call, which small gates on a
-   fast GPU cannot hide: a count that needs no GPU to measure.
+   fast GPU cannot hide: a count that needs no GPU to measure (``tests/test_triton_codegen.py``
+   keeps budgets on it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,34 +65,115 @@ def triton_saved_formula(x_shape, C: int, k: int = 2) -> int:
     return 4 * n * coarse + 2 * 4 * C
 
 
-def traffic(x_shape, g_shape, el: int) -> dict:
-    """Byte floor and bytes moved by the fused passes, per mode (weights and per-channel vectors ignored)."""
-    n, c = x_shape[:2]
-    S = math.prod(x_shape[2:])
-    X = n * c * S * el
-    G = math.prod(g_shape) * el
-    A = n * S * el  # alpha on x's grid, in x's dtype
-    A32 = n * S * 4  # alpha as the kernels read it (float32)
-    Ac = n * math.prod(g_shape[2:]) * 4  # alpha on theta's grid
-    dx32 = n * c * S * 4
-    floor = {"eval_forward": X + G + X + A, "train_forward": X + G + X + A, "train_backward": X + G + X + X + G}
-    # passes (see attention_gates/ops/triton/launch.py); the fine kernels resample alpha from
-    # alpha_c (Ac, small and cache-resident) themselves
-    coarse_fwd = X + G + Ac
-    fine_stats = X + Ac
-    fine_out = X + Ac + X + A  # x in; out and alpha (x's dtype) out
-    moved_eval = coarse_fwd + fine_out
-    moved_train_fwd = moved_eval + fine_stats
-    bwd_sums = X + X + Ac  # x, dout
-    fine_bwd = X + X + Ac + dx32 + A32  # x, dout -> dx (float32), d alpha (float32)
-    adjoint = A32 + Ac
-    coarse_bwd = X + G + 2 * Ac + 2 * dx32 + G  # x, g, alpha_c, d alpha_c, dx read-modify-write, dg
-    cast_dx = (dx32 + X) if el != 4 else 0
-    moved_bwd = bwd_sums + fine_bwd + adjoint + coarse_bwd + cast_dx
+class Launch(NamedTuple):
+    """One kernel launch the launchers made: the kernel's name, its grid and its arguments by name."""
+
+    kernel: str
+    grid: tuple
+    args: dict
+
+
+class _KernelRecorder:
+    """Stands for a Triton kernel: ``rec[grid](*args, **kwargs)`` records the launch and computes nothing."""
+
+    def __init__(self, name: str, fn, log: list) -> None:
+        self.name, self.arg_names, self.fn, self.log = name, list(fn.arg_names), fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(Launch(self.name, tuple(grid), {**dict(zip(self.arg_names, args)), **kwargs}))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list]:
+    """Inside: the fused gate's launchers record their kernel launches into the yielded list
+    instead of running them (their outputs stay uninitialised; only the launches count)."""
+    from types import SimpleNamespace
+
+    from triton.runtime.jit import KernelInterface  # JITFunction, or the interpreter's InterpretedFunction
+
+    from attention_gates.ops.triton import kernels, launch
+
+    log: list = []
+    real = launch.K
+    launch.K = SimpleNamespace(**{
+        n: _KernelRecorder(n, f, log) for n in dir(kernels) if isinstance(f := getattr(kernels, n), KernelInterface)
+    })  # fmt: skip
+    try:
+        yield log
+    finally:
+        launch.K = real
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def launch_traffic(launches: list) -> int:
+    """Bytes the launches move through device memory: per launch, every tensor its kernel
+    streams (``attention_gates.ops.triton.launch.PASSES``) read or written once."""
+    from attention_gates.ops.triton.launch import PASSES
+
+    total = 0
+    for rec in launches:
+        reads, writes = PASSES[rec.kernel]
+        streamed = {id(t): t for name in reads + writes if isinstance(t := rec.args.get(name), torch.Tensor)}
+        total += sum(_nbytes(t) for t in streamed.values())  # a tensor passed twice is read once
+    return total
+
+
+def gate_tensors(x_shape, g_shape, dtype=torch.float32, device="meta", channels_last=False):
+    """A level's gate as the launchers see it: ``(x, g, weights, stats)`` with W + BatchNorm,
+    F_int = F_l, subsample factor 2 (tensors on ``device``: ``"meta"`` allocates nothing)."""
+    C, CG = x_shape[1], g_shape[1]
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.empty(x_shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    g = torch.empty(g_shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    f32 = dict(device=device, dtype=torch.float32)
+    weights = (torch.empty(C, C, 2, 2, 2, **f32), torch.empty(C, CG, 1, 1, 1, **f32), torch.empty(C, **f32),
+               torch.empty(1, C, 1, 1, 1, **f32), torch.empty(1, **f32), torch.empty(C, C, 1, 1, 1, **f32),
+               torch.empty(C, **f32), torch.empty(C, **f32), torch.empty(C, **f32))  # fmt: skip
+    stats = (torch.empty(C, **f32), torch.empty(C, **f32))
+    return x, g, weights, stats
+
+
+def mode_calls(x, g, weights, stats) -> dict:
+    """Per mode, a call of the launchers for one gate (W + BatchNorm): eval forward, training
+    forward, training backward (with the forward's outputs of the right shapes)."""
+    from attention_gates.ops.triton import launch
+
+    N, C = x.shape[:2]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    alpha_c = torch.empty((N, 1) + tuple(g.shape[2:]), **f32)
+    mean, var = torch.empty(C, **f32), torch.empty(C, **f32)
+    dout = torch.empty_like(x)
     return {
-        "floor": floor,
-        "moved": {"eval_forward": moved_eval, "train_forward": moved_train_fwd, "train_backward": moved_bwd},
+        "eval_forward": lambda: launch.gate_forward(x, g, *weights, *stats, False, 1e-5, False, False),
+        "train_forward": lambda: launch.gate_forward(x, g, *weights, *stats, True, 1e-5, False, False),
+        "train_backward": lambda: launch.gate_backward(dout, None, x, g, *weights[:8], alpha_c, mean, var, True, 1e-5, False, False),
     }
+
+
+H100 = ("sm90", 132)  # the GPU the traffic is planned for: Hopper tiles, 132 multiprocessors
+
+
+def traffic(x_shape, g_shape, dtype=torch.float32, target=H100) -> dict:
+    """Per mode, the byte floor (each input read once, each output written once; weights and
+    per-channel vectors ignored) and the bytes the launches of one call move
+    (``launch_traffic`` over the launches the launchers really make for ``target``, recorded)."""
+    from attention_gates.ops.triton.launch import plan_for
+
+    x, g, weights, stats = gate_tensors(x_shape, g_shape, dtype)
+    X, G, A = _nbytes(x), _nbytes(g), _nbytes(x) // x.shape[1]
+    floor = {"eval_forward": X + G + X + A, "train_forward": X + G + X + A, "train_backward": X + X + G + X + G}
+    moved = {}
+    for mode, call in mode_calls(x, g, weights, stats).items():
+        with plan_for(*target), recorded_launches() as log:
+            call()
+        moved[mode] = launch_traffic(log)
+    return {"floor": floor, "moved": moved}
 
 
 class _CountingMode(TorchDispatchMode):
@@ -108,57 +195,16 @@ class _CountingMode(TorchDispatchMode):
         return {"torch_ops": len(self.ops), "device_ops": len(device), "ops": self.ops}
 
 
-class _KernelStub:
-    """Stands for a Triton kernel: ``stub[grid](*args)`` counts the launch and computes nothing."""
-
-    def __init__(self) -> None:
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches += 1
-
-        return launch
-
-
 def host_ops(x_shape=(2, 32, 16, 16, 12), g_shape=(2, 64, 8, 8, 6)) -> dict:
-    """Per mode, the torch ops (all, and those that do device work) and Triton launches the fused
-    gate's launchers issue for one call of a gate with W and BatchNorm (float32, CPU tensors; the
-    kernels stubbed, so their outputs are garbage and only the counts mean anything)."""
-    from types import SimpleNamespace
-
-    from attention_gates.ops.triton import kernels, launch
-
-    from triton.runtime.jit import KernelInterface  # JITFunction, or the interpreter's InterpretedFunction
-
-    stubs = {n: _KernelStub() for n in dir(kernels) if isinstance(getattr(kernels, n), KernelInterface)}
-    real = launch.K
-    launch.K = SimpleNamespace(**stubs)
-    try:
-        C, CI = x_shape[1], x_shape[1]
-        gate = GridAttentionGate3D(C, g_shape[1], CI)
-        x, g = torch.randn(x_shape), torch.randn(g_shape)
-        bn, conv = gate.W[1], gate.W[0]
-        weights = (gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias, conv.weight, conv.bias, bn.weight, bn.bias)
-        def count(call) -> tuple[dict, object]:
-            before = sum(s.launches for s in stubs.values())
-            with torch.no_grad(), _CountingMode() as counter:
-                result = call()
-            return {**counter.summary(), "launches": sum(s.launches for s in stubs.values()) - before}, result
-
-        out = {}
-        for mode, batch_stats in (("eval_forward", False), ("train_forward", True)):
-            out[mode], fwd = count(
-                lambda: launch.gate_forward(x, g, *weights, bn.running_mean, bn.running_var, batch_stats, 1e-5, False, False)
-            )
-        _, _, alpha_c, mean, var = fwd
-        dout, alpha_c, var = torch.randn(x_shape), alpha_c.abs(), var.abs() + 1
-        out["train_backward"], _ = count(
-            lambda: launch.gate_backward(dout, None, x, g, *weights[:8], alpha_c, mean, var, True, 1e-5, False, False)
-        )
-        return out
-    finally:
-        launch.K = real
+    """Per mode, the torch ops (all, and those that do device work) and Triton launches (by
+    kernel) the fused gate's launchers issue for one call of a gate with W and BatchNorm
+    (float32, CPU tensors; the kernels recorded, not run)."""
+    out = {}
+    for mode, call in mode_calls(*gate_tensors(x_shape, g_shape, device="cpu")).items():
+        with recorded_launches() as log, torch.no_grad(), _CountingMode() as counter:
+            call()
+        out[mode] = {**counter.summary(), "launches": len(log), "kernels": [rec.kernel for rec in log]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -190,8 +236,8 @@ def main(argv=None) -> int:
         ref = saved_bytes(gate, x, g)
         tri = triton_saved_formula(xs, xs[1])
         row = {"level": level, "x": list(xs), "g": list(gs), "x_bytes": x.numel() * 4, "reference": ref, "triton": tri}
-        row["traffic_fp32"] = traffic(xs, gs, 4)
-        row["traffic_bf16"] = traffic(xs, gs, 2)
+        row["traffic_fp32"] = traffic(xs, gs, torch.float32)
+        row["traffic_bf16"] = traffic(xs, gs, torch.bfloat16)
         result["paper"].append(row)
         del x, g, gate
     result["host_ops"] = host_ops()

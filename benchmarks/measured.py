@@ -38,8 +38,8 @@ def add_rows(rows: Sequence[dict], table: Path = measured.PATH) -> int:
         missing = [f for f in REQUIRED if f not in r]
         if missing:
             raise ValueError(f"row {i} lacks {missing}: a row needs {list(REQUIRED)}")
-        if not {"reference", "compile"} <= set(r["ms"]):
-            raise ValueError(f"row {i}: ms must time both 'reference' and 'compile', got {sorted(r['ms'])}")
+        if not {"reference", "compile"} <= set(r["ms"]) or r["ms"]["reference"] is None:
+            raise ValueError(f"row {i}: ms must time both 'reference' and 'compile' (compile may be null), got {r['ms']}")
     data = json.loads(table.read_text())
     key = lambda r: tuple(r[f] for f in measured.Key._fields)  # noqa: E731
     new = {key(r) for r in rows}
@@ -55,7 +55,7 @@ def add_rows(rows: Sequence[dict], table: Path = measured.PATH) -> int:
 
 def show(table: Path = measured.PATH) -> str:
     rows = json.loads(table.read_text())["rows"]
-    body = [[*(str(r[f]) for f in measured.Key._fields), " ".join(f"{k}={v:.3g}" for k, v in r["ms"].items()),
+    body = [[*(str(r[f]) for f in measured.Key._fields), " ".join(f"{k}={'-' if v is None else f'{v:.3g}'}" for k, v in r["ms"].items()),
              measured._row_winner(r) or "reference", r["commit"][:12]] for r in rows]  # fmt: skip
     return common.format_table([*measured.Key._fields, "ms", "auto takes", "commit"], body)
 

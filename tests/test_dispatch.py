@@ -123,10 +123,18 @@ def test_inside_torch_compile_the_key_says_compiled(gate_case):
         ({"reference": 1.0, "compile": 2.0, "cpu": 0.97}, None),  # ahead by less than the margin
         ({"reference": 1.0, "cpu": 0.1}, None),  # compile not measured: no claim
         ({"reference": 1.0, "compile": 1.0, "cpu": 0.5, "triton": 0.4}, "triton"),
+        ({"reference": 1.0, "compile": 2.0, "triton": None}, None),  # failed or not measured: never a winner
+        ({"reference": None, "compile": 2.0, "triton": 0.1}, None),
     ],
 )
 def test_a_row_names_a_winner_only_when_ahead_of_both_baselines(ms, winner):
-    assert measured._row_winner({"ms": ms}) == winner
+    assert measured._row_winner({"ms": ms, "context": "eager"}) == winner
+
+
+def test_inside_compile_the_reference_is_the_only_baseline():
+    """There "compile" traces the reference with the same compiler: gpu_check writes it as null."""
+    assert measured._row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "compiled"}) == "triton"
+    assert measured._row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "eager"}) is None
 
 
 def test_the_committed_table_is_well_formed():
@@ -135,7 +143,7 @@ def test_the_committed_table_is_well_formed():
     for r in rows:
         assert r["device"] in ("cpu", "cuda") and r["mode"] in ("eval", "train") and r["context"] in ("eager", "compiled")
         assert r["layout"] in ("contiguous", "channels_last") and r["dtype"] in ("float32", "float16", "bfloat16")
-        assert {"reference", "compile"} <= set(r["ms"]) and r["commit"] and r["source"]
+        assert {"reference", "compile"} <= set(r["ms"]) and r["commit"] and r["source"] and r["ms"]["reference"] is not None
         assert set(r["ms"]) <= set(dispatch.BACKENDS) - {"auto"}
 
 
@@ -146,19 +154,38 @@ def test_a_malformed_table_is_refused_naming_the_row(tmp_path):
         measured._read(path)
 
 
-def test_deterministic_algorithms_rule_out_the_kernels_atomic_backward(monkeypatch, gate_case):
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_algorithms_take_the_kernels_where_the_reference_is_not(monkeypatch, gate_case, deterministic):
+    """On CUDA the reference's backward through alpha's resampling adds with atomics; the kernels'
+    does not, unless g itself is resampled. (CUDA is stood in for: the rule reads only the device type.)"""
     gate, x, g = gate_case
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     w, opt = _weights(gate), GateOptions(training=True)
     x = x.requires_grad_()
-    assert not any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
-        with torch.no_grad():  # inference has no backward: allowed
-            assert not any("deterministic" in r for r in dispatch.not_supported_reasons("triton", x, g, w, opt))
-    finally:
-        torch.use_deterministic_algorithms(False)
+    assert dispatch._reference_deterministic(x, g, w, opt) and dispatch.chosen("auto", x, g, w, opt) == "reference"  # CPU
+    monkeypatch.setattr(dispatch, "_cuda_backward", lambda x, g, w: True)
+    assert not dispatch._reference_deterministic(x, g, w, opt) and dispatch._triton_deterministic(x, g, w, opt)
+    assert dispatch.chosen("auto", x, g, w, opt) == "triton"
+    g_off = torch.randn(2, 6, 3, 3)  # not theta's 4x3 grid: resampled by F.interpolate
+    assert not dispatch._triton_deterministic(x, g_off, w, opt)
+    with pytest.raises(BackendUnavailableError, match=r"g is resampled onto theta's grid by F.interpolate"):
+        dispatch.chosen("triton", x, g_off, w, opt)
+    assert dispatch.chosen("auto", x, g_off, w, opt) == "reference"  # nothing deterministic: PyTorch says so itself
+
+
+def test_without_deterministic_algorithms_auto_follows_the_table_alone(monkeypatch, gate_case):
+    gate, x, g = gate_case
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "_cuda_backward", lambda x, g, w: True)
+    assert dispatch.chosen("auto", x.requires_grad_(), g, _weights(gate), GateOptions(training=True)) == "reference"
 
 
 @pytest.mark.slow

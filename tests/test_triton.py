@@ -7,8 +7,11 @@ run with ``TRITON_INTERPRET=1``, small shapes, float32/float16/float64) and on a
 Tolerance (flash-attention's rule, on the largest error of each quantity):
 ``max|fused - ref64| <= 2 max|ref_dtype - ref64| + atol * scale``, where ``ref_dtype`` is the
 reference run in the tested dtype, ``ref64`` in float64 on the same (rounded) inputs and
-``scale`` the largest magnitude of the quantity. The fused path computes in float32 whatever the storage
-dtype, so it is never worse than the dtype's own reference beyond reduction-order noise (atol).
+``scale`` the largest magnitude of the quantity. The fused path accumulates in float32 whatever
+the storage dtype, so it is never worse than the dtype's own reference beyond reduction-order
+noise (atol). On a GPU, float32 dot products take TF32 where cuDNN would (the reference's
+convolutions then too); the float32 comparisons turn TF32 off for both, so that the fused
+kernels use tf32x3 and the reference IEEE float32.
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ def run(case, backend, dtype, training, sigma1="relu", norm="batch", prepare=Non
     return [out, alpha, rm, rv, *grads]
 
 
-def assert_close_to_reference(case, dtype, training, **kw):
-    fused = run(case, "triton", dtype, training, **kw)
-    ref = run(case, "reference", dtype, training, **kw)
+def assert_close_to_reference(case, dtype, training, tf32=False, **kw):
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):  # float32 against IEEE float32 by default
+        fused = run(case, "triton", dtype, training, **kw)
+        ref = run(case, "reference", dtype, training, **kw)
     ref64 = run(case, "reference", torch.float64, training, inputs_dtype=dtype, **kw)
     names = ["out", "alpha", "running_mean", "running_var", "dx", "dg", "dtheta", "dphi_w", "dphi_b", "dpsi_w", "dpsi_b"]
     names += ["dW_w", "dW_b", "dgamma", "dbeta"]
@@ -133,6 +137,54 @@ def test_layouts(device, layout):
 
     case = make_case(3, 2, 16, 24, 8, (6, 8, 6), (2, 2, 2), device=device)
     assert_close_to_reference(case, torch.float32, True, prepare=prepare)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_in_channels_last_out(device, dims):
+    """out, dx and dg keep the inputs' memory format (no copies into contiguous tensors)."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    S, k = ((6, 8, 6), (2, 2, 2)) if dims == 3 else ((6, 8), (2, 2))
+    case = make_case(dims, 2, 16, 24, 8, S, k, device=device)
+    out, _, _, _, dx, dg, *_ = run(case, "triton", torch.float32, True, prepare=lambda t: t.contiguous(memory_format=fmt))
+    for name, t in (("out", out), ("dx", dx), ("dg", dg)):
+        assert t.is_contiguous(memory_format=fmt) and not t.is_contiguous(), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_bitwise_reproducible(device):
+    """Two runs give bitwise-equal outputs and gradients: every sum has a fixed order (per-program
+    partial rows reduced in row order, the resampling's adjoint a gather), no atomics."""
+    case = make_case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1), Sg=(2, 3, 4), device=device)
+    first = run(case, "triton", torch.float32, True)
+    second = run(case, "triton", torch.float32, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_batch(device):
+    """The batch is not a grid axis: more samples than programs (and than any grid limit) loop."""
+    n = 9 if device == "cpu" else 70_000  # past CUDA's 65,535 limit on a grid's second axis
+    case = make_case(2, n, 4, 6, 4, (4, 4), (2, 2), device=device)
+    assert_close_to_reference(case, torch.float32, True)
+
+
+@pytest.mark.cuda
+def test_tf32_by_default_cuda():
+    """With PyTorch's default flags the float32 dots take TF32 (as the reference's cuDNN
+    convolutions do): within the tolerance the reference's own TF32 error sets."""
+    assert_close_to_reference(make_case(3, 2, 32, 64, 32, (16, 16, 12), (2, 2, 2), device="cuda"), torch.float32, True, tf32=True)
+
+
+@pytest.mark.interpret
+def test_64bit_offsets(monkeypatch):
+    """The 64-bit offset path (taken for samples of 2^31 elements or more) computes the same,
+    forced here on a small case."""
+    from attention_gates.ops.triton import launch
+
+    monkeypatch.setattr(launch, "INT32_LIMIT", 1)
+    assert_close_to_reference(make_case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1)), torch.float32, True)
 
 
 @pytest.mark.parametrize(
@@ -236,15 +288,23 @@ def test_module_running_stats_and_compile_fullgraph(device):
 
 
 @pytest.mark.interpret
-def test_opcheck():
-    """Schema, fake (meta) kernel, autograd registration of the custom op (torch.library.opcheck)."""
-    from attention_gates.ops.triton.autograd import gate_fwd
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_opcheck(channels_last):
+    """Schema, fake (meta) kernels and autograd registration of both custom ops
+    (torch.library.opcheck): the fake kernels' outputs have the real ones' shapes, dtypes and
+    strides, channels-last included."""
+    from attention_gates.ops.triton.autograd import gate_bwd, gate_fwd
 
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     case = make_case(3, 1, 16, 16, 8, (4, 4, 4), (2, 2, 2))
-    x, g = case["x"].float(), case["g"].float()
+    x, g = (t.float().contiguous(memory_format=fmt) for t in (case["x"], case["g"]))
     p = [t.float().requires_grad_() for t in case["params"]]
     args = (x.requires_grad_(), g, *p, None, None, True, 1e-5, False, False)
     torch.library.opcheck(gate_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        _, _, alpha_c, mean, var = gate_fwd(*args)
+    bwd_args = (torch.randn_like(x), None, x.detach(), g, *(t.detach() for t in p[:8]), alpha_c, mean, var, True, 1e-5, False, False)
+    torch.library.opcheck(gate_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.interpret
@@ -289,3 +349,63 @@ def test_model_compiles_fullgraph_with_fused_gates():
     ref_logits, ref_att = net(x, return_attention=True)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(att[0], ref_att[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpret
+def test_traffic_declarations_match_the_kernels_accesses(monkeypatch):
+    """``launch.PASSES``, what the traffic model in ``benchmarks/gate_memory.py`` counts, is what
+    each launch really touches: under the interpreter every load and store is recorded, and
+    each big tensor a launch passes is touched in full where declared streamed and not at all
+    where not (a training step of a gate with W + BatchNorm, sizes divisible by the factor)."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from triton.runtime import interpreter
+
+    from attention_gates.ops.triton import kernels, launch
+
+    builder = interpreter.interpreter_builder
+    seen: list = []
+
+    def watch(method):
+        def wrapped(ptrs, *args):
+            mask = args[0] if method == "create_masked_load" else args[1]
+            addresses = np.broadcast_to(ptrs.data, mask.data.shape)[mask.data.astype(bool)]
+            seen.append((addresses.astype(np.uint64), ptrs.get_element_ty().primitive_bitwidth // 8))
+            return getattr(type(builder), method)(builder, ptrs, *args)
+
+        return wrapped
+
+    for method in ("create_masked_load", "create_masked_store"):
+        monkeypatch.setattr(builder, method, watch(method))
+    big = {"x_ptr", "g_ptr", "do_ptr", "dalpha_ptr", "out_ptr", "alpha_ptr", "ac_ptr", "daf_ptr", "dac_ptr", "df_ptr", "dx_ptr", "dg_ptr"}
+    checked = []
+
+    class Watched:
+        def __init__(self, name, fn):
+            self.name, self.fn, self.arg_names = name, fn, fn.arg_names
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.clear()
+                self.fn[grid](*args, **kwargs)
+                touched = np.unique(np.concatenate([a[:, None] + np.arange(el, dtype=np.uint64) for a, el in seen]))
+                named = {**dict(zip(self.arg_names, args)), **kwargs}
+                reads, writes = launch.PASSES[self.name]
+                for name, t in named.items():
+                    if not isinstance(t, torch.Tensor) or (name not in reads + writes and name not in big):
+                        continue
+                    lo = t.data_ptr()
+                    inside = np.count_nonzero((touched >= lo) & (touched < lo + t.nbytes))
+                    fraction = inside / t.nbytes
+                    if name in reads + writes:
+                        assert fraction == 1.0, f"{self.name}: {name} declared streamed, {fraction:.1%} touched"
+                    elif not any(t is named[n] for n in reads + writes if isinstance(named.get(n), torch.Tensor)):
+                        assert fraction == 0.0, f"{self.name}: {name} not declared, {fraction:.1%} touched"
+                checked.append(self.name)
+
+            return run
+
+    monkeypatch.setattr(launch, "K", SimpleNamespace(**{n: Watched(n, f) for n, f in vars(kernels).items() if hasattr(f, "arg_names")}))
+    run(make_case(3, 2, 16, 24, 8, (8, 8, 4), (2, 2, 2)), "triton", torch.float32, True)
+    assert set(checked) == set(launch.PASSES)  # every kernel ran

@@ -12,8 +12,15 @@ run it (:func:`not_supported_reasons`):
   :mod:`attention_gates.ops.measured` names, per device kind, dtype, mode (eval or training),
   memory layout and context (eager or inside :func:`torch.compile`), the backend that beat both
   the reference and ``compile``; where it names none (or that backend cannot run the call), the
-  reference. Under ``torch.use_deterministic_algorithms(True)`` a backend whose results are not
-  run-to-run reproducible cannot run (an explicit request raises; ``"auto"`` passes it by).
+  reference.
+
+Under ``torch.use_deterministic_algorithms(True)`` only implementations whose results are
+reproducible run to run may run: an explicit request for a fused one that is not raises, and
+``"auto"`` takes the first deterministic one of the table's winner, the reference and the fused
+kernels. On CUDA the reference's backward is not deterministic (the adjoint of alpha's
+resampling, ``upsample_*_backward``, adds with atomics, and PyTorch refuses it in that mode),
+while the Triton kernels' backward is (fixed-order sums) unless ``g`` itself must be resampled
+onto theta's grid.
 
 The backend is chosen per call (``backend=``), per module (the ``backend=`` constructor
 argument) or globally, with :func:`use_backend` or the environment variable
@@ -125,10 +132,10 @@ def _triton_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> l
         reasons.append(f"device {x.device.type!r}: Triton kernels need a CUDA tensor")
     # float64 (for gradcheck) only through the interpreter
     reasons += _fused_reasons(x, g, w, opt, dtypes=_FUSED_DTYPES + ((torch.float64,) if x.device.type == "cpu" else ()))
-    if torch.are_deterministic_algorithms_enabled() and _needs_grad(x, g, w):
+    if torch.are_deterministic_algorithms_enabled() and not _triton_deterministic(x, g, w, opt):
         reasons.append(
-            "torch.use_deterministic_algorithms(True): the kernels' backward sums weight gradients with atomic adds, "
-            "whose order varies from run to run"
+            "torch.use_deterministic_algorithms(True): g is resampled onto theta's grid by F.interpolate, "
+            "whose CUDA backward adds with atomics (give g on theta's grid, x's size // the subsample factor)"
         )
     from .triton.support import shape_reasons
 
@@ -144,6 +151,29 @@ def _cpu_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list
 
 def _no_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     return []
+
+
+def _resamples_g(x: Tensor, g: Tensor, w: GateWeights) -> bool:
+    return tuple(g.shape[2:]) != tuple(s // k for s, k in zip(x.shape[2:], w.theta_weight.shape[2:]))
+
+
+def _cuda_backward(x: Tensor, g: Tensor, w: GateWeights) -> bool:
+    return x.device.type == "cuda" and _needs_grad(x, g, w)
+
+
+def _reference_deterministic(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> bool:
+    """Whether the reference's results are reproducible: not with a CUDA backward through a resampling."""
+    resamples = _resamples_g(x, g, w) or any(k > 1 for k in w.theta_weight.shape[2:])
+    return not (_cuda_backward(x, g, w) and resamples)
+
+
+def _triton_deterministic(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> bool:
+    """The kernels' sums run in a fixed order; only resampling ``g`` (F.interpolate) adds with atomics on CUDA."""
+    return not (_cuda_backward(x, g, w) and _resamples_g(x, g, w))
+
+
+def _always(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> bool:
+    return True
 
 
 _compiled: dict[str, Impl] = {}
@@ -169,11 +199,13 @@ def _cpu_impl(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[T
     return grid_attention_cpu(x, g, w, opt)
 
 
-_REGISTRY: dict[str, tuple[Callable[[Tensor, Tensor, GateWeights, GateOptions], list[str]], Impl]] = {
-    "reference": (_no_reasons, grid_attention_reference),
-    "compile": (_no_reasons, _compiled_reference),
-    "triton": (_triton_reasons, _triton_impl),
-    "cpu": (_cpu_reasons, _cpu_impl),
+Check = Callable[[Tensor, Tensor, GateWeights, GateOptions], object]
+# name -> (why it cannot run the call, whether its results are reproducible run to run, the implementation)
+_REGISTRY: dict[str, tuple[Check, Check, Impl]] = {
+    "reference": (_no_reasons, _reference_deterministic, grid_attention_reference),
+    "compile": (_no_reasons, _reference_deterministic, _compiled_reference),
+    "triton": (_triton_reasons, _triton_deterministic, _triton_impl),
+    "cpu": (_cpu_reasons, _always, _cpu_impl),
 }
 
 
@@ -215,7 +247,10 @@ def chosen(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: Ga
     name = check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         fused = measured.winner(measured_key(x, g, w))
-        return fused if fused is not None and not not_supported_reasons(fused, x, g, w, opt) else "reference"
+        order = [fused, "reference"] if fused is not None else ["reference"]
+        if torch.are_deterministic_algorithms_enabled():
+            order = [b for b in [*order, "triton"] if _REGISTRY[b][1](x, g, w, opt)] or ["reference"]
+        return next((b for b in order if not not_supported_reasons(b, x, g, w, opt)), "reference")
     reasons = not_supported_reasons(name, x, g, w, opt)
     if reasons:
         raise BackendUnavailableError(
@@ -227,4 +262,4 @@ def chosen(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: Ga
 
 def select(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> Impl:
     """The implementation that runs this call: that of :func:`chosen`."""
-    return _REGISTRY[chosen(backend, x, g, w, opt)][1]
+    return _REGISTRY[chosen(backend, x, g, w, opt)][2]

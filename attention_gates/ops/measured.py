@@ -16,8 +16,10 @@ records the call (forward + backward measured), else ``"eval"``; ``layout`` is x
 a function being compiled by :func:`torch.compile`, else ``"eager"``.
 
 A fused implementation wins a row when its median is at least :data:`MARGIN` times faster than
-both the reference's and ``compile``'s (a row without both never names a winner): so ``"auto"``
-never takes a fused path where a measurement did not show it ahead. Rows are added by the
+both the reference's and ``compile``'s (a row without both never names a winner; in the
+``"compiled"`` context ``compile`` is ``null``: there it is the reference, traced by the same
+compiler): so ``"auto"`` never takes a fused path where a measurement did not show it ahead. A
+``null`` time is a configuration that failed or was not measured; it never wins. Rows are added by the
 benchmarks (``python -m benchmarks.measured --add RESULTS.json``), never by hand.
 """
 
@@ -69,10 +71,11 @@ def rows() -> tuple[dict, ...]:
 
 def _row_winner(row: dict) -> Optional[str]:
     ms = row["ms"]
-    if not all(b in ms for b in _BASELINES):
+    needed = ("reference",) if row.get("context") == "compiled" else _BASELINES
+    if any(ms.get(b) is None for b in needed):
         return None
-    best = min(ms[b] for b in _BASELINES)
-    fused = [(t, name) for name, t in ms.items() if name not in _BASELINES and t * MARGIN <= best]
+    best = min(ms[b] for b in _BASELINES if ms.get(b) is not None)
+    fused = [(t, name) for name, t in ms.items() if name not in _BASELINES and t is not None and t * MARGIN <= best]
     return min(fused)[1] if fused else None
 
 

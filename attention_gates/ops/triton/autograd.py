@@ -5,16 +5,18 @@
 ``x``, ``g``, the weights, alpha on theta's grid and W's norm statistics (all through
 ``ctx.save_for_backward``).
 
-Numerics: loads in the storage dtype (float32, float16, bfloat16), arithmetic in float32
-(``tl.dot`` in IEEE float32 for float32 inputs, TF32 for 16-bit ones); outputs in x's dtype.
-float64 inputs compute in float64 (for gradcheck; under the interpreter, and on GPUs where
-Triton compiles float64 dot products).
+Numerics: loads in the storage dtype (float32, float16, bfloat16), arithmetic in float32;
+dot products take 16-bit operands in their own dtype and float32 ones in TF32 where cuDNN
+would (``torch.backends.cudnn`` flags), else in ``tf32x3`` (see ``launch.dot_precision``), all
+accumulating in float32; outputs and dx, dg in the inputs' dtypes and memory formats. float64
+inputs compute in float64 (for gradcheck, under the interpreter).
 Under :func:`torch.autocast` the op runs at the dtype its inputs arrive in (it is not on
 autocast's lists); it computes in float32 regardless.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -58,7 +60,7 @@ def gate_bwd(
     psi_w: Tensor, psi_b: Tensor, W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor],
     alpha_c: Tensor, mean: Tensor, var: Tensor, use_batch_stats: bool, eps: float, softplus: bool,
     align_corners: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return launch.gate_backward(
         dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var,
         use_batch_stats, eps, softplus, align_corners,
@@ -68,22 +70,13 @@ def gate_bwd(
 @gate_bwd.register_fake
 def _(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, use_batch_stats, eps, softplus, align_corners):
     f32 = launch.acc_dtype(x)
-    C = x.shape[1]
-    empty = lambda: x.new_empty(0, dtype=f32)  # noqa: E731
-    has_w = W_w is not None
-    has_norm = gamma is not None
+    C, CG, CI = x.shape[1], g.shape[1], theta_w.shape[0]
+    sizes = launch.weight_grad_sizes(C, CG, CI, math.prod(theta_w.shape[2:]), W_w is not None)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(g, memory_format=torch.contiguous_format),
-        theta_w.new_empty(theta_w.shape, dtype=f32),
-        phi_w.new_empty(phi_w.shape, dtype=f32),
-        x.new_empty(phi_w.shape[:1], dtype=f32),
-        psi_w.new_empty(psi_w.shape, dtype=f32),
-        x.new_empty((1,), dtype=f32),
-        W_w.new_empty(W_w.shape, dtype=f32) if has_w else empty(),
-        x.new_empty((C,), dtype=f32) if has_w else empty(),
-        x.new_empty((C,), dtype=f32) if has_norm else empty(),
-        x.new_empty((C,), dtype=f32) if has_norm else empty(),
+        torch.empty_like(x),
+        torch.empty_like(g),
+        x.new_empty(sum(sizes), dtype=f32),
+        x.new_empty(2 * C if gamma is not None else 0, dtype=f32),
     )
 
 
@@ -104,10 +97,17 @@ def _backward(ctx, dout, dalpha, _dac, _dmean, _dvar):
     x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
-    grads = gate_bwd(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, *ctx.flags)
-    dx, dg, *dparams = grads
-    dparams = [None if dt is None else d.to(dt) for d, dt in zip(dparams, ctx.param_dtypes)]
-    return (dx, dg, *dparams, None, None, None, None, None, None)
+    dx, dg, dweights, dnorm = gate_bwd(
+        dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, alpha_c, mean, var, *ctx.flags
+    )
+    weights = (theta_w, phi_w, phi_b, psi_w, psi_b) + ((W_w, W_b) if W_w is not None else ())
+    sizes = launch.weight_grad_sizes(x.shape[1], g.shape[1], theta_w.shape[0], math.prod(theta_w.shape[2:]), W_w is not None)
+    grads = [d.view(w.shape) for d, w in zip(dweights.split(sizes), weights)]
+    grads += [None, None] if W_w is None else []
+    C = x.shape[1]
+    grads += [dnorm[C:], dnorm[:C]] if gamma is not None else [None, None]  # dnorm = [dbeta | dgamma]
+    grads = [None if d is None else d.to(dt) for d, dt in zip(grads, ctx.param_dtypes)]
+    return (dx, dg, *grads, None, None, None, None, None, None)
 
 
 gate_fwd.register_autograd(_backward, setup_context=_setup_context)

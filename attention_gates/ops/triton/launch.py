@@ -1,24 +1,40 @@
 """Launchers: the passes of the fused gate over plain tensors (no autograd here).
 
-Forward (``gate_forward``):
-  1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
-  2. The fine kernels resample alpha_c onto x's grid themselves, as ``F.interpolate`` does.
-  3. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64):
-     the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
-  4. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
-     per-channel affine map (reads x, writes out and alpha).
+Forward (``gate_forward``); the fine kernels resample alpha_c onto x's grid themselves, as
+``F.interpolate`` does:
+
+1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
+2. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64),
+   the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
+3. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
+   per-channel affine map (reads x, writes out and alpha).
+
 Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
-  1. batch norm only: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_blocks``: the norm's gradient sums.
-  2. ``_fine_bwd`` (reads x, dout; writes dx, d alpha on x's grid): W path and d alpha.
-  3. d alpha_c = adjoint of the resampling (aten's ``upsample_*_backward``).
-  4. ``_coarse_bwd`` (reads x, g; adds the theta path into dx; writes dg).
+
+1. with a norm: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_rows``, the norm's gradients
+   (sums over the grid, which dz needs under batch statistics).
+2. ``_fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
+3. ``_alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
+4. ``_coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
+5. ``_patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
+6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
+
+No atomics and no zero-fills: every buffer is written once, and every sum has a fixed order
+(given the device's multiprocessor count), so two runs give bitwise-equal gradients.
+
+Tiles and grids come from ``tiles.TABLE`` (per architecture); the dot products' precision from
+PyTorch's flags (``dot_precision``). ``PASSES`` lists, per kernel, the big tensors a launch
+streams through memory (read or written in full, once), which is what the traffic model in
+``benchmarks/gate_memory.py`` adds up over the launches a call really makes (and what an
+interpreter test checks against the kernels' recorded loads and stores).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import functools
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -26,8 +42,26 @@ import triton.language as tl
 from torch import Tensor
 
 from . import kernels as K
+from . import tiles
 
-__all__ = ["gate_forward", "gate_backward"]
+__all__ = ["gate_forward", "gate_backward", "dot_precision", "plan_for", "weight_grad_sizes"]
+
+INT32_LIMIT = 2**31  # a sample with this many elements or more takes 64-bit offsets
+
+# per kernel: (argument names the launch streams in full, those it writes in full); the
+# coarse-grid tensors (alpha_c, g on theta's grid) count as streamed where they are read per tile
+PASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "_coarse_fwd": (("x_ptr", "g_ptr"), ("ac_ptr",)),
+    "_fine_stats": (("x_ptr", "ac_ptr"), ()),
+    "_stats_combine": ((), ()),
+    "_fine_out": (("x_ptr", "ac_ptr"), ("out_ptr", "alpha_ptr")),
+    "_fine_bwd_sums": (("x_ptr", "ac_ptr", "do_ptr"), ()),
+    "_fine_bwd": (("x_ptr", "ac_ptr", "do_ptr", "dalpha_ptr"), ("daf_ptr", "part_ptr")),
+    "_alpha_adjoint_kernel": (("daf_ptr",), ("dac_ptr",)),
+    "_coarse_bwd": (("x_ptr", "g_ptr", "ac_ptr", "dac_ptr"), ("df_ptr", "dg_ptr", "part_ptr")),
+    "_patch_bwd": (("x_ptr", "do_ptr", "df_ptr", "ac_ptr"), ("dx_ptr", "part_ptr")),
+    "_sum_rows": (("p1_ptr", "p2_ptr", "p3_ptr"), ("out_ptr",)),
+}
 
 
 def _p2(n: int) -> int:
@@ -60,68 +94,165 @@ def _nsc(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), (spatial[-1] if spatial else 1)
 
 
-def _fine_blocks(C: int, S: int) -> int:
-    if _interpreting():
-        return min(256, max(16, triton.next_power_of_2(S)))
-    return 64 if C <= 64 else 32
-
-
-def _coarse_block(C: int, CI: int) -> int:
-    if _interpreting():
-        return 64
-    return 32 if max(C, CI) <= 128 else 16
-
-
-def _prec(x: Tensor) -> str:
-    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
-
-
 def acc_dtype(x: Tensor) -> torch.dtype:
     """The compute dtype: float64 for float64 inputs (gradcheck), float32 otherwise."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _acc(x: Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _warps(C: int) -> int:
-    return 4 if C <= 64 else 8
+def cudnn_conv_tf32() -> bool:
+    """Whether cuDNN's float32 convolutions (the reference's) may use TF32, by PyTorch's flags:
+    ``torch.backends.cudnn.conv.fp32_precision`` (and its parents) where it exists, else
+    ``torch.backends.cudnn.allow_tf32``."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
-def _fine_setup(x: Tensor, alpha_c: Tensor, align_corners: bool):
-    """The grid (position blocks x batch) of the fine-grid kernels, their compile-time constants,
-    and the geometry of alpha's resampling from theta's grid onto x's (sizes and per-axis scales
-    as ``F.interpolate`` computes them)."""
-    N, C = x.shape[:2]
-    S = math.prod(x.shape[2:])
-    BS = _fine_blocks(C, S)
-    D, H, W = _as_3d(x.shape[2:])
-    DC, HC, WC = _as_3d(alpha_c.shape[2:])
-
-    def scale(i: int, o: int) -> float:
-        return ((i - 1) / (o - 1) if o > 1 else 0.0) if align_corners else i / o
-
-    geometry = dict(H=H, W=W, DC=DC, HC=HC, WC=WC, sd=scale(DC, D), sh=scale(HC, H), sw=scale(WC, W))
-    meta = dict(BLOCK_S=BS, BLOCK_C=_p2(C), ALIGN=align_corners, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(C))
-    return (triton.cdiv(S, BS), N), {**geometry, **meta}
+def dot_precision(x: Tensor) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 operands: ``"tf32"`` where cuDNN would use
+    TF32 for the reference's convolutions, ``"tf32x3"`` (float32 accuracy on the tensor cores)
+    where the user turned TF32 off, ``"ieee"`` in the interpreter and for other dtypes (16-bit
+    operands are dotted in their own dtype; float64 in float64)."""
+    on_gpu = bool(_TARGET) or (x.device.type == "cuda" and not _interpreting())
+    if x.dtype != torch.float32 or not on_gpu:
+        return "ieee"
+    return "tf32" if cudnn_conv_tf32() else "tf32x3"
 
 
-def _coarse_setup(x: Tensor, g: Tensor, theta_w: Tensor, psi_w: Tensor, softplus: bool):
-    """What both coarse kernels take: their grid, the sizes and the compile-time constants
-    (the weights go in as they are: contiguous, any float dtype)."""
-    N, C = x.shape[:2]
-    CI, CG = theta_w.shape[0], g.shape[1]
-    D, H, W = _as_3d(x.shape[2:])
-    KD, KH, KW = _as_3d(theta_w.shape[2:])
-    HC, WC = H // KH, W // KW
-    SC = (D // KD) * HC * WC
-    BP = _coarse_block(C, CI)
-    meta = dict(
-        KD=KD, KH=KH, KW=KW, BLOCK_P=BP, BLOCK_C=_p2(C), BLOCK_CG=_p2(CG), BLOCK_CI=_p2(CI),
-        SOFTPLUS=softplus, PREC=_prec(x), ACC=_acc(x), num_warps=_warps(max(C, CI)),
-    )
-    return (triton.cdiv(SC, BP), N), (C, CG, CI, H, W, HC, WC, SC), meta
+_TARGET: list[tuple[str, int]] = []
+
+
+@contextlib.contextmanager
+def plan_for(arch: str, multiprocessors: int) -> Iterator[None]:
+    """Inside: calls are planned as on a GPU of ``arch`` (a key of ``tiles.TABLE``) with
+    ``multiprocessors`` (tiles, grid sizes, dot precision), whatever the tensors' device: for
+    recording the launches of a GPU call and compiling its kernels without a GPU."""
+    if arch not in tiles.TABLE:
+        raise ValueError(f"arch must be one of {sorted(tiles.TABLE)}, got {arch!r}")
+    _TARGET.append((arch, int(multiprocessors)))
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return tiles.arch_key((props.major, props.minor)), props.multi_processor_count
+
+
+def _tiles(x: Tensor, channels: int) -> tuple[tiles.Tiles, int, int]:
+    """The tile row for ``channels`` on x's device, and the most programs a persistent grid of
+    the coarse and of the fine kernels takes."""
+    if _TARGET:
+        arch, sms = _TARGET[-1]
+    elif _interpreting() or x.device.type != "cuda":
+        return tiles.INTERPRETER, tiles.INTERPRETER_PROGRAMS, tiles.INTERPRETER_PROGRAMS
+    else:
+        arch, sms = _device_programs(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    row = tiles.lookup(arch, channels)
+    return row, sms * row.coarse_per_sm, sms * row.fine_per_sm
+
+
+def _window(out: int, inp: int, align_corners: bool) -> int:
+    """How many fine indices along one axis one coarse index feeds (see ``kernels._adjoint_axis``)."""
+    if out == inp:
+        return 1
+    if inp == 1:
+        return out
+    if align_corners:
+        return min(out, -(-2 * (out - 1) // (inp - 1)))
+    return min(out, -(-2 * out // inp))
+
+
+def _scale(inp: int, out: int, align_corners: bool) -> float:
+    """``F.interpolate``'s source scale along one axis (input size over output size)."""
+    if align_corners:
+        return (inp - 1) / (out - 1) if out > 1 else 0.0
+    return inp / out
+
+
+def _strides(prefix: str, t: Tensor) -> dict:
+    """``{prefix + "n": .., prefix + "c": .., prefix + "s": ..}``: a flat-strided tensor's strides."""
+    return dict(zip((prefix + "n", prefix + "c", prefix + "s"), _nsc(t)))
+
+
+class _Plan:
+    """Sizes, tiles, grids and compile-time constants of one call, shared by all its launches."""
+
+    def __init__(self, x: Tensor, g: Tensor, theta_w: Tensor, softplus: bool, align_corners: bool) -> None:
+        N, C = x.shape[:2]
+        CI, CG = theta_w.shape[0], g.shape[1]
+        D, H, W = _as_3d(x.shape[2:])
+        KD, KH, KW = _as_3d(theta_w.shape[2:])
+        DC, HC, WC = D // KD, H // KH, W // KW
+        self.N, self.C, self.CI, self.CG = N, C, CI, CG
+        self.S, self.SC, self.K = D * H * W, DC * HC * WC, KD * KH * KW
+        bc, bci = _p2(C), _p2(CI)
+        row, self.coarse_cap, self.fine_cap = _tiles(x, max(bc, bci))
+        self.fine_tps, self.coarse_tps = triton.cdiv(self.S, row.fine_block), triton.cdiv(self.SC, row.coarse_block)
+        self.tiles_fine, self.tiles_coarse = N * self.fine_tps, N * self.coarse_tps
+        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        i64 = x[:1].numel() >= INT32_LIMIT or g[:1].numel() >= INT32_LIMIT
+        # everything any kernel takes by keyword; ``launch`` passes each kernel its own
+        self.args = dict(
+            C=C, CG=CG, CI=CI, S=self.S, SC=self.SC, D=D, H=H, W=W, DC=DC, HC=HC, WC=WC,
+            sd=_scale(DC, D, align_corners), sh=_scale(HC, H, align_corners), sw=_scale(WC, W, align_corners),
+            DP=DC * KD, HP=HC * KH, WP=WC * KW, HAS_REST=(DC * KD, HC * KH, WC * KW) != (D, H, W),
+            WD=_window(D, DC, align_corners), WH=_window(H, HC, align_corners), WW=_window(W, WC, align_corners),
+            KD=KD, KH=KH, KW=KW, BKW=triton.next_power_of_2(KW), BLOCK_C=bc, BLOCK_CG=_p2(CG), BLOCK_CI=bci,
+            SOFTPLUS=softplus, ALIGN=align_corners, I64=i64, PREC=dot_precision(x), ACC=acc, DOT=_TL[x.dtype],
+            num_stages=row.stages,
+        )  # fmt: skip
+        self.fine_args = dict(TPS=self.fine_tps, NT=self.tiles_fine, BLOCK_S=row.fine_block, num_warps=row.fine_warps)
+        self.coarse_args = dict(TPS=self.coarse_tps, NT=self.tiles_coarse, BLOCK_P=row.coarse_block, num_warps=row.coarse_warps)
+        self.fine_grid = (max(1, min(self.tiles_fine, self.fine_cap)),)
+        self.coarse_grid = (max(1, min(self.tiles_coarse, self.coarse_cap)),)
+        patch_tps = triton.cdiv(self.SC, row.patch_block)
+        self.patch_args = dict(TPS=patch_tps, NT=N * patch_tps, BLOCK_P=row.patch_block, num_warps=row.coarse_warps)
+        self.patch_grid = (max(1, min(N * patch_tps, self.coarse_cap)),)
+        self.x_bytes = x.numel() * x.element_size()
+
+    def capped(self, grid: tuple[int], row: int) -> tuple[int]:
+        """``grid`` for a kernel that writes one partial row of ``row`` floats per program: at most
+        as many programs as keep those rows within x's bytes (small gates with big weights: a
+        few programs, not one partial row per multiprocessor)."""
+        return (max(1, min(grid[0], self.x_bytes // (4 * row))),)
+
+    def fine(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch a fine kernel (x's grid) on this plan's persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.fine_grid, args, {**self.args, **self.fine_args, **kwargs})
+
+    def coarse(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch a coarse kernel (theta's grid) on this plan's persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.coarse_grid, args, {**self.args, **self.coarse_args, **kwargs})
+
+    def patch(self, kernel, *args, grid=None, **kwargs) -> None:
+        """Launch ``_patch_bwd`` (theta's grid, its own tiles) on its persistent grid (or ``grid``)."""
+        _launch(kernel, grid or self.patch_grid, args, {**self.args, **self.patch_args, **kwargs})
+
+
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)`` with only the keywords ``kernel`` takes (plus launch options)."""
+    names = set(kernel.arg_names[len(args):])
+    kernel[grid](*args, **{k: v for k, v in kwargs.items() if k in names or k in _OPTIONS})
+
+
+def weight_grad_sizes(C: int, CG: int, CI: int, K: int, has_w: bool) -> list[int]:
+    """Column counts of the flat weight gradient ``gate_backward`` returns: dtheta, dphi_w,
+    dphi_b, dpsi_w, dpsi_b, then (with W) dW_w and dW_b."""
+    return [CI * C * K, CI * CG, CI, CI, 1] + ([C * C, C] if has_w else [])
 
 
 def _weights(*ts: Optional[Tensor]) -> tuple:
@@ -129,18 +260,14 @@ def _weights(*ts: Optional[Tensor]) -> tuple:
     return tuple(None if t is None else t.detach().contiguous() for t in ts)
 
 
-def coarse_alpha(x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor, softplus: bool) -> Tensor:
-    """alpha on theta's grid, ``Tensor[N, 1, *Sc]`` in the compute dtype; ``g`` already on that grid."""
-    grid, sizes, meta = _coarse_setup(x, g, theta_w, psi_w, softplus)
-    ac = torch.empty((x.shape[0], 1) + tuple(g.shape[2:]), device=x.device, dtype=acc_dtype(x))
-    K._coarse_fwd[grid](x, g, *_weights(theta_w, phi_w, phi_b, psi_w, psi_b), ac, *sizes, *_nsc(x), *_nsc(g), **meta)
-    return ac
-
-
-def _reduce_setup(C: int, nb: int):
-    """Grid and block sizes of the per-block reductions (``_stats_combine``, ``_sum_blocks``)."""
-    BC = min(_p2(C), 64)
-    return (triton.cdiv(C, BC),), dict(BLOCK_B=min(256, _p2(nb)), BLOCK_C=BC)
+def _reduce_rows(out: Tensor, *parts: Tensor) -> None:
+    """``out = [part.sum(0) for part in parts]`` concatenated (one to three ``[R, T]`` partial-row
+    buffers; float64 accumulation, rows in order), by one ``_sum_rows`` launch."""
+    padded = list(parts) + [parts[0]] * (3 - len(parts))
+    shapes = [tuple(p.shape) for p in parts] + [(0, 0)] * (3 - len(parts))
+    block_t = 128
+    grid = (sum(triton.cdiv(T, block_t) for _, T in shapes),)
+    K._sum_rows[grid](*padded, out, *(n for shape in shapes for n in shape), BLOCK_R=min(64, _p2(max(R for R, _ in shapes))), BLOCK_T=block_t)
 
 
 def gate_forward(
@@ -150,43 +277,35 @@ def gate_forward(
     softplus: bool, align_corners: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch statistics when
-    ``use_batch_stats`` (float32, ``Tensor[F_l]``), empty otherwise (then ``mean_in``/``var_in``
-    apply, and the backward takes them). ``x``, ``g`` pass ``flat_strides``."""
+    ``use_batch_stats`` (``Tensor[F_l]`` in the compute dtype), empty otherwise (then
+    ``mean_in``/``var_in`` apply, and the backward takes them). ``x``, ``g`` pass
+    ``flat_strides``; ``out`` has x's dtype and memory format."""
+    plan = _Plan(x, g, theta_w, softplus, align_corners)
     N, C = x.shape[:2]
-    S = math.prod(x.shape[2:])
-    f32 = acc_dtype(x)
-    ac = coarse_alpha(x, g, theta_w, phi_w, phi_b, psi_w, psi_b, softplus)
+    dev, f32 = x.device, acc_dtype(x)
+    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=dev, dtype=f32)
+    sx = _strides("sx", x)
+    plan.coarse(K._coarse_fwd, x, g, *_weights(theta_w, phi_w, phi_b, psi_w, psi_b), ac, **sx, **_strides("sg", g))
     has_w, has_norm = W_w is not None, gamma is not None
+    absent = ac  # a placeholder pointer for tensors a kernel does not read
     w0, wb, gamma, beta = _weights(W_w, W_b, gamma, beta)
-    grid, common = _fine_setup(x, ac, align_corners)
     # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
     mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
     if has_norm and use_batch_stats:
-        nb = grid[0] * N
-        mean_b = torch.empty((nb, C), device=x.device, dtype=f32)
-        m2_b = torch.empty_like(mean_b)
-        cnt_b = torch.empty(nb, device=x.device, dtype=f32)
-        K._fine_stats[grid](x, ac, w0, mean_b, m2_b, cnt_b, C, S, *_nsc(x), HAS_W=True, **common)
-        mean, var = torch.empty(C, device=x.device, dtype=f32), torch.empty(C, device=x.device, dtype=f32)
-        rgrid, rmeta = _reduce_setup(C, nb)
-        K._stats_combine[rgrid](mean_b, m2_b, cnt_b, wb, mean, var, nb, C, **rmeta)  # mean of alpha * W0 x + b
+        part = torch.empty((plan.fine_grid[0], 2 * C + 1), device=dev, dtype=f32)
+        plan.fine(K._fine_stats, x, ac, w0, part, **sx)
+        mean, var = torch.empty(C, device=dev, dtype=f32), torch.empty(C, device=dev, dtype=f32)
+        BC = min(_p2(C), 64)
+        K._stats_combine[(triton.cdiv(C, BC),)](part, wb, mean, var, part.shape[0], C, BLOCK_R=min(64, _p2(part.shape[0])), BLOCK_C=BC)
     norm_stats = (mean, var) if use_batch_stats else _weights(mean_in, var_in)
     out = torch.empty_like(x)
-    alpha = torch.empty((N, 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-    absent = ac  # a placeholder pointer for tensors the kernel does not read
-    K._fine_out[grid](
-        x, ac, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
+    alpha = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=x.dtype)
+    plan.fine(
+        K._fine_out, x, ac, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
         beta if has_norm else absent, *(t if has_norm else absent for t in norm_stats), float(eps), out, alpha,
-        C, S, *_nsc(x), *_nsc(out), HAS_W=has_w, HAS_NORM=has_norm, **common,
+        **sx, **_strides("so", out), HAS_W=has_w, HAS_NORM=has_norm,
     )  # fmt: skip
     return out, alpha, ac, mean, var
-
-
-_UPSAMPLE_BACKWARD = {
-    1: lambda g, out, inp, ac: torch.ops.aten.upsample_linear1d_backward(g, out, inp, ac, None),
-    2: lambda g, out, inp, ac: torch.ops.aten.upsample_bilinear2d_backward(g, out, inp, ac, None, None),
-    3: lambda g, out, inp, ac: torch.ops.aten.upsample_trilinear3d_backward(g, out, inp, ac, None, None, None),
-}
 
 
 def gate_backward(
@@ -194,64 +313,64 @@ def gate_backward(
     psi_w: Tensor, psi_b: Tensor, W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor],
     alpha_c: Tensor, mean: Tensor, var: Tensor, use_batch_stats: bool, eps: float, softplus: bool,
     align_corners: bool,
-) -> tuple[Tensor, ...]:
-    """Gradients ``(dx, dg, dtheta, dphi_w, dphi_b, dpsi_w, dpsi_b, dW_w, dW_b, dgamma, dbeta)``
-    (float32 weights' gradients; ``dW_*``/``dgamma``/``dbeta`` empty where absent)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dg, dweights, dnorm)``: dx and dg in x's and g's dtypes and memory
+    formats; ``dweights`` the weights' gradients flattened into one vector in the compute dtype
+    (columns as ``weight_grad_sizes``, each in its weight's own layout); ``dnorm`` the norm's
+    ``[dbeta | dgamma]`` (``Tensor[2 F_l]``, empty without a norm)."""
+    plan = _Plan(x, g, theta_w, softplus, align_corners)
     N, C = x.shape[:2]
-    CI = theta_w.shape[0]
-    S = math.prod(x.shape[2:])
     dev, f32 = x.device, acc_dtype(x)
     dout = flat_strides(dout)
-    has_w = W_w is not None
-    w0 = _weights(W_w)[0] if has_w else alpha_c  # alpha_c: a placeholder pointer where W is absent
-    grid, common = _fine_setup(x, alpha_c, align_corners)
-    def empty() -> Tensor:  # a distinct tensor each time: custom-op outputs may not alias
-        return x.new_empty(0, dtype=f32)
-
-    has_norm = gamma is not None
+    has_w, has_norm = W_w is not None, gamma is not None
+    absent = alpha_c  # a placeholder pointer for tensors a kernel does not read
+    w0 = _weights(W_w)[0] if has_w else absent
     wb, gamma, mean, var = _weights(W_b, gamma, mean, var)
-    dgamma, dbeta = empty(), empty()
+    sx, so = _strides("sx", x), _strides("so", dout)
+    flags = dict(HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and use_batch_stats, eps=float(eps), inv_n=1.0 / (N * plan.S))
+    # 1. the norm's gradients (dbeta, dgamma): sums over the grid, which dz needs under batch statistics
+    dnorm = x.new_empty(0, dtype=f32)
     if has_norm:
-        nb = grid[0] * N
-        s_do = torch.empty((nb, C), device=dev, dtype=f32)
-        s_doz = torch.empty_like(s_do)
-        K._fine_bwd_sums[grid](
-            x, alpha_c, w0, dout, wb, mean, var, float(eps), s_do, s_doz, C, S, *_nsc(x), *_nsc(dout), **common,
-        )  # fmt: skip
-        dbeta, dgamma = torch.empty(C, device=dev, dtype=f32), torch.empty(C, device=dev, dtype=f32)
-        rgrid, rmeta = _reduce_setup(C, nb)
-        K._sum_blocks[rgrid](s_do, s_doz, dbeta, dgamma, nb, C, **rmeta)
-    dx = torch.empty((N, C) + tuple(x.shape[2:]), device=dev, dtype=f32)
+        part = torch.empty((plan.fine_grid[0], 2 * C), device=dev, dtype=f32)
+        plan.fine(K._fine_bwd_sums, x, alpha_c, w0, dout, wb, mean, var, float(eps), part, **sx, **so)
+        dnorm = torch.empty(2 * C, device=dev, dtype=f32)
+        _reduce_rows(dnorm, part)
+    norm = dict(wb_ptr=wb, gamma_ptr=gamma, mean_ptr=mean, var_ptr=var, sums_ptr=dnorm) if has_norm else {}
+    norm = {k: norm.get(k, absent) for k in ("wb_ptr", "gamma_ptr", "mean_ptr", "var_ptr", "sums_ptr")}
+    # 2. d alpha on x's grid, W's partial sums, dx where no patch reaches
+    sizes = weight_grad_sizes(C, plan.CG, plan.CI, plan.K, has_w)
+    dx = torch.empty_like(x)
     daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
-    dW_w = torch.zeros((C, C), device=dev, dtype=f32) if has_w else empty()
-    dW_b = torch.zeros(C, device=dev, dtype=f32) if has_w else empty()
-    has_dalpha = dalpha is not None
-    absent = alpha_c  # a placeholder pointer for tensors the kernel does not read
-    dal = dalpha.contiguous() if has_dalpha else absent
-    norm_args = (wb, gamma, mean, var, dbeta, dgamma) if has_norm else (absent,) * 6
-    K._fine_bwd[grid](
-        x, alpha_c, w0, dout, dal, *norm_args, float(eps), 1.0 / (N * S), dx, daf, dW_w if has_w else absent, dW_b if has_w else absent,
-        C, S, *_nsc(x), *_nsc(dout), *_nsc(dx), HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and use_batch_stats,
-        HAS_DALPHA=has_dalpha, **common,
+    grid = plan.capped(plan.fine_grid, C * C + C) if has_w else plan.fine_grid
+    part_w = torch.empty((grid[0], C * C + C), device=dev, dtype=f32) if has_w else absent
+    plan.fine(
+        K._fine_bwd, x, alpha_c, w0, dout, dalpha.contiguous() if dalpha is not None else absent, **norm, grid=grid,
+        dx_ptr=dx, daf_ptr=daf, part_ptr=part_w, **sx, **so, **_strides("sd", dx), HAS_DALPHA=dalpha is not None, **flags,
     )  # fmt: skip
-    if gamma is not None and use_batch_stats:
-        dW_b.zero_()  # exactly zero: batch normalisation removes any constant added before it
-    # the adjoint of alpha's resampling onto x's grid
-    if tuple(alpha_c.shape[2:]) == tuple(x.shape[2:]):
+    # 3. d alpha_c: the adjoint of alpha's resampling (a gather, no atomics)
+    if plan.S == plan.SC:
         dac = daf
     else:
-        dac = _UPSAMPLE_BACKWARD[x.dim() - 2](daf, list(x.shape[2:]), list(alpha_c.shape), align_corners).contiguous()
-    grid, sizes, meta = _coarse_setup(x, g, theta_w, psi_w, softplus)
-    weights = _weights(theta_w, phi_w, phi_b, psi_w)
-    dtheta = torch.zeros(theta_w.shape, device=dev, dtype=f32)  # weight gradients in the weights' layouts
-    dphi_w = torch.zeros(phi_w.shape, device=dev, dtype=f32)
-    dbp = torch.zeros(CI, device=dev, dtype=f32)
-    dwpsi = torch.zeros(psi_w.shape, device=dev, dtype=f32)
-    dbpsi = torch.zeros(1, device=dev, dtype=f32)
-    dg = torch.empty(g.shape, device=dev, dtype=g.dtype)
-    K._coarse_bwd[grid](
-        x, g, *weights, alpha_c, dac, dx, dg, dtheta, dphi_w, dbp, dwpsi, dbpsi,
-        *sizes, *_nsc(x), *_nsc(g), *_nsc(dx), *_nsc(dg), **meta,
+        dac = torch.empty_like(alpha_c)
+        plan.coarse(K._alpha_adjoint_kernel, daf, dac, num_warps=4)
+    # 4. df = d(theta x + phi g), dg, and the phi and psi gradients' partial sums
+    dg = torch.empty_like(g)
+    df = torch.empty((N, plan.SC, plan.CI), device=dev, dtype=f32 if x.dtype == torch.float32 else x.dtype)
+    grid = plan.capped(plan.coarse_grid, sum(sizes[1:5]))
+    part_coarse = torch.empty((grid[0], sum(sizes[1:5])), device=dev, dtype=f32)
+    theta, phi_w, phi_b, psi_w = _weights(theta_w, phi_w, phi_b, psi_w)
+    plan.coarse(
+        K._coarse_bwd, x, g, theta, phi_w, phi_b, psi_w, alpha_c, dac, df, dg, part_coarse, grid=grid,
+        **sx, **_strides("sg", g), **_strides("sdg", dg),
     )  # fmt: skip
-    dW = dW_w.reshape(W_w.shape) if has_w else dW_w
-    return (dx.to(x.dtype), dg, dtheta, dphi_w, dbp, dwpsi, dbpsi, dW, dW_b, dgamma, dbeta)
+    # 5. dtheta's partial sums and dx (theta path and W path), written once
+    grid = plan.capped(plan.patch_grid, sizes[0])
+    part_theta = torch.empty((grid[0], sizes[0]), device=dev, dtype=f32)
+    plan.patch(
+        K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, grid=grid,
+        **sx, **so, **_strides("sd", dx), **flags,
+    )  # fmt: skip
+    # 6. the weight gradients: every partial row summed in a fixed order
+    dweights = torch.empty(sum(sizes), device=dev, dtype=f32)
+    _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if has_w else ()))
+    return dx, dg, dweights, dnorm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-MAX_CHANNELS = 256  # x's channels (F_l) and F_int: one register tile per program
+MAX_CHANNELS = 256  # x's channels (F_l) and F_int: one register tile per program (tiles.TABLE's largest bucket)
 MAX_GATING_CHANNELS = 512
 
 
@@ -17,6 +17,4 @@ def shape_reasons(x: Tensor, g: Tensor, theta_weight: Tensor) -> list[str]:
         reasons.append(f"inter_channels {theta_weight.shape[0]}: the kernels take at most {MAX_CHANNELS}")
     if g.shape[1] > MAX_GATING_CHANNELS:
         reasons.append(f"g has {g.shape[1]} channels: the kernels take at most {MAX_GATING_CHANNELS}")
-    if x.numel() >= 2**31 or g.numel() >= 2**31:
-        reasons.append("tensors of 2^31 or more elements are not supported (32-bit spatial offsets)")
     return reasons
