@@ -1,4 +1,4 @@
-"""The grid attention gate as one function: :func:`grid_attention`, the library's one entry point to it.
+"""The grid attention gate as one function, the library's one entry point to every implementation of it.
 
 The math (Oktay et al., 2018, eqs. 1-2) is :func:`grid_attention_reference`, in
 :mod:`attention_gates.ops.reference` with the gate's argument types :class:`GateWeights` and

@@ -59,13 +59,13 @@ class GateWeights(NamedTuple):
     norm's affine parameters and running statistics are ``None`` where the norm has none.
     """
 
-    theta_weight: Tensor  #: ``W_x``: ``Tensor[F_int, F_l, *k]`` (kernel = stride = ``k``)
-    phi_weight: Tensor  #: ``W_g``: ``Tensor[F_int, F_g, 1, ...]``
-    phi_bias: Optional[Tensor]  #: ``b_g``: ``Tensor[F_int]``
-    psi_weight: Tensor  #: ``psi``: ``Tensor[1, F_int, 1, ...]``
-    psi_bias: Optional[Tensor]  #: ``b_psi``: ``Tensor[1]``
-    W_weight: Optional[Tensor] = None  #: output transform: ``Tensor[F_l, F_l, 1, ...]``
-    W_bias: Optional[Tensor] = None  #: ``Tensor[F_l]``
+    theta_weight: Tensor  #: ``W_x``, ``Tensor[F_int, F_l, *k]`` (kernel = stride = ``k``)
+    phi_weight: Tensor  #: ``W_g``, ``Tensor[F_int, F_g, 1, ...]``
+    phi_bias: Optional[Tensor]  #: ``b_g``, ``Tensor[F_int]``
+    psi_weight: Tensor  #: ``psi``, ``Tensor[1, F_int, 1, ...]``
+    psi_bias: Optional[Tensor]  #: ``b_psi``, ``Tensor[1]``
+    W_weight: Optional[Tensor] = None  #: the output transform's 1x1 conv, ``Tensor[F_l, F_l, 1, ...]``
+    W_bias: Optional[Tensor] = None  #: its bias, ``Tensor[F_l]``
     norm_weight: Optional[Tensor] = None  #: the output norm's scale, ``Tensor[F_l]``
     norm_bias: Optional[Tensor] = None  #: the output norm's shift, ``Tensor[F_l]``
     running_mean: Optional[Tensor] = None  #: batch norm's running mean, ``Tensor[F_l]`` (updated in place)
