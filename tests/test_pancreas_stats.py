@@ -221,6 +221,16 @@ def test_no_difference_and_mixed_sentences():
     assert "the evidence is mixed (the signed-rank test finds a difference, the interval of the mean includes 0)" in comparison_sentence(m, A, B, "DSC")
 
 
+def test_mixed_sentence_when_the_ranks_and_the_mean_point_opposite_ways():
+    # 28 small losses and 4 large wins: the signed-rank sum favours B (p < 0.01), the mean A
+    c = paired_comparison(np.r_[np.full(28, -0.01), np.full(4, 1.0)], np.zeros(32))
+    assert c["p_value"] < 0.01 and c["rank_direction"] == -1 and c["ci"][0] > 0 and c["verdict"] == "mixed"
+    s = comparison_sentence(c, A, B, "DSC")
+    assert f"the evidence is mixed (the signed-rank test favours the {B}, the interval of the mean favours the {A})" in s
+    d = paired_comparison(np.r_[np.full(28, -0.01), np.full(4, 1.0)], np.zeros(32), higher_is_better=False)
+    assert f"the signed-rank test favours the {A}, the interval of the mean favours the {B}" in comparison_sentence(d, A, B, "HD95 (mm)")
+
+
 @pytest.mark.parametrize("n", range(1, 6))
 def test_undecidable_sentence_computes_the_smallest_p_from_n(n):
     a, b = _clear(n=n)
@@ -243,6 +253,8 @@ def test_comparison_table_rows():
     assert rows[0][:5] == ["", "n", A, B, "A − B"] and len(rows) == 3
     assert rows[1][0] == "DSC" and rows[1][-1] == f"{A} better"
     assert rows[2][:2] == ["HD95 (mm)", "2 (+1 inf)"] and rows[2][-1] == "n too small to decide"
+    near_zero = {"dice": {**c["dice"], "ci": [0.0002, 0.0131]}}  # a bound that would print as +0.000
+    assert comparison_table(near_zero, A, B)[1][5] == "+0.0002 to +0.013"
     spread = {k: seed_spread([[1.0, 2.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]) for k in c}
     assert comparison_table(c, A, B, spread)[1][-3:] == [f"{math.sqrt(0.5):.3f}", "0.000", f"{math.sqrt(0.5):.3f}"]
 

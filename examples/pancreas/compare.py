@@ -163,7 +163,9 @@ def compare_results(results: Mapping[int, Mapping[str, Mapping[str, Any]]], a: s
     runs = [by_model[m] for by_model in results.values() for m in (a, b)]
     if any(r["test_cases"] != runs[0]["test_cases"] for r in runs):
         raise ValueError(f"the {a} and {b} runs were evaluated on different test cases; a paired comparison needs the same ones")
-    values = {m: {k: np.array([[row[k] for row in by_model[m]["cases"]] for by_model in results.values()]) for k in METRICS} for m in (a, b)}
+    values = {  # model -> metric -> float[seeds, cases]
+        m: {k: np.array([[row[k] for row in by_model[m]["cases"]] for by_model in results.values()]) for k in METRICS} for m in (a, b)
+    }
     metrics = {k: paired_comparison(values[a][k].mean(axis=0), values[b][k].mean(axis=0), higher_is_better=k not in DISTANCES)
                for k in METRICS}  # fmt: skip
     spread = {k: seed_spread(values[a][k], values[b][k]) for k in METRICS} if len(results) > 1 else None
@@ -233,6 +235,7 @@ def compare(
                 raise CheckpointError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
     start, load0 = time.perf_counter(), os.getloadavg()
     cases = load_cases(cfg)
+    load_seconds = time.perf_counter() - start
     results: dict[int, dict[str, Any]] = {}
     for s, by_model in runs.items():
         results[s] = {}
@@ -271,6 +274,7 @@ def compare(
     notes = [
         f"total time {seconds:.0f} s on {_device(device)}, {cfg.threads or torch.get_num_threads()} threads per training process; "
         f"load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end ({os.cpu_count()} CPUs)",
+        f"{len(cases)} cases {'generated' if cfg.data is None else 'listed'} in {load_seconds:.1f} s",
         *(f"{'' if seeds == 1 else f'seed {s}: '}{NAMES[m]}: training {r['train_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s"
           for s, by_model in results.items() for m, r in by_model.items()),
     ]  # fmt: skip

@@ -53,7 +53,8 @@ def _count(n: int, noun: str) -> str:
 
 
 def _difference(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:+.3f}"
+    """Signed, 3 decimals; 2 significant digits for a non-zero value that would round to 0."""
+    return "nan" if math.isnan(x) else f"{x:+.2g}" if 0 < abs(x) < 5e-4 else f"{x:+.3f}"
 
 
 def comparison_table(
@@ -73,7 +74,8 @@ def comparison_table(
     """
     verdicts = {"a": f"{a} better", "b": f"{b} better", "none": "no difference shown", "mixed": "mixed evidence",
                 "undecidable": "n too small to decide"}  # fmt: skip
-    header = ["", "n", a, b, "A − B", "95% CI", "p", "smallest p", "A / B better / tied", "shows"]
+    level = next(iter(comparison.values()))["level"]
+    header = ["", "n", a, b, "A − B", f"{level:.0%} CI", "p", "smallest p", "A / B better / tied", "shows"]
     if spread is not None:
         header += ["seed sd A", "seed sd B", "seed sd A − B"]
     rows = [header]
@@ -117,6 +119,12 @@ def comparison_sentence(c: Mapping[str, Any], a: str, b: str, metric: str) -> st
         return text + f": the numbers do not show a difference in {metric}; they leave room for one from {_difference(lo)} to {_difference(hi)}."
     found = "finds a difference" if c["p_value"] < alpha else "finds none"
     interval = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+    if c["p_value"] < alpha and interval == "excludes 0":  # both find a difference, in opposite directions
+
+        def favoured(sign: float) -> str:
+            return a if (sign > 0) == c["higher_is_better"] else b
+
+        found, interval = f"favours the {favoured(c['rank_direction'])}", f"favours the {favoured(lo)}"
     return text + f": the evidence is mixed (the signed-rank test {found}, the interval of the mean {interval}), too weak to call either model better in {metric}."
 
 
@@ -250,7 +258,8 @@ def _comparison_lines(comparisons: Sequence[Mapping[str, Any]], seeds: Sequence[
         "signed-rank p (scipy's: zero differences dropped; the exact distribution without ties, else the "
         "permutation distribution up to 13 pairs and the normal approximation above). Smallest p: the p of the "
         f"most extreme outcome these cases allow; unless it is below {first['alpha']:g} the test cannot decide. "
-        "Pairs with an infinite distance are left out."
+        "Pairs with an infinite distance are left out. The conclusion is drawn on DSC, the paper's metric; the "
+        "other rows are secondary, each tested at the same level without a correction for testing several."
     )
     if len(seeds) > 1:
         method += (
