@@ -11,6 +11,10 @@ Commands:
 - ``predict``: segment a folder of NIfTI volumes with a checkpoint, in their own geometry.
 - ``compare``: ``demo`` for any preset and data, or for given checkpoints.
 
+``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
+a bootstrap interval, Wilcoxon signed-rank test, wins); ``--seeds N`` trains both with ``N``
+training seeds and reports the spread across them.
+
 Every command prints ``--help``.
 """
 
