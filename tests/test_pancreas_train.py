@@ -22,7 +22,6 @@ nib = pytest.importorskip("nibabel")
 
 from attention_gates import AttentionUNet, UNet, deep_supervision_weights  # noqa: E402
 from examples.pancreas.__main__ import main  # noqa: E402
-from examples.pancreas.compare import paired_test  # noqa: E402
 from examples.pancreas.config import Config, preset  # noqa: E402
 from examples.pancreas.evaluate import summarize  # noqa: E402
 from examples.pancreas.metrics import case_metrics, slicewise_surface_distance, surface_metrics  # noqa: E402
@@ -126,19 +125,6 @@ def test_metric_inputs_are_checked():
         case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), (1, 1, 1))
     with pytest.raises(ValueError, match="spacing"):
         case_metrics(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), (1, 0, 1))
-
-
-def test_paired_test_known_answers():
-    a = [0.8, 0.82, 0.85, 0.79, 0.9, 0.88, 0.84, 0.86]
-    b = [x - 0.01 * (i + 1) for i, x in enumerate(a)]  # a always better: exact p = 2 / 2^8
-    r = paired_test(a, b)
-    assert r["p_value"] == pytest.approx(2 / 2**8)
-    assert r["mean_difference"] == pytest.approx(0.045)
-    assert "little power" in r["note"]
-    assert "cannot show a difference" in paired_test(a[:4], b[:4])["note"]
-    assert math.isnan(paired_test(a, a)["p_value"])
-    with pytest.raises(ValueError, match="same length"):
-        paired_test(a, b[:3])
 
 
 # ----------------------------------------------------------------------------- config
@@ -424,7 +410,7 @@ def test_compare_with_the_attention_unet_made_from_the_unet(tmp_path, capsys):
     doc = compare(preset("tiny", steps=2), tmp_path, device="cpu", progress=False, isolate=False, finetune="gates")
     f, u = doc["results"]["finetuned"], doc["results"]["unet"]
     assert f["test_cases"] == u["test_cases"] and f["params"] == doc["results"]["attention"]["params"]
-    assert doc["paired_test_finetuned_vs_unet"]["n"] == len(u["test_cases"])
+    assert doc["comparisons"][1]["a"] == "finetuned" and doc["comparisons"][1]["metrics"]["dice"]["n"] == len(u["test_cases"])
     assert "Attention U-Net from the U-Net" in (tmp_path / "report.md").read_text()
     # the backbone was frozen: the fine-tuned model's encoder equals the U-Net's
     unet = torch.load(tmp_path / "unet" / CHECKPOINT, weights_only=False)["model"]

@@ -11,6 +11,10 @@ Commands:
 - ``predict``: segment a folder of NIfTI volumes with a checkpoint, in their own geometry.
 - ``compare``: ``demo`` for any preset and data, or for given checkpoints.
 
+``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
+a bootstrap interval, Wilcoxon signed-rank test, wins); ``--seeds N`` trains both with ``N``
+training seeds and reports the spread across them.
+
 Every command prints ``--help``.
 """
 
@@ -36,7 +40,8 @@ from .config import PRESETS, Config, preset  # noqa: E402
 CONFIG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--data": ("data", dict(help="dataset folder (MSD Task07 or NIH Pancreas-CT); default: the phantom")),
     "--layout": ("layout", dict(choices=("auto", "msd", "nih"), help="dataset layout")),
-    "--phantom-cases": ("phantom_cases", dict(type=int, help="number of phantom cases")),
+    "--phantom-cases": ("phantom_cases", dict(type=int, help="number of phantom cases to train and validate on")),
+    "--phantom-test-cases": ("phantom_test_cases", dict(type=int, help="held-out phantom test cases (0: test on part of --phantom-cases)")),
     "--model": ("model", dict(choices=("attention", "unet"), help="Attention U-Net or plain U-Net")),
     "--filters": ("filters", dict(type=int, nargs="+", help="channels per level, e.g. 16 32 64 128 256")),
     "--spacing": ("spacing", dict(type=float, nargs=3, metavar=("X", "Y", "Z"), help="resampling spacing (mm)")),
@@ -124,7 +129,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     cfg = preset(args.preset or "demo", **_overrides(args))
     checkpoints = {k: v for k, v in (("attention", args.attention_checkpoint), ("unet", args.unet_checkpoint)) if v}
     compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-            finetune=args.finetune)  # fmt: skip
+            finetune=args.finetune, seeds=args.seeds)  # fmt: skip
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -132,7 +137,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     cfg = preset("demo", **_overrides(args))
     compare(cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-            title="Demo: Attention U-Net vs U-Net on the phantom pancreas")  # fmt: skip
+            title="Demo: Attention U-Net vs U-Net on the phantom pancreas", seeds=args.seeds)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -147,10 +152,15 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    def seeds(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--seeds", type=int, default=1,
+                       help="train both models with this many training seeds (--seed, --seed + 1, ...) and report the spread across them")
+
     q = sub.add_parser("demo", help="both models on the phantom, with the report (the default run)")
     q.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     q.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     _add_config_flags(q, with_model=False)
+    seeds(q)
     common(q)
     q.set_defaults(func=_cmd_demo)
 
@@ -185,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune", choices=("gates", "all"),
                    help="add a third model: the Attention U-Net made from the trained U-Net, its gates (or all) trained")
     _add_config_flags(q, with_model=False)
+    seeds(q)
     common(q)
     q.set_defaults(func=_cmd_compare)
     return p

@@ -2,9 +2,11 @@
 
 :func:`run` trains one model into its run folder and evaluates it on the held-out test
 cases; :func:`compare` does it for both models on the same split with the same settings
-(or loads given checkpoints), runs a paired test on the per-case Dice, and writes the
-comparison report. The demo (``python -m examples.pancreas demo``) is :func:`compare` with
-the ``"demo"`` preset on the phantom.
+(or loads given checkpoints), for one or several training seeds, compares them case by case
+on every metric (:mod:`examples.pancreas.stats`: paired mean difference with a bootstrap
+interval, Wilcoxon signed-rank test, wins) and writes the comparison report. The demo
+(``python -m examples.pancreas demo``) is :func:`compare` with the ``"demo"`` preset on the
+phantom, 24 held-out test cases.
 """
 
 from __future__ import annotations
@@ -16,52 +18,30 @@ import os
 import queue as queue_module
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from .config import Config
-from .evaluate import _jsonable, evaluate, summarize, write_results
+from .evaluate import DISTANCES, METRICS, _jsonable, evaluate, summarize, write_results
 from .plots import attention_maps, plot_attention, plot_prediction, plot_training_curves
-from .report import plain_table, results_table, write_report
+from .report import (
+    LABELS,
+    _write_atomic,
+    comparison_sentence,
+    comparison_table,
+    plain_table,
+    results_table,
+    spread_sentence,
+    write_report,
+)
+from .stats import paired_comparison, seed_spread
 from .train import CHECKPOINT, LOG, CheckpointError, _read_log, load_cases, model_from_checkpoint, split_cases, train
 
-__all__ = ["paired_test", "run", "compare"]
+__all__ = ["run", "compare", "compare_results"]
 
 NAMES = {"attention": "Attention U-Net", "unet": "U-Net", "finetuned": "Attention U-Net from the U-Net"}
-
-
-def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Two-sided Wilcoxon signed-rank test of paired per-case values ``a`` vs ``b``.
-
-    Wilcoxon rather than the paired t-test: per-case Dice is bounded and skewed (a few
-    failures pull the mean), and with the handful of test cases of a pancreas study normality
-    cannot be checked; the signed-rank test assumes only symmetric differences. With ``n``
-    cases the exact test cannot give ``p`` below ``2 / 2^n``, so ``note`` warns when ``n`` is
-    too small for any ``p < 0.05`` (``n <= 5``) and, below 10 cases, that the power is low.
-    Returns ``{"test", "n", "statistic", "p_value", "mean_difference", "note"}``.
-    """
-    from scipy.stats import wilcoxon
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired values must be two 1-D sequences of the same length, got {a.shape} and {b.shape}")
-    n = int(a.size)
-    diff = a - b
-    result = {"test": "Wilcoxon signed-rank, two-sided", "n": n, "mean_difference": float(diff.mean()) if n else math.nan}
-    if n == 0 or not np.any(diff):
-        result.update(statistic=math.nan, p_value=math.nan, note="No non-zero differences: the test is not defined")
-        return result
-    res = wilcoxon(a, b, alternative="two-sided")
-    result.update(statistic=float(res.statistic), p_value=float(res.pvalue))
-    if n <= 5:
-        result["note"] = f"With {n} cases the smallest possible p is {2 / 2**n:.3g}: this test cannot show a difference"
-    elif n < 10:
-        result["note"] = f"With {n} cases the test has little power; treat the p-value as indicative"
-    else:
-        result["note"] = ""
-    return result
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:
@@ -164,6 +144,34 @@ def _run_in_child(cfg, out, cases, checkpoint, overwrite, device, progress) -> d
     return value
 
 
+def compare_results(results: Mapping[int, Mapping[str, Mapping[str, Any]]], a: str, b: str) -> dict[str, Any]:
+    """Paired comparison of model ``a`` with model ``b`` on every metric.
+
+    Args:
+        results: training seed -> model name -> :func:`run`'s results (``"cases"``: per-case
+            rows, ``"test_cases"``), every run on the same test cases.
+        a, b: the model names compared (``"attention"``, ``"unet"``, ``"finetuned"``).
+
+    Returns:
+        ``{"a", "b", "metrics": {metric: paired_comparison}, "spread": {metric: seed_spread}
+        or None}``: the per-case values averaged over the seeds are paired, and with more than
+        one seed ``spread`` holds their spread across seeds.
+
+    Raises:
+        ValueError: the runs were not evaluated on the same cases in the same order.
+    """
+    runs = [by_model[m] for by_model in results.values() for m in (a, b)]
+    if any(r["test_cases"] != runs[0]["test_cases"] for r in runs):
+        raise ValueError(f"the {a} and {b} runs were evaluated on different test cases; a paired comparison needs the same ones")
+    values = {  # model -> metric -> float[seeds, cases]
+        m: {k: np.array([[row[k] for row in by_model[m]["cases"]] for by_model in results.values()]) for k in METRICS} for m in (a, b)
+    }
+    metrics = {k: paired_comparison(values[a][k].mean(axis=0), values[b][k].mean(axis=0), higher_is_better=k not in DISTANCES)
+               for k in METRICS}  # fmt: skip
+    spread = {k: seed_spread(values[a][k], values[b][k]) for k in METRICS} if len(results) > 1 else None
+    return {"a": a, "b": b, "metrics": metrics, "spread": spread}
+
+
 def compare(
     cfg: Config,
     out: Union[str, Path],
@@ -175,45 +183,72 @@ def compare(
     title: Optional[str] = None,
     isolate: bool = True,
     finetune: Optional[str] = None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Train (or load, ``checkpoints``: model name -> path) both models the same way on the
-    same split, print the comparison table and write ``report.md`` (with the phantom's
-    threshold baseline when the data are the phantom), ``comparison.json`` and the figures in
-    ``out``; each model's own run lives in ``out/attention`` and ``out/unet``. With
-    ``isolate`` each model runs in a process of its own, so that the CPU peak memory is
-    measured per model; without, both run in this process (faster to start).
+    same split, compare them case by case (:func:`compare_results`), print the tables and
+    write ``report.md`` (with the phantom's threshold baseline when the data are the phantom),
+    ``comparison.json`` and the figures in ``out``; each model's own run lives in
+    ``out/attention`` and ``out/unet``. With ``isolate`` each model runs in a process of its
+    own, so that the CPU peak memory is measured per model; without, both run in this process
+    (faster to start).
+
+    ``seeds`` > 1 trains both models with the training seeds ``cfg.seed, cfg.seed + 1, ...``
+    (runs in ``out/seed<s>/<model>``; the data and split stay the same), compares the per-case
+    values averaged over the seeds, and reports how much each model moves across seeds beside
+    the difference between them (on small data the seed can matter more than the gates).
 
     ``finetune`` (``"gates"`` or ``"all"``) adds a third model in ``out/finetuned``: an
     Attention U-Net made from the trained U-Net (pass-through gates,
     :meth:`~attention_gates.AttentionUNet.from_unet`), trained for the same number of steps,
-    the gates only or everything, and compared with the U-Net it started from."""
+    the gates only or everything, and compared with the U-Net it started from.
+
+    Returns ``{"results": {model: run results} (the first seed's), "comparisons": [...]
+    (:func:`compare_results`' dicts with model keys), "seeds", "threshold_baseline",
+    "seconds", "config"}``, plus ``"results_by_seed"`` with several seeds; this is also
+    ``comparison.json``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = dict(checkpoints or {})
     if finetune not in (None, "gates", "all"):
         raise ValueError(f"finetune must be None, 'gates' or 'all', got {finetune!r}")
     unknown = sorted(set(checkpoints) - set(NAMES))
     if unknown:
         raise ValueError(f"checkpoints keys must be in {tuple(NAMES)}, got {unknown}")
-    runs = {"attention": cfg.replace(model="attention"), "unet": cfg.replace(model="unet")}
-    if finetune is not None:  # after the U-Net: it starts from the U-Net's checkpoint
-        unet_ckpt = checkpoints.get("unet", out / "unet" / CHECKPOINT)
-        runs["finetuned"] = cfg.replace(model="attention", init_from=str(unet_ckpt), train_params=finetune)
-    for model in runs:
-        if model not in checkpoints and not overwrite and (out / model / CHECKPOINT).exists():
-            raise CheckpointError(f"{out / model} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    if seeds > 1 and checkpoints:
+        raise ValueError(f"a checkpoint is one trained model: give checkpoints or seeds > 1, not both (got seeds={seeds})")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    folders = {s: out if seeds == 1 else out / f"seed{s}" for s in seed_list}
+    runs = {}
+    for s in seed_list:
+        base = cfg.replace(seed=s)
+        runs[s] = {"attention": base.replace(model="attention"), "unet": base.replace(model="unet")}
+        if finetune is not None:  # after the U-Net: it starts from the U-Net's checkpoint
+            unet_ckpt = checkpoints.get("unet", folders[s] / "unet" / CHECKPOINT)
+            runs[s]["finetuned"] = base.replace(model="attention", init_from=str(unet_ckpt), train_params=finetune)
+    for s, by_model in runs.items():
+        for model in by_model:
+            run_dir = folders[s] / model
+            if model not in checkpoints and not overwrite and (run_dir / CHECKPOINT).exists():
+                raise CheckpointError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
     start, load0 = time.perf_counter(), os.getloadavg()
     cases = load_cases(cfg)
-    results = {}
-    for model, model_cfg in runs.items():
-        model_out, checkpoint = out / model, checkpoints.get(model)
-        if isolate:
-            results[model] = _run_in_child(model_cfg, model_out, cases, checkpoint, overwrite, device, progress)
-        else:
-            results[model] = run(model_cfg, model_out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)
-    dice = {m: [r["dice"] for r in res["cases"]] for m, res in results.items()}
-    test = paired_test(dice["attention"], dice["unet"])
-    test_finetuned = paired_test(dice["finetuned"], dice["unet"]) if "finetuned" in dice else None
+    load_seconds = time.perf_counter() - start
+    results: dict[int, dict[str, Any]] = {}
+    for s, by_model in runs.items():
+        results[s] = {}
+        for model, model_cfg in by_model.items():
+            model_out, checkpoint = folders[s] / model, checkpoints.get(model)
+            if isolate:
+                results[s][model] = _run_in_child(model_cfg, model_out, cases, checkpoint, overwrite, device, progress)
+            else:
+                results[s][model] = run(model_cfg, model_out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device,
+                                        progress=progress)  # fmt: skip
+    comparisons = [compare_results(results, "attention", "unet")]
+    if finetune is not None:
+        comparisons.append(compare_results(results, "finetuned", "unet"))
     baseline = None
     if cfg.data is None:
         from .phantom import threshold_baseline
@@ -222,39 +257,45 @@ def compare(
         baseline = threshold_baseline(
             [{"image": np.asarray(c["image"])[0], "label": np.asarray(c["label"])[0], "case_id": c["case_id"]} for c in test_cases]
         )
-    logs = {NAMES[m]: _read_log(out / m / LOG, cfg.steps) for m in results}
+    first, prefix = results[seed_list[0]], "" if seeds == 1 else f"seed{seed_list[0]}/"
+    logs = {NAMES[m]: _read_log(folders[seed_list[0]] / m / LOG, cfg.steps) for m in first}
     figures = []
     if any(logs.values()):
         plot_training_curves(logs, out / "training_curves.png")
-        figures.append(("Training loss of both models", "training_curves.png"))
-    figures += [("Attention U-Net on held-out cases: ground truth (green), prediction (red)", "attention/prediction.png"),
-                ("U-Net on held-out cases: ground truth (green), prediction (red)", "unet/prediction.png"),
-                ("Attention coefficients of every gate head of the Attention U-Net", "attention/attention.png")]  # fmt: skip
-    if "finetuned" in results:
-        figures += [(f"{NAMES['finetuned']} ({finetune}) on held-out cases", "finetuned/prediction.png"),
-                    (f"Attention coefficients of the {NAMES['finetuned']}", "finetuned/attention.png")]  # fmt: skip
+        figures.append(("Training loss of both models" + ("" if seeds == 1 else f", seed {seed_list[0]}"), "training_curves.png"))
+    figures += [("Attention U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}attention/prediction.png"),
+                ("U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}unet/prediction.png"),
+                ("Attention coefficients of every gate head of the Attention U-Net", f"{prefix}attention/attention.png")]  # fmt: skip
+    if finetune is not None:
+        figures += [(f"{NAMES['finetuned']} ({finetune}) on held-out cases", f"{prefix}finetuned/prediction.png"),
+                    (f"Attention coefficients of the {NAMES['finetuned']}", f"{prefix}finetuned/attention.png")]  # fmt: skip
     seconds = time.perf_counter() - start
     load1 = os.getloadavg()
-    named = {NAMES[m]: r for m, r in results.items()}
     notes = [
         f"total time {seconds:.0f} s on {_device(device)}, {cfg.threads or torch.get_num_threads()} threads per training process; "
         f"load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end ({os.cpu_count()} CPUs)",
-        *(f"{NAMES[m]}: training {r['train_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s" for m, r in results.items()),
-    ]
-    if test_finetuned is not None:
-        notes.append(
-            f"{NAMES['finetuned']} (trained: {finetune}, {cfg.steps} steps from the U-Net's weights) vs the U-Net, "
-            f"paired on Dice ({test_finetuned['test']}, n = {test_finetuned['n']}): mean difference "
-            f"{test_finetuned['mean_difference']:+.3f}, p = {test_finetuned['p_value']:.3g}. {test_finetuned['note']}"
-        )
-    write_report(out / "report.md", title or f"Attention U-Net vs U-Net on the pancreas ({cfg.preset} preset)", cfg.to_dict(), named,
-                 baseline=baseline, test=test, figures=figures, notes=notes)  # fmt: skip
-    doc = {"results": results, "paired_test": test, "threshold_baseline": baseline, "seconds": seconds, "config": cfg.to_dict()}
-    if test_finetuned is not None:
-        doc["paired_test_finetuned_vs_unet"] = test_finetuned
-    (out / "comparison.json").write_text(json.dumps(_jsonable(doc), indent=2))
-    print(plain_table(results_table(named)))
-    print(f"paired test on Dice ({test['test']}): p = {test['p_value']:.3g}. {test['note']}")
+        f"{len(cases)} cases {'generated' if cfg.data is None else 'listed'} in {load_seconds:.1f} s",
+        *(f"{'' if seeds == 1 else f'seed {s}: '}{NAMES[m]}: training {r['train_seconds']:.0f} s, evaluation {r['eval_seconds']:.0f} s"
+          for s, by_model in results.items() for m, r in by_model.items()),
+    ]  # fmt: skip
+    if finetune is not None:
+        notes.append(f"{NAMES['finetuned']}: trained {finetune}, {cfg.steps} steps from the U-Net's weights")
+    named = [{**comp, "a": NAMES[comp["a"]], "b": NAMES[comp["b"]]} for comp in comparisons]
+    write_report(out / "report.md", title or f"Attention U-Net vs U-Net on the pancreas ({cfg.preset} preset)", cfg.to_dict(),
+                 {NAMES[m]: r for m, r in first.items()}, baseline=baseline, comparisons=named, seeds=seed_list, figures=figures,
+                 notes=notes)  # fmt: skip
+    doc = {"results": first, "comparisons": comparisons, "seeds": seed_list, "threshold_baseline": baseline, "seconds": seconds,
+           "config": cfg.to_dict()}  # fmt: skip
+    if seeds > 1:
+        doc["results_by_seed"] = {str(s): r for s, r in results.items()}
+    _write_atomic(out / "comparison.json", json.dumps(_jsonable(doc), indent=2))
+    print(plain_table(results_table({NAMES[m]: r for m, r in first.items()})))
+    for comp in named:
+        print(f"\nA = {comp['a']}, B = {comp['b']}, paired on the test cases:")
+        print(plain_table(comparison_table(comp["metrics"], comp["a"], comp["b"], comp["spread"])))
+        print(comparison_sentence(comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
+        if comp["spread"] is not None:
+            print(spread_sentence(comp["spread"]["dice"], comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
     if baseline is not None:
         print(f"threshold baseline Dice {baseline['dice']:.3f}")
     print(f"report: {out / 'report.md'} ({seconds:.0f} s in all)")

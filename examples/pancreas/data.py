@@ -54,6 +54,8 @@ from .phantom import generate_phantom
 __all__ = [
     "find_cases",
     "phantom_cases",
+    "held_out_phantom_seeds",
+    "PHANTOM_TEST_SEED",
     "make_splits",
     "save_splits",
     "load_splits",
@@ -66,6 +68,9 @@ __all__ = [
     "CheckPatchd",
     "AFFINE_TOL",
 ]
+
+#: Seed of the first held-out phantom test case, plus ``data_seed`` (:func:`held_out_phantom_seeds`).
+PHANTOM_TEST_SEED = 100_000
 
 #: Largest distance (mm) allowed between where the image and the label put the same voxel.
 AFFINE_TOL = 0.1
@@ -258,6 +263,23 @@ def phantom_cases(
             entry[key] = MetaTensor(torch.from_numpy(array), affine=affine.clone(), meta=meta)
         cases.append(entry)
     return cases
+
+
+def held_out_phantom_seeds(n: int, data_seed: int) -> range:
+    """Seeds of the ``n`` held-out phantom test cases of ``data_seed``.
+
+    They run from ``PHANTOM_TEST_SEED + data_seed`` up, apart from the seeds ``data_seed,
+    data_seed + 1, ...`` of the phantoms trained and validated on (:func:`phantom_cases` of
+    ``data_seed``): the two sets share no case while there are fewer than ``PHANTOM_TEST_SEED``
+    of the latter. The same ``n`` and ``data_seed`` always give the same test cases.
+
+    Raises:
+        ValueError: ``n`` is negative.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    start = PHANTOM_TEST_SEED + int(data_seed)
+    return range(start, start + int(n))
 
 
 # ----------------------------------------------------------------------------- splits

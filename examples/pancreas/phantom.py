@@ -37,7 +37,7 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 from scipy.spatial import cKDTree
 
-__all__ = ["generate_phantom", "threshold_baseline", "HU"]
+__all__ = ["generate_phantom", "phantom_id", "threshold_baseline", "HU"]
 
 #: Hounsfield values of the phantom's tissues (portal venous phase), before blur and noise.
 HU: dict[str, float] = {
@@ -341,8 +341,13 @@ def generate_phantom(
         "image": np.clip(vol, -1024.0, 3071.0).astype(np.float32),
         "label": label,
         "affine": affine,
-        "case_id": f"phantom_{int(seed)}",
+        "case_id": phantom_id(seed),
     }
+
+
+def phantom_id(seed: int) -> str:
+    """The case id of the phantom of ``seed``: ``"phantom_<seed>"``."""
+    return f"phantom_{int(seed)}"
 
 
 def threshold_baseline(cases: Iterable[Mapping], low: float = -200.0, high: float = 400.0, step: float = 5.0) -> dict:

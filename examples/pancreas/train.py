@@ -169,22 +169,39 @@ def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
 
 
 def load_cases(cfg: Config) -> list[dict[str, Any]]:
-    """The cases of ``cfg.data`` (``None``: ``cfg.phantom_cases`` phantoms seeded by ``cfg.data_seed``)."""
+    """The cases of ``cfg.data`` (``None``: ``cfg.phantom_cases`` phantoms seeded by ``cfg.data_seed``,
+    then the ``cfg.phantom_test_cases`` held-out ones, :func:`~examples.pancreas.data.held_out_phantom_seeds`)."""
     from . import data
 
     if cfg.data is None:
-        return data.phantom_cases(cfg.phantom_cases, cfg.data_seed, shape=cfg.phantom_shape, spacing=cfg.phantom_spacing)
+        geometry = dict(shape=cfg.phantom_shape, spacing=cfg.phantom_spacing)
+        held_out = data.held_out_phantom_seeds(cfg.phantom_test_cases, cfg.data_seed)
+        cases = data.phantom_cases(cfg.phantom_cases, cfg.data_seed, **geometry)
+        return cases + (data.phantom_cases(len(held_out), held_out.start, **geometry) if held_out else [])
     return data.find_cases(cfg.data, layout=cfg.layout)
 
 
 def split_cases(cfg: Config, cases: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """``{"train", "val", "test"}`` lists of cases, split by case id with ``cfg``'s split settings."""
-    from . import data
+    """``{"train", "val", "test"}`` lists of cases, split by case id with ``cfg``'s split settings.
 
+    On the phantom with ``cfg.phantom_test_cases``, the held-out phantoms are the test set and
+    the others are split into training and validation; ``ValueError`` if ``cases`` lacks them."""
+    from . import data
+    from .phantom import phantom_id
+
+    held_out = set()
+    if cfg.data is None:
+        held_out = {phantom_id(s) for s in data.held_out_phantom_seeds(cfg.phantom_test_cases, cfg.data_seed)}
     ids = [c["case_id"] for c in cases]
+    rest = [i for i in ids if i not in held_out]
+    if len(ids) - len(rest) != len(held_out):
+        raise ValueError(f"expected each of the {len(held_out)} held-out phantom test cases once among the cases "
+                         f"(load_cases makes them), found {len(ids) - len(rest)}")  # fmt: skip
     splits = data.make_splits(
-        ids, seed=cfg.data_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, folds=cfg.folds, fold=cfg.fold
-    )
+        rest, seed=cfg.data_seed, val_fraction=cfg.val_fraction,
+        test_fraction=0.0 if held_out else cfg.test_fraction, folds=cfg.folds, fold=cfg.fold,
+    )  # fmt: skip
+    splits["test"] = sorted(held_out) if held_out else splits["test"]
     by_id = {c["case_id"]: c for c in cases}
     return {name: [by_id[i] for i in splits[name]] for name in ("train", "val", "test")}
 
