@@ -2,7 +2,7 @@
 
 The math (Oktay et al., 2018, eqs. 1-2) is :func:`grid_attention_reference`, in
 :mod:`attention_gates.ops.reference` with the gate's argument types :class:`GateWeights` and
-:class:`GateOptions`; :func:`grid_attention` checks its inputs and runs the implementation
+:class:`GateOptions`; :func:`~attention_gates.functional.grid_attention` checks its inputs and runs the implementation
 that :mod:`attention_gates.ops.dispatch` chooses (the reference or a fused one tested against it).
 """
 

@@ -1,4 +1,4 @@
-"""Grid attention gates: the modules that hold the parameters of :func:`~attention_gates.functional.grid_attention`."""
+"""Grid attention gates: the modules that hold the gate's parameters and call :func:`attention_gates.functional.grid_attention`."""
 
 from __future__ import annotations
 

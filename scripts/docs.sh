@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-# autosummary pages are regenerated from the code each time: drop pages of removed names
+# autosummary pages are regenerated from the code each time: drop pages of removed names (and -E:
+# a fresh environment, so that no page read before a change of the code keeps its old references)
 rm -rf docs/source/_autosummary docs/source/_generated
-"$PY" -m sphinx -W --keep-going -q -b html docs/source docs/_build/html
-"$PY" -m sphinx -W --keep-going -q -b doctest docs/source docs/_build/doctest
+"$PY" -m sphinx -E -W --keep-going -q -b html docs/source docs/_build/html
+"$PY" -m sphinx -E -W --keep-going -q -b doctest docs/source docs/_build/doctest
 tail -n 6 docs/_build/doctest/output.txt

@@ -11,7 +11,9 @@
   ``benchmarks/results/**/*.json`` and the plots in ``_static/benchmarks/``) and
   ``_generated/guides_toc.rst`` (the toctree of the optional guide pages present) and
   ``_generated/pancreas_help.rst`` (the pancreas example's ``--help``) and
-  ``_generated/measured.rst`` (the table ``"auto"`` follows, with the choice in every row).
+  ``_generated/measured.rst`` (the table ``"auto"`` follows, with the choice in every row) and
+  ``_generated/cpu_transform.rst`` (what the CPU transform's steps gained, from the stored
+  ``cpu_backends.json`` results).
 """
 
 from __future__ import annotations
@@ -229,7 +231,35 @@ def generate(app) -> None:
             toc += [f".. note:: The page ``{g}.rst`` is not in this build (it does not exist yet).", ""]
     write_if_changed(GENERATED / "guides_toc.rst", "\n".join(toc) + "\n")
     write_if_changed(GENERATED / "measured.rst", "\n".join(render_measured()) + "\n")
+    write_if_changed(GENERATED / "cpu_transform.rst", "\n".join(render_cpu_transform()) + "\n")
     generate_cli_help()
+
+
+def render_cpu_transform() -> list[str]:
+    """One table per stored ``cpu_backends.json``: inference time per model and transform step,
+    its speed-up over the model as built, and the allocator setting's effect."""
+    files = sorted(RESULTS.glob("*/cpu_backends.json")) if RESULTS.is_dir() else []
+    if not files:
+        return [".. note:: No ``cpu_backends.json`` in ``benchmarks/results``: run ``python -m benchmarks.cpu_backends``.", ""]
+    lines: list[str] = []
+    for f in files:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        m = data["machine"]
+        body = []
+        for r in data["transform"]:
+            for key, ms in r["ms"].items():
+                arch, step = key.split("|")
+                built = r["ms"][f"{arch}|as built"]
+                body.append({"input": f"1x1x{r['size']}^3", "model": arch, "step": step.strip(), "ms": ms, "speed-up": built / ms})
+        for r in data.get("allocator", []):
+            default = r["ms"]["default"]
+            for name, ms in r["ms"].items():
+                body.append({"input": f"1x1x{r['size']}^3", "model": "AttentionUNet3D", "step": f"optimize_for_inference, allocator {name}",
+                             "ms": ms, "speed-up": default / ms})  # fmt: skip
+        caption = (f"inference (median ms) on {_fmt(m['cpu_model'])}, {m['torch_threads']} threads, torch {m['torch']}, "
+                   f"commit {m['commit'][:10]}; speed-up over the model as built (allocator rows: over the default allocator)")  # fmt: skip
+        lines += _table(body, caption)
+    return lines
 
 
 def render_measured() -> list[str]:
