@@ -19,9 +19,6 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
 from monai.transforms import Invertd  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
-
 from examples.pancreas.data import (  # noqa: E402
     eval_transforms,
     find_cases,
@@ -32,6 +29,7 @@ from examples.pancreas.data import (  # noqa: E402
     train_transforms,
 )
 from examples.pancreas.phantom import generate_phantom, threshold_baseline  # noqa: E402
+from pancreas_folders import SHAPE, cube_label, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 
 SMALL = (48, 48, 32)  # phantom size for the transform tests (the anatomy scales with it)
 
@@ -134,87 +132,6 @@ def test_phantom_and_baseline_errors():
 
 # ----------------------------------------------------------------------------- folders
 
-SHAPE = (12, 10, 8)  # (x, y, z) of the small test volumes
-CUBE = (slice(3, 7), slice(2, 6), slice(2, 5))
-
-
-def _nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), str(path))
-
-
-def _volume(value_in_cube: float = 300.0) -> np.ndarray:
-    vol = np.full(SHAPE, -1000.0, dtype=np.float32)
-    vol[1:-1, 1:-1, :] = 40.0  # soft tissue around the cube: background patches come from here
-    vol[CUBE] = value_in_cube
-    return vol
-
-
-def _label(tumour: bool = False) -> np.ndarray:
-    lab = np.zeros(SHAPE, dtype=np.uint8)
-    lab[CUBE] = 1
-    if tumour:
-        lab[4:6, 3:5, 3] = 2
-    return lab
-
-
-def _msd(root: Path, n: int = 3, dataset_json: bool = True) -> Path:
-    affine = np.diag([1.5, 1.5, 2.0, 1.0])
-    affine[:3, 3] = [-10.0, 5.0, 20.0]
-    entries = []
-    for i in range(1, n + 1):
-        name = f"pancreas_{i:03d}.nii.gz"
-        _nifti(root / "imagesTr" / name, _volume(), affine)
-        _nifti(root / "labelsTr" / name, _label(tumour=True), affine)
-        entries.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    if dataset_json:
-        (root / "dataset.json").write_text(json.dumps({"name": "Pancreas", "training": entries}))
-    return root
-
-
-def _dicom_series(folder: Path, vol: np.ndarray, spacing=(1.5, 1.25, 2.0), origin=(10.0, 20.0, 30.0)) -> np.ndarray:
-    """Write ``vol`` (HU, [columns x, rows y, slices z] in LPS directions) as a CT series;
-    return the RAS affine MONAI's PydicomReader gives it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    nx, ny, nz = vol.shape
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    for k in range(nz):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.InstanceNumber = "CT", "anon", k + 1
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [spacing[1], spacing[0]]  # between rows (y), between columns (x)
-        ds.SliceThickness = spacing[2]
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = np.ascontiguousarray((vol[:, :, k].T + 1024).astype(np.int16)).tobytes()
-        ds.save_as(folder / f"1-{k + 1:03d}.dcm", enforce_file_format=True)
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [-origin[0], -origin[1], origin[2]]
-    return affine
-
-
-def _nih(root: Path, numbers=(1, 2), flip_label: bool = True) -> Path:
-    for n in numbers:
-        affine = _dicom_series(root / "Pancreas-CT" / f"PANCREAS_{n:04d}" / "11-24-2015-PANCREAS0001" / "Pancreas-99667", _volume())
-        label = _label()
-        if flip_label:  # the same world geometry stored with x and y reversed
-            label = label[::-1, ::-1, :].copy()
-            flip = np.array([[-1, 0, 0, SHAPE[0] - 1], [0, -1, 0, SHAPE[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
-            affine = affine @ flip
-        _nifti(root / "TCIA_pancreas_labels" / f"label{n:04d}.nii.gz", label, affine)
-    return root
-
-
 def _aligned(out: dict) -> None:
     image, label = out["image"][0].numpy(), out["label"][0].numpy()
     assert image.shape == label.shape
@@ -223,7 +140,7 @@ def _aligned(out: dict) -> None:
 
 
 def test_msd_cases_load_aligned_with_tumour_merged_or_kept(tmp_path):
-    root = _msd(tmp_path / "Task07_Pancreas")
+    root = write_msd(tmp_path / "Task07_Pancreas")
     cases = find_cases(root)
     assert [c["case_id"] for c in cases] == ["pancreas_001", "pancreas_002", "pancreas_003"]
     assert all(Path(c["image"]).is_file() and Path(c["label"]).is_file() for c in cases)
@@ -236,8 +153,8 @@ def test_msd_cases_load_aligned_with_tumour_merged_or_kept(tmp_path):
 
 
 def test_msd_without_dataset_json_warns_about_unpaired_files(tmp_path):
-    root = _msd(tmp_path, n=2, dataset_json=False)
-    _nifti(root / "imagesTr" / "pancreas_009.nii.gz", _volume(), np.eye(4))
+    root = write_msd(tmp_path, n=2, dataset_json=False)
+    write_nifti(root / "imagesTr" / "pancreas_009.nii.gz", ct_volume(), np.eye(4))
     (root / "imagesTr" / "._pancreas_001.nii.gz").write_bytes(b"macOS resource fork")
     with pytest.warns(UserWarning, match="pancreas_009"):
         cases = find_cases(root, layout="msd")
@@ -245,7 +162,7 @@ def test_msd_without_dataset_json_warns_about_unpaired_files(tmp_path):
 
 
 def test_nih_dicom_and_label_pair_and_align_through_affines(tmp_path):
-    root = _nih(tmp_path)
+    root = write_nih(tmp_path)
     cases = find_cases(root)
     assert [c["case_id"] for c in cases] == ["PANCREAS_0001", "PANCREAS_0002"]
     assert Path(cases[0]["image"]).is_dir() and cases[0]["image"].endswith("Pancreas-99667")
@@ -260,7 +177,7 @@ def test_nih_dicom_and_label_pair_and_align_through_affines(tmp_path):
 
 
 def test_nih_reports_unpaired_cases(tmp_path):
-    root = _nih(tmp_path, numbers=(1, 2, 3))
+    root = write_nih(tmp_path, numbers=(1, 2, 3))
     (root / "TCIA_pancreas_labels" / "label0002.nii.gz").rename(root / "TCIA_pancreas_labels" / "label0007.nii.gz")
     with pytest.warns(UserWarning, match=r"no label for PANCREAS_0002.*no image for label0007"):
         cases = find_cases(root, layout="nih")
@@ -268,16 +185,69 @@ def test_nih_reports_unpaired_cases(tmp_path):
 
 
 def test_nih_label_beside_the_dicom_folder(tmp_path):
-    affine = _dicom_series(tmp_path / "PANCREAS_0004" / "a" / "b", _volume())
-    _nifti(tmp_path / "PANCREAS_0004" / "label0004.nii.gz", _label(), affine)
+    affine = write_dicom_series(tmp_path / "PANCREAS_0004" / "a" / "b", ct_volume())
+    write_nifti(tmp_path / "PANCREAS_0004" / "label0004.nii.gz", cube_label(), affine)
     (case,) = find_cases(tmp_path)
     assert case["case_id"] == "PANCREAS_0004"
     _aligned(eval_transforms(cfg(spacing=(1.5, 1.25, 2.0)))(case))
 
 
+def test_nih_series_numbered_top_down_with_a_hidden_file_loads_aligned_and_quietly(tmp_path, capfd):
+    """The NIH series number their slices from the top; a macOS ``._`` file sits among them."""
+    root = write_nih(tmp_path, numbers=(3,), reverse=True)
+    (series_folder(root, 3) / "._1-001.dcm").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (case,) = find_cases(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _aligned(eval_transforms(cfg(spacing=(1.5, 1.25, 2.0)))(case))
+    assert capfd.readouterr().err == ""  # no "nvImageCodec is not available" from MONAI's DICOM readers
+
+
+def _second_series(folder):
+    other = write_dicom_series(folder.parent / "other", ct_volume())
+    for f in sorted((folder.parent / "other").iterdir()):
+        f.rename(folder / f"2{f.name[1:]}")
+    return other
+
+
+def _swap_instance_numbers(folder):
+    a, b = pydicom.dcmread(folder / "1-002.dcm"), pydicom.dcmread(folder / "1-005.dcm")
+    a.InstanceNumber, b.InstanceNumber = 5, 2
+    a.save_as(folder / "1-002.dcm"), b.save_as(folder / "1-005.dcm")
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("missing", r"slices 1-005\.dcm and 1-007\.dcm are 4 mm apart, the other slices 2 mm: a slice is missing"),
+        ("mixed", r"the folder holds 2 series"),
+        ("not dicom", r"1-009\.dcm is not a DICOM file"),
+        ("order", r"slices 1-005\.dcm and 1-003\.dcm lie at 38\.00 and 34\.00 mm along the slice normal: the positions repeat or do not"),
+        ("one slice", r"expected a series folder of at least 2 slices, found 1 DICOM file"),
+        ("no position", r"slice 1-003\.dcm has no ImagePositionPatient"),
+    ],
+)
+def test_broken_dicom_series_are_refused_naming_the_slices(tmp_path, fault, message):
+    folder = tmp_path / "PANCREAS_0009" / "series"
+    write_dicom_series(folder, ct_volume(), skip=(5,) if fault == "missing" else tuple(range(1, 8)) if fault == "one slice" else ())
+    if fault == "mixed":
+        _second_series(folder)
+    elif fault == "not dicom":
+        (folder / "1-009.dcm").write_text("not DICOM")
+    elif fault == "order":
+        _swap_instance_numbers(folder)
+    elif fault == "no position":
+        ds = pydicom.dcmread(folder / "1-003.dcm")
+        del ds.ImagePositionPatient
+        ds.save_as(folder / "1-003.dcm")
+    case = {"image": str(folder), "label": str(folder), "case_id": "PANCREAS_0009"}
+    with pytest.raises(ValueError, match=rf"PANCREAS_0009: could not read image .*series as DICOM: ValueError: {message}"):
+        eval_transforms(cfg())(case)
+
+
 @pytest.mark.parametrize("change", ["shift", "shape"])
 def test_geometry_mismatch_is_refused_naming_the_case(tmp_path, change):
-    root = _nih(tmp_path, numbers=(5,), flip_label=False)
+    root = write_nih(tmp_path, numbers=(5,), flip_label=False)
     label_path = root / "TCIA_pancreas_labels" / "label0005.nii.gz"
     img = nib.load(str(label_path))
     affine, data = img.affine.copy(), np.asarray(img.dataobj)
@@ -285,7 +255,7 @@ def test_geometry_mismatch_is_refused_naming_the_case(tmp_path, change):
         affine[0, 3] += 5.0
     else:
         data = data[:, :, :-1]
-    _nifti(label_path, data, affine)
+    write_nifti(label_path, data, affine)
     (case,) = find_cases(root)
     why = "5 mm apart" if change == "shift" else "different shapes"
     with pytest.raises(ValueError, match=rf"(?s)PANCREAS_0005.*geometries disagree.*{why}.*shape \(12, 10, 8\).*shape"):
@@ -293,28 +263,28 @@ def test_geometry_mismatch_is_refused_naming_the_case(tmp_path, change):
 
 
 def test_geometry_within_tolerance_is_accepted(tmp_path):
-    root = _nih(tmp_path, numbers=(6,), flip_label=False)
+    root = write_nih(tmp_path, numbers=(6,), flip_label=False)
     label_path = root / "TCIA_pancreas_labels" / "label0006.nii.gz"
     img = nib.load(str(label_path))
     affine = img.affine.copy()
     affine[:3, 3] += 0.01  # rounding-level differences between a DICOM header and a NIfTI
-    _nifti(label_path, np.asarray(img.dataobj), affine)
+    write_nifti(label_path, np.asarray(img.dataobj), affine)
     (case,) = find_cases(root)
     _aligned(eval_transforms(cfg(spacing=(1.5, 1.25, 2.0)))(case))
 
 
 def test_label_with_unexpected_values_is_refused(tmp_path):
-    root = _msd(tmp_path, n=1)
-    bad = _label()
+    root = write_msd(tmp_path, n=1)
+    bad = cube_label()
     bad[0, 0, 0] = 3
-    _nifti(root / "labelsTr" / "pancreas_001.nii.gz", bad, np.diag([1.5, 1.5, 2.0, 1.0]))
+    write_nifti(root / "labelsTr" / "pancreas_001.nii.gz", bad, np.diag([1.5, 1.5, 2.0, 1.0]))
     (case,) = find_cases(root)
     with pytest.raises(ValueError, match=r"pancreas_001.*labelsTr.*values 3.*expected only \[0, 1, 2\]"):
         eval_transforms(cfg())(case)
 
 
 def test_files_that_are_not_nifti_or_dicom(tmp_path):
-    root = _msd(tmp_path / "msd", n=1)
+    root = write_msd(tmp_path / "msd", n=1)
     (root / "imagesTr" / "pancreas_001.nii.gz").write_text("not an image")
     (case,) = find_cases(root)
     with pytest.raises(ValueError, match=r"pancreas_001.*could not read image .*imagesTr.*as NIfTI"):
@@ -327,7 +297,7 @@ def test_files_that_are_not_nifti_or_dicom(tmp_path):
     (root / "dataset.json").write_text(json.dumps(listed))
     with pytest.raises(ValueError, match=r"pancreas_001\.mha is not NIfTI"):
         find_cases(root)
-    nih = _nih(tmp_path / "nih", numbers=(1,))
+    nih = write_nih(tmp_path / "nih", numbers=(1,))
     dcm = next((nih / "Pancreas-CT" / "PANCREAS_0001").rglob("*.dcm"))
     dcm.write_bytes(b"garbage")
     (case,) = find_cases(nih)
@@ -351,7 +321,7 @@ def test_missing_empty_and_unrecognised_folders(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
     with pytest.raises(FileNotFoundError, match=r"imagesTr.a\.nii\.gz does not exist"):
         find_cases(tmp_path)
-    _nifti(tmp_path / "PANCREAS_0001" / "label0001.nii.gz", _label(), np.eye(4))
+    write_nifti(tmp_path / "PANCREAS_0001" / "label0001.nii.gz", cube_label(), np.eye(4))
     with pytest.raises(ValueError, match=r"PANCREAS_0001.*no DICOM"):
         find_cases(tmp_path, layout="nih")
 
@@ -360,7 +330,7 @@ def test_missing_empty_and_unrecognised_folders(tmp_path):
 
 
 def test_patch_larger_than_volume_pads_or_is_refused(tmp_path):
-    (case,) = find_cases(_msd(tmp_path, n=1))
+    (case,) = find_cases(write_msd(tmp_path, n=1))
     big = (16, 12, 12)  # the volume is (12, 10, 8) at its own spacing
     patches = train_transforms(cfg(spacing=(1.5, 1.5, 2.0), patch_size=big, num_samples=3))(case)
     assert len(patches) == 3 and all(p["image"].shape[1:] == big and p["label"].shape[1:] == big for p in patches)
@@ -484,7 +454,7 @@ def test_save_and_load_splits(tmp_path):
 
 
 def test_no_warnings_from_a_clean_msd_folder(tmp_path):
-    (case, *_) = find_cases(_msd(tmp_path, n=2))
+    (case, *_) = find_cases(write_msd(tmp_path, n=2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eval_transforms(cfg(spacing=(1.5, 1.5, 2.0)))(case)

@@ -27,8 +27,12 @@ from examples.pancreas.evaluate import summarize  # noqa: E402
 from examples.pancreas.metrics import case_metrics, slicewise_surface_distance, surface_metrics  # noqa: E402
 from examples.pancreas.train import (  # noqa: E402
     CheckpointError,
-    PatchStream,
+    _read_log,
+    PatchDraws,
+    StepSampler,
+    _collate,
     _loss_fn,
+    _split_transforms,
     load_cases,
     load_checkpoint,
     model_from_checkpoint,
@@ -141,6 +145,12 @@ def test_config_checks_and_round_trip():
         Config.from_dict({**cfg.to_dict(), "learning_rate": 1.0})
     with pytest.raises(ValueError, match="preset must be one of"):
         preset("huge")
+    with pytest.raises(ValueError, match="patience=3 .* needs validation"):
+        preset("tiny", val_every=0, patience=3)
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        preset("tiny", workers=-1)
+    with pytest.raises(ValueError, match="cache_rate must be in"):
+        preset("tiny", cache_rate=1.5)
     paper = preset("paper")
     assert paper.filters == (16, 32, 64, 128, 256) and paper.spacing == (2.0, 2.0, 2.0) and paper.batch_size == 2
 
@@ -226,44 +236,199 @@ def test_per_scale_loss_weights_downsampled_labels():
     label = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
     outs = [torch.randn(2, 2, 8, 8, 8), torch.randn(2, 2, 4, 4, 4)]
     w = deep_supervision_weights(2)
-    expected = w[0] * base(outs[0], label) + w[1] * base(outs[1], label[:, :, ::2, ::2, ::2])
+    # MONAI's DeepSupervisionLoss resamples the label "nearest-exact": voxel 2i + 1 of every pair
+    expected = w[0] * base(outs[0], label) + w[1] * base(outs[1], label[:, :, 1::2, 1::2, 1::2])
     assert loss(outs, label).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_patch_stream_depends_only_on_seed_step_rank(tiny_cases):
+def test_patch_draws_depend_only_on_seed_step_rank(tiny_cases):
+    from functools import partial
+
+    from monai.data import CacheDataset
+    from torch.utils.data import DataLoader
+
     from examples.pancreas import data
 
     cfg = preset("tiny")
     train_cases = split_cases(cfg, tiny_cases)["train"]
-    s = PatchStream(train_cases, data.train_transforms(cfg), seed=3, batch_size=2)
-    x5, y5 = s.batch(5)
-    s.batch(1)
-    x5b, y5b = s.batch(5)
-    assert x5.shape == (2, 1, 16, 16, 16) and torch.equal(x5, x5b) and torch.equal(y5, y5b)
-    assert not torch.equal(s.batch(6)[0], x5)
-    other_rank = PatchStream(train_cases, data.train_transforms(cfg), seed=3, batch_size=2, rank=1, world=2)
-    assert not torch.equal(other_rank.batch(5)[0], x5)
+    head, tail = _split_transforms(data.train_transforms(cfg))
+    cache = CacheDataset(train_cases, head, progress=False)
+    before = cache[0]["image"].clone()
+    draws = PatchDraws(cache, tail)
+    n = len(train_cases)
+
+    def batch(step, rank=0, world=1):
+        (keys,) = StepSampler(list(range(n)), step, step + 1, draws=2, seed=3, rank=rank, world=world)
+        return _collate([draws[k] for k in keys], batch_size=2)
+
+    x5, y5 = batch(5)
+    batch(1)
+    x5b, y5b = batch(5)
+    assert x5.shape == y5.shape == (2, 1, 16, 16, 16) and torch.equal(x5, x5b) and torch.equal(y5, y5b)
+    assert not torch.equal(batch(6)[0], x5)
+    assert not torch.equal(batch(5, rank=1, world=2)[0], x5)
+    torch.testing.assert_close(cache[0]["image"], before, rtol=0, atol=0)  # drawing left the cache as it was
+    # worker processes draw the same batches as the training process, in order, from any start step
+    loader = DataLoader(draws, batch_sampler=StepSampler(list(range(n)), 3, 7, 2, seed=3), num_workers=2,
+                        collate_fn=partial(_collate, batch_size=2))  # fmt: skip
+    for step, (x, y) in enumerate(loader, start=3):
+        assert torch.equal(x, batch(step)[0]) and torch.equal(y, batch(step)[1]), step
+    # a pass over the cases visits each once; the ranks of a pass share them (MONAI's DistributedSampler)
+    one_pass = [c for keys in StepSampler(list(range(n)), 0, n, 1, seed=3) for c, _ in keys]
+    assert sorted(one_pass) == list(range(n))
+    ranks = [[c for keys in StepSampler(list(range(n)), 0, 2, 1, seed=3, rank=r, world=2) for c, _ in keys] for r in (0, 1)]
+    assert set(ranks[0]) | set(ranks[1]) == set(range(n))
+    with pytest.raises(ValueError, match="at least one training case"):
+        StepSampler([], 0, 1, 1, seed=0)
 
 
 class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_repeats_the_losses(tmp_path, tiny_cases):
-    cfg = preset("tiny", steps=6, checkpoint_every=2, deterministic=True, lr=3e-3, schedule="poly", warmup_steps=2)
-    full = train(cfg, tmp_path / "full", progress=False, cases=tiny_cases)["losses"]
+def test_resume_with_validation_repeats_the_uninterrupted_run(tmp_path, tiny_cases):
+    """Bitwise equal losses, validation Dice, best step and weights of both checkpoints: in
+    deterministic mode on the CPU the resumed run does the same float operations in the same
+    order, since every patch is drawn from its own step's seed, whichever process draws it (the
+    resumed run loads with 2 worker processes, the first in the training process)."""
+    cfg = preset("tiny", steps=6, checkpoint_every=4, val_every=2, deterministic=True, lr=3e-3, schedule="poly", warmup_steps=2)
+    full = train(cfg, tmp_path / "full", progress=False, cases=tiny_cases)
 
     def crash(step, loss):
-        if step == 5:  # after the checkpoint of step 4: step 5 is lost
+        if step == 5:  # after the checkpoint of step 4 (a validation step): step 5 is lost
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
         train(cfg, tmp_path / "cut", progress=False, cases=tiny_cases, on_step=crash)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
-    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, cases=tiny_cases)["losses"]
-    assert len(resumed) == 6
-    np.testing.assert_allclose(resumed, full, rtol=0, atol=1e-6)
+    resumed = train(cfg.replace(workers=2), tmp_path / "cut", resume=True, progress=False, cases=tiny_cases)
+    assert resumed["losses"] == full["losses"] and len(full["losses"]) == 6
+    assert resumed["val_dice"] == full["val_dice"] and [s for s, _ in full["val_dice"]] == [2, 4, 6]
+    assert resumed["best"] == full["best"] and resumed["checkpoint"].endswith("best.pt")
+    for name in ("checkpoint.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "full" / name), load_checkpoint(tmp_path / "cut" / name)
+        assert a["step"] == b["step"] and a.get("validation") == b.get("validation"), name
+        for k, v in a["model"].items():
+            assert torch.equal(v, b["model"][k]), (name, k)
+    logs = [_read_log(tmp_path / run / "log.csv", 6) for run in ("full", "cut")]
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rows] for rows in logs]
+    assert str(strip[0]) == str(strip[1])  # str: NaN == NaN
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+def _scripted_validation(monkeypatch, scores, seen=None):
+    """Replace the validation Dice by ``scores``, in order; ``seen`` collects the validated weights."""
+    from examples.pancreas import train as train_module
+
+    scores = iter(scores)
+
+    def validation_dice(model, cases, cfg, device, rank=0, world=1):
+        assert cases and all(c["image"].shape[0] == 1 for c in cases)
+        if seen is not None:
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(train_module, "validation_dice", validation_dice)
+    return scores
+
+
+def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, tiny_cases, monkeypatch):
+    from examples.pancreas.plots import plot_training_curves
+
+    seen = []
+    scores = _scripted_validation(monkeypatch, [0.2, 0.5, 0.3, 0.4, 0.9], seen)
+    cfg = preset("tiny", steps=10, val_every=2, patience=2, checkpoint_every=100)
+    result = train(cfg, tmp_path, progress=False, cases=tiny_cases)
+    assert result["val_dice"] == [(2, 0.2), (4, 0.5), (6, 0.3), (8, 0.4)]  # two validations without a better Dice: stop
+    assert result["stopped_early"] and result["steps"] == 8 and len(result["losses"]) == 8
+    assert result["best"] == {"step": 4, "val_dice": 0.5} and result["checkpoint"] == str(tmp_path / "best.pt")
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 4 and best["val_dice"] == 0.5 and Config.from_dict(best["args"]) == cfg
+    for k, v in seen[1].items():  # the weights validated at step 4
+        assert torch.equal(best["model"][k], v), k
+    assert isinstance(model_from_checkpoint(tmp_path / "best.pt"), AttentionUNet)
+    last = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert last["step"] == 8 and last["validation"] == {"best": {"step": 4, "val_dice": 0.5}, "since_best": 2, "stopped": True}
+    rows = _read_log(tmp_path / "log.csv", 100)
+    assert [r["val_dice"] for r in rows if not math.isnan(r["val_dice"])] == [0.2, 0.5, 0.3, 0.4]
+    assert [r["step"] for r in rows if math.isnan(r["val_dice"])] == [1, 3, 5, 7]
+    again = train(cfg, tmp_path, resume=True, progress=False, cases=tiny_cases)  # a stopped run stays stopped
+    assert again["steps"] == 8 and again["losses"] == result["losses"] and again["best"] == result["best"]
+    assert next(scores) == 0.9  # nothing was validated again
+    plot_training_curves({"tiny": rows, "no validation": [{**r, "val_dice": math.nan} for r in rows]}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_resume_rebuilds_a_best_checkpoint_lost_between_the_two_writes(tmp_path, tiny_cases, monkeypatch):
+    _scripted_validation(monkeypatch, [0.1, 0.2, 0.05])  # steps 2 and 4 improve, step 6 does not
+    cfg = preset("tiny", steps=6, val_every=2, checkpoint_every=100)
+    earlier = {}
+
+    def crash(step, loss):
+        if step == 2:
+            earlier["best"] = (tmp_path / "best.pt").read_bytes()
+        if step == 4:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, tmp_path, progress=False, cases=tiny_cases, on_step=crash)
+    at_4 = load_checkpoint(tmp_path / "checkpoint.pt")
+    (tmp_path / "best.pt").write_bytes(earlier["best"])  # as if stopped after checkpoint.pt, before best.pt
+    result = train(cfg, tmp_path, resume=True, progress=False, cases=tiny_cases)
+    assert result["best"] == {"step": 4, "val_dice": 0.2}
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 4 and best["val_dice"] == 0.2
+    for k, v in at_4["model"].items():
+        assert torch.equal(best["model"][k], v), k
+    (tmp_path / "best.pt").write_bytes(earlier["best"])  # now the record (step 4) is older than the checkpoint (step 6)
+    with pytest.raises(CheckpointError, match=r"best\.pt holds step 2.*names step 4.*changed by hand"):
+        train(cfg, tmp_path, resume=True, progress=False, cases=tiny_cases)
+    (tmp_path / "best.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"best\.pt is missing.*names step 4"):
+        train(cfg, tmp_path, resume=True, progress=False, cases=tiny_cases)
+
+
+def test_validation_needs_validation_cases(tmp_path, tiny_cases):
+    with pytest.raises(ValueError, match=r"val_every=2 needs validation cases, the split has none \(val_fraction=0.0\)"):
+        train(preset("tiny", val_fraction=0.0), tmp_path, progress=False, cases=tiny_cases)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_validation_dice_is_that_of_the_best_checkpoint(tmp_path, tiny_cases):
+    from examples.pancreas import data
+    from examples.pancreas.evaluate import validation_dice
+
+    cfg = preset("tiny", steps=4, val_every=2)
+    result = train(cfg, tmp_path, progress=False, cases=tiny_cases)
+    assert result["best"]["step"] in (2, 4) and max(d for _, d in result["val_dice"]) == result["best"]["val_dice"]
+    val = [data.eval_transforms(cfg)(dict(c)) for c in split_cases(cfg, tiny_cases)["val"]]
+    again = validation_dice(model_from_checkpoint(tmp_path / "best.pt"), val, cfg)
+    assert 0.0 <= again <= 1.0 and again == pytest.approx(result["best"]["val_dice"], abs=1e-6)
+
+
+def test_evaluation_scores_in_each_cases_original_geometry(tmp_path, monkeypatch):
+    """Trained on a grid twice as fine as the data, a segmenter exact on the data's own voxels
+    (the cube above the HU window) scores Dice 1 and the true volumes: the metrics are taken on
+    the label's grid. On the training grid the same segmentation would score less."""
+    from pancreas_folders import CUBE, write_msd
+
+    from examples.pancreas import evaluate as evaluate_module
+    from examples.pancreas.data import find_cases
+    from examples.pancreas.metrics import overlap_metrics
+
+    def threshold(model, image, cfg, device="cpu"):
+        fg = (image[0].as_tensor() > 0.999).float()
+        return torch.stack([1 - fg, fg])
+
+    monkeypatch.setattr(evaluate_module, "infer", threshold)
+    cfg = preset("tiny", spacing=(0.75, 0.75, 1.0))
+    (case,) = find_cases(write_msd(tmp_path, n=1, spacing=(1.5, 1.5, 2.0)))
+    rows, kept = evaluate_module.evaluate(None, [case], cfg, keep=1)
+    cube_ml = np.prod([s.stop - s.start for s in CUBE]) * 1.5 * 1.5 * 2.0 / 1000
+    assert rows[0]["dice"] == 1.0 and rows[0]["hd95"] == 0.0 and rows[0]["assd"] == 0.0
+    assert rows[0]["gt_ml"] == pytest.approx(cube_ml) and rows[0]["pred_ml"] == pytest.approx(cube_ml)
+    assert kept[0]["pred"].shape == (23, 19, 15) and kept[0]["spacing"] == (0.75, 0.75, 1.0)  # the figures: the model's grid
+    assert overlap_metrics(kept[0]["pred"], kept[0]["label"])["dice"] < 0.95
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -280,8 +445,8 @@ def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     nib.save(nib.Nifti1Image(case["image"].astype(np.int16), affine), str(inputs / "ct.nii.gz"))
-    written = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
-    assert [p.name for p in written] == ["ct_seg.nii.gz"]
+    written, failed = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
+    assert [p.name for p in written] == ["ct_seg.nii.gz"] and failed == []
     seg = nib.load(str(written[0]))
     assert seg.shape == (36, 30, 20)
     np.testing.assert_allclose(seg.affine, affine, atol=1e-5)
@@ -290,12 +455,11 @@ def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
 
 def test_predict_preprocessing_matches_evaluation(tiny_cases):
     from examples.pancreas import data
-    from examples.pancreas.predict import image_transforms
 
     cfg = preset("tiny")
     case = tiny_cases[0]
     a = data.eval_transforms(cfg)(dict(case))["image"]
-    b = image_transforms(cfg)({"image": case["image"]})["image"]
+    b = data.image_transforms(cfg)({"image": case["image"]})["image"]
     assert a.shape == b.shape
     torch.testing.assert_close(a.as_tensor(), b.as_tensor())
     np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine))
@@ -336,10 +500,10 @@ def test_cli_refuses_other_config_and_overwriting_a_run(tiny_run, capsys):
     assert (out / "checkpoint.pt").read_bytes() == before  # nothing lost
 
 
-def test_cli_predict_needs_nifti(tiny_run, tmp_path, capsys):
+def test_cli_predict_needs_volumes(tiny_run, tmp_path, capsys):
     _, out, _ = tiny_run
     assert _cli("predict", "--checkpoint", out / "checkpoint.pt", "--input", tmp_path, "--out", tmp_path / "o") == 2
-    assert "no NIfTI volumes" in capsys.readouterr().err
+    assert "no volumes in" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -423,9 +587,10 @@ def test_compare_with_the_attention_unet_made_from_the_unet(tmp_path, capsys):
 def test_cli_folds_flags_reach_the_config():
     from examples.pancreas.__main__ import _config, parser
 
-    args = parser().parse_args(["train", "--out", "x", "--folds", "4", "--fold", "2"])
+    args = parser().parse_args(["train", "--out", "x", "--folds", "4", "--fold", "2", "--val-every", "10", "--patience", "3",
+                                "--workers", "2", "--cache-rate", "0.5"])  # fmt: skip
     cfg = _config(args)
-    assert (cfg.folds, cfg.fold) == (4, 2)
+    assert (cfg.folds, cfg.fold, cfg.val_every, cfg.patience, cfg.workers, cfg.cache_rate) == (4, 2, 10, 3, 2, 0.5)
 
 
 def test_cpu_inference_runs_channels_last_and_leaves_the_model_as_it_was(tiny_run, tiny_cases):

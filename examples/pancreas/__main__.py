@@ -4,11 +4,14 @@ Commands:
 
 - ``demo``: train the Attention U-Net and the U-Net the same way on the built-in phantom
   (``"demo"`` preset) and write the comparison report (default ``runs/demo``).
-- ``train``: train one model (``--model attention|unet``) into a run folder, evaluate it on the
+- ``train``: train one model (``--model attention|unet``) into a run folder, validating it every
+  ``--val-every`` steps (the best checkpoint is kept as ``best.pt``), evaluate it on the
   held-out cases and write its report; ``--resume`` continues an interrupted run. Runs under
   ``torchrun`` for several processes, GPUs or nodes.
-- ``evaluate``: evaluate a checkpoint on its run's held-out cases.
-- ``predict``: segment a folder of NIfTI volumes with a checkpoint, in their own geometry.
+- ``evaluate``: evaluate a checkpoint on its run's held-out cases, in their original geometry.
+- ``predict``: segment NIfTI files, DICOM series or a whole MSD / NIH data folder with a
+  checkpoint, each in its own geometry; exits with status 1 when some volume failed (each named
+  on its own line) and the others were written.
 - ``compare``: ``demo`` for any preset and data, or for given checkpoints.
 
 ``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
@@ -62,7 +65,11 @@ CONFIG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--folds": ("folds", dict(type=int, help="k-fold cross-validation: number of folds (the test cases stay fixed)")),
     "--fold": ("fold", dict(type=int, help="with --folds: the fold validated on (0-based)")),
     "--checkpoint-every": ("checkpoint_every", dict(type=int, help="steps between checkpoints")),
+    "--val-every": ("val_every", dict(type=int, help="steps between validations (sliding-window Dice; 0: none)")),
+    "--patience": ("patience", dict(type=int, help="stop after this many validations without a better Dice (0: never)")),
     "--threads": ("threads", dict(type=int, help="CPU threads per process (0: PyTorch's default)")),
+    "--workers": ("workers", dict(type=int, help="data-loading worker processes per training process (0: none)")),
+    "--cache-rate": ("cache_rate", dict(type=float, help="share of the cases whose preprocessing is cached in memory")),
     "--init-from": ("init_from", dict(help="a trained U-Net checkpoint to add (pass-through) gates to")),
     "--train": ("train_params", dict(choices=("all", "gates"), help="with --init-from: train all weights or the gates only")),
 }
@@ -116,11 +123,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"per-case results in {Path(out) / 'metrics_test.csv'} and .json")
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
-    for path in predict(args.checkpoint, args.input, args.out, device=args.device, backend=args.backend):
+    written, failed = predict(args.checkpoint, args.input, args.out, device=args.device, backend=args.backend, progress=not args.no_progress)
+    for path in written:
         print(path)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(written) + len(failed)} volumes failed; the others are in {args.out}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -179,9 +192,9 @@ def parser() -> argparse.ArgumentParser:
     common(q)
     q.set_defaults(func=_cmd_evaluate)
 
-    q = sub.add_parser("predict", help="segment NIfTI volumes with a checkpoint")
+    q = sub.add_parser("predict", help="segment NIfTI volumes or DICOM series with a checkpoint")
     q.add_argument("--checkpoint", required=True)
-    q.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
+    q.add_argument("--input", required=True, help="a NIfTI file, a folder of them, a DICOM series folder, or an MSD or NIH data folder")
     q.add_argument("--out", required=True, help="folder for the <name>_seg.nii.gz files")
     q.add_argument("--backend", choices=BACKENDS, help="the gates' backend")
     common(q)
@@ -202,14 +215,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run a command; bad input (flags, folders, checkpoints) prints ``error: ...`` and returns 2."""
+    """Run a command; bad input (flags, folders, checkpoints) prints ``error: ...`` and returns 2;
+    ``predict`` returns 1 when some volumes failed and the others were written."""
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

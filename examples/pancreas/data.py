@@ -9,8 +9,10 @@ which the same transforms accept:
   ``PANCREAS_0001/...`` and labels ``label0001.nii.gz`` in a labels folder or beside them,
 * the built-in synthetic phantom (:mod:`examples.pancreas.phantom`), generated in memory.
 
-Nothing is downloaded: bring the data as a folder. The transforms read the files (MONAI
-``NibabelReader`` / ``PydicomReader``), check the labels, put image and label in RAS
+Nothing is downloaded: bring the data as a folder. Hidden files (``._*`` macOS resource forks,
+dotfiles) are never taken for data. The transforms read the files (MONAI ``NibabelReader`` /
+``PydicomReader``; a DICOM series must have evenly spaced slices, so that a missing slice is an
+error rather than a silently wrong geometry), check the labels, put image and label in RAS
 orientation through their affines and refuse a pair whose geometries then disagree, resample
 to ``cfg.spacing`` (bilinear image, nearest label), clip and scale the HU window to [0, 1],
 and, for training, pad or refuse volumes smaller than the patch, sample patches around the
@@ -25,6 +27,7 @@ attributes ``spacing`` (mm, ``(x, y, z)``), ``hu_window`` (``(low, high)`` HU),
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -33,10 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelReader, PydicomReader
+from monai.data import MetaTensor, NibabelReader, PydicomReader, load_decathlon_datalist, partition_dataset, select_cross_validation_folds
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImage,
     MapTransform,
     Orientationd,
@@ -53,6 +58,9 @@ from .phantom import generate_phantom
 
 __all__ = [
     "find_cases",
+    "is_hidden",
+    "detect_layout",
+    "dicom_series",
     "phantom_cases",
     "held_out_phantom_seeds",
     "PHANTOM_TEST_SEED",
@@ -61,6 +69,7 @@ __all__ = [
     "load_splits",
     "train_transforms",
     "eval_transforms",
+    "image_transforms",
     "LoadCased",
     "CheckLabeld",
     "MergeTumourd",
@@ -79,6 +88,17 @@ _NIFTI = (".nii", ".nii.gz")
 _NIH_CASE = re.compile(r"^PANCREAS_(\d+)$", re.IGNORECASE)
 _NIH_LABEL = re.compile(r"^label(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 _KEYS = ("image", "label")
+#: Slice steps of a DICOM series may differ from their median by this share (a missing slice: 100%).
+SLICE_STEP_TOL = 0.1
+
+# MONAI's LoadImage builds every default reader, and its nvImageCodec DICOM reader logs that the
+# optional GPU codec is missing each time: noise on every machine without it.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").addFilter(lambda r: "nvImageCodec is not available" not in r.getMessage())
+
+
+def is_hidden(path: str | os.PathLike) -> bool:
+    """Whether a file is hidden (a dotfile, or a macOS ``._*`` resource fork): never data."""
+    return Path(path).name.startswith(".")
 
 
 def _is_nifti(path: Path) -> bool:
@@ -130,11 +150,8 @@ def find_cases(
     if not any(root.iterdir()):
         raise FileNotFoundError(f"data folder {root} is empty: expected an MSD Task07_Pancreas or NIH Pancreas-CT folder")
     if layout == "auto":
-        if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
-            layout = "msd"
-        elif _nih_patient_folders(root) or any(root.rglob("*.dcm")):
-            layout = "nih"
-        else:
+        layout = detect_layout(root)
+        if layout is None:
             raise FileNotFoundError(
                 f"no cases found in {root}: expected an MSD folder (dataset.json, imagesTr/, labelsTr/) "
                 "or NIH Pancreas-CT folders (PANCREAS_0001/.../*.dcm with label0001.nii.gz)"
@@ -145,13 +162,24 @@ def find_cases(
     return cases
 
 
+def detect_layout(root: str | os.PathLike) -> str | None:
+    """``"msd"`` for a folder with ``dataset.json`` or ``imagesTr/``, ``"nih"`` for one with
+    ``PANCREAS_####`` patient folders or DICOM files, else ``None``."""
+    root = Path(root)
+    if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
+        return "msd"
+    if _nih_patient_folders(root) or any(not is_hidden(p) for p in root.rglob("*.dcm")):
+        return "nih"
+    return None
+
+
 def _find_msd(root: Path) -> list[dict]:
     index = root / "dataset.json"
     if index.is_file():
         try:
-            entries = json.loads(index.read_text())["training"]
-            pairs = [(root / e["image"], root / e["label"]) for e in entries]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            entries = load_decathlon_datalist(index, is_segmentation=True, data_list_key="training", base_dir=root)
+            pairs = [(Path(e["image"]), Path(e["label"])) for e in entries]
+        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{index}: expected JSON with a 'training' list of {{'image': ..., 'label': ...}}, could not read it ({err})"
             ) from err
@@ -159,8 +187,8 @@ def _find_msd(root: Path) -> list[dict]:
         images, labels = root / "imagesTr", root / "labelsTr"
         if not labels.is_dir():
             raise FileNotFoundError(f"MSD folder {root} has imagesTr/ but no labelsTr/ (and no dataset.json)")
-        by_name = {p.name: p for p in labels.iterdir() if not p.name.startswith(".")}
-        found = sorted(p for p in images.iterdir() if not p.name.startswith("."))
+        by_name = {p.name: p for p in labels.iterdir() if not is_hidden(p)}
+        found = sorted(p for p in images.iterdir() if not is_hidden(p))
         pairs = [(p, by_name[p.name]) for p in found if p.name in by_name]
         unpaired = sorted({p.name for p in found} ^ set(by_name))
         if unpaired:
@@ -185,12 +213,61 @@ def _nih_patient_folders(root: Path) -> list[Path]:
     return found
 
 
-def _dicom_series(patient: Path) -> Path:
-    folders = sorted({p.parent for p in patient.rglob("*") if p.is_file() and p.suffix.lower() == ".dcm"})
+def dicom_series(patient: str | os.PathLike) -> Path:
+    """The one folder under ``patient`` that holds ``.dcm`` files (hidden files and folders
+    aside). Raises ``ValueError`` naming the folder when there is none, or more than one."""
+    patient = Path(patient)
+    folders = sorted(
+        {p.parent for p in patient.rglob("*.dcm") if p.is_file() and not any(is_hidden(q) for q in p.relative_to(patient).parts)}
+    )
     if len(folders) != 1:
         what = "no DICOM (.dcm) files" if not folders else f"{len(folders)} DICOM series folders ({', '.join(map(str, folders))})"
         raise ValueError(f"NIH case folder {patient}: expected one DICOM series, found {what}")
     return folders[0]
+
+
+def _check_series(folder: Path) -> None:
+    """Refuse a DICOM series folder that MONAI's ``PydicomReader`` would stack into a wrong
+    volume: mixed series, slices without position tags, or slices whose positions along the
+    slice normal, in instance-number order (the reader's stacking order), are not evenly spaced
+    (a missing or duplicated slice). Hidden and non-DICOM files are left out, as the reader does."""
+    import pydicom
+
+    visible = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
+    files = [p for p in visible if pydicom.misc.is_dicom(p)]
+    fake = next((p for p in visible if p.suffix.lower() == ".dcm" and p not in files), None)
+    if fake is not None:
+        raise ValueError(f"{fake.name} is not a DICOM file (no DICM header)")
+    if len(files) < 2:
+        raise ValueError(f"expected a series folder of at least 2 slices, found {len(files)} DICOM file(s)")
+    tags = ["SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient"]
+    heads = [pydicom.dcmread(p, stop_before_pixels=True, specific_tags=tags) for p in files]
+    lacking = next(((p, t) for p, h in zip(files, heads) for t in tags if t not in h), None)
+    if lacking is not None:
+        raise ValueError(f"slice {lacking[0].name} has no {lacking[1]}")
+    uids = sorted({str(h.SeriesInstanceUID) for h in heads})
+    if len(uids) > 1:
+        raise ValueError(f"the folder holds {len(uids)} series ({', '.join(uids)}); give each its own folder")
+    order = sorted(range(len(files)), key=lambda i: int(heads[i].InstanceNumber))
+    row_col = np.asarray(heads[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(row_col[:3], row_col[3:])
+    z = np.array([float(normal @ np.asarray(heads[i].ImagePositionPatient, dtype=np.float64)) for i in order])
+    steps = np.diff(z)
+    names = [files[i].name for i in order]
+    wrong = np.sign(steps) != np.sign(np.median(steps))
+    if wrong.any() or not steps.any():
+        k = int(np.flatnonzero(wrong)[0]) if wrong.any() else 0
+        raise ValueError(
+            f"slices {names[k]} and {names[k + 1]} lie at {z[k]:.2f} and {z[k + 1]:.2f} mm along the "
+            "slice normal: the positions repeat or do not follow the instance numbers"
+        )
+    median = float(np.median(np.abs(steps)))
+    k = int(np.argmax(np.abs(np.abs(steps) - median)))
+    if abs(abs(steps[k]) - median) > SLICE_STEP_TOL * median:
+        raise ValueError(
+            f"slices {names[k]} and {names[k + 1]} are {abs(steps[k]):.3g} mm apart, the other slices "
+            f"{median:.3g} mm: a slice is missing or the spacing is uneven"
+        )
 
 
 def _find_nih(root: Path) -> list[dict]:
@@ -218,7 +295,7 @@ def _find_nih(root: Path) -> list[dict]:
             parts.append("no image for " + ", ".join(labels[n].name for n in only_label))
         warnings.warn(f"NIH folder {root}: unpaired cases left out: {'; '.join(parts)}", stacklevel=3)
     cases = [
-        {"image": str(_dicom_series(images[n])), "label": str(labels[n]), "case_id": f"PANCREAS_{n:04d}"}
+        {"image": str(dicom_series(images[n])), "label": str(labels[n]), "case_id": f"PANCREAS_{n:04d}"}
         for n in sorted(set(images) & set(labels))
     ]
     return _unique_sorted(cases, root)
@@ -297,8 +374,10 @@ def make_splits(
 
     The ids are sorted, then shuffled with ``seed``. The first ``round(test_fraction * n)``
     are the test set. Without ``folds``, the next ``round(val_fraction * n)`` are the
-    validation set and the rest the training set. With ``folds=k``, the remaining cases are
-    cut into ``k`` near-equal folds: fold ``fold`` is the validation set and the others the
+    validation set and the rest the training set (every case lands in one set, which MONAI's
+    ratio ``partition_dataset`` does not promise). With ``folds=k``, the remaining cases are
+    dealt into ``k`` near-equal folds (MONAI's ``partition_dataset`` and
+    ``select_cross_validation_folds``): fold ``fold`` is the validation set and the others the
     training set (``val_fraction`` is then unused), so over ``fold = 0 .. k-1`` every non-test
     case is validated exactly once, and the test set stays the same.
 
@@ -340,9 +419,9 @@ def make_splits(
             raise ValueError(f"fold must be in [0, {folds}), got {fold}")
         if len(rest) < folds:
             raise ValueError(f"{folds} folds need at least {folds} non-test cases, got {len(rest)}")
-        parts = np.array_split(np.arange(len(rest)), folds)
-        val = [rest[i] for i in parts[fold]]
-        train = [rest[i] for p, part in enumerate(parts) if p != fold for i in part]
+        parts = partition_dataset(rest, num_partitions=folds)
+        val = select_cross_validation_folds(parts, fold)
+        train = select_cross_validation_folds(parts, [k for k in range(folds) if k != fold])
     if not train:
         raise ValueError(
             f"no training cases left: {len(ids)} cases, test_fraction={test_fraction}, val_fraction={val_fraction}, folds={folds}"
@@ -423,8 +502,9 @@ class LoadCased(MapTransform):
     with a channel dimension added to ``[X, Y, Z]`` arrays.
 
     Raises:
-        ValueError: a path that is neither NIfTI nor DICOM, or a file the reader cannot read;
-            the message names the case and the file.
+        ValueError: a path that is neither NIfTI nor DICOM, a file the reader cannot read, or
+            a DICOM series folder with fewer than 2 slices, mixed series, or unevenly spaced
+            slices (a missing slice); the message names the case and the file.
         FileNotFoundError: a path that does not exist.
     """
 
@@ -460,6 +540,8 @@ class LoadCased(MapTransform):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
+                if path.is_dir():
+                    _check_series(path)
                 image = loader(str(path))
             except Exception as err:  # the readers raise many types; name the file instead
                 raise ValueError(f"case {case}: could not read {key} {path} as {kind}: {type(err).__name__}: {err}") from err
@@ -602,18 +684,25 @@ def _check_cfg(cfg) -> None:
         raise ValueError(f"cfg.patch_size must be three sizes >= 1, got {cfg.patch_size}")
 
 
-def _common(cfg) -> list:
-    """Reading, checks and resampling shared by training and evaluation."""
+def _common(cfg, keys: Sequence[str] = _KEYS, native_label: bool = False) -> list:
+    """Reading, checks and resampling shared by training, evaluation and prediction (``keys``:
+    image and label, or the image alone); ``native_label`` keeps a copy of the label on the
+    input's own grid (after orientation, before resampling) as ``"native_label"``."""
     low, high = (float(v) for v in cfg.hu_window)
-    return [
-        LoadCased(_KEYS),
-        CheckLabeld("label"),
-        MergeTumourd("label", keep_tumour=bool(cfg.keep_tumour)),
-        Orientationd(_KEYS, axcodes="RAS", labels=None),
-        CheckGeometryd(_KEYS),
-        Spacingd(_KEYS, pixdim=tuple(float(s) for s in cfg.spacing), mode=("bilinear", "nearest")),
+    keys = tuple(keys)
+    labelled = "label" in keys
+    steps: list = [LoadCased(keys)]
+    if labelled:
+        steps += [CheckLabeld("label"), MergeTumourd("label", keep_tumour=bool(cfg.keep_tumour))]
+    steps.append(Orientationd(keys, axcodes="RAS", labels=None))
+    if labelled:
+        steps.append(CheckGeometryd(keys))
+    if native_label:
+        steps.append(CopyItemsd("label", names="native_label"))
+    return steps + [
+        Spacingd(keys, pixdim=tuple(float(s) for s in cfg.spacing), mode=tuple("nearest" if k == "label" else "bilinear" for k in keys)),
         ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped(_KEYS, dtype=torch.float32),
+        EnsureTyped(keys, dtype=torch.float32),
     ]
 
 
@@ -624,8 +713,11 @@ def train_transforms(cfg) -> Compose:
     ``cfg.keep_tumour``, orient to RAS, check that image and label share one grid, resample
     to ``cfg.spacing`` (bilinear image, nearest label), clip ``cfg.hu_window`` and scale it to
     [0, 1], pad volumes smaller than ``cfg.patch_size`` (or raise ``ValueError`` when
-    ``cfg.allow_pad`` is False), sample patches centred on pancreas or on body voxels in the
-    ratio ``cfg.pos_neg_ratio`` : 1, and, if ``cfg.augment``, flip, rotate slightly and zoom.
+    ``cfg.allow_pad`` is False), list the pancreas and body voxels once (MONAI's
+    ``FgBgToIndicesd``, so that a cached volume is not searched again for every patch), sample
+    patches centred on pancreas or on body voxels in the ratio ``cfg.pos_neg_ratio`` : 1, and,
+    if ``cfg.augment``, flip, rotate slightly and zoom. Everything before the patch sampling is
+    deterministic: a :class:`monai.data.CacheDataset` runs it once per case.
 
     Returns:
         A :class:`monai.transforms.Compose` mapping ``{"image", "label", "case_id"}`` to a list
@@ -637,6 +729,7 @@ def train_transforms(cfg) -> Compose:
     size_guard = SpatialPadd(_KEYS, spatial_size=patch) if getattr(cfg, "allow_pad", True) else CheckPatchd("image", patch)
     steps = _common(cfg) + [
         size_guard,
+        FgBgToIndicesd("label", image_key="image", image_threshold=0.0),
         RandCropByPosNegLabeld(
             _KEYS,
             label_key="label",
@@ -644,8 +737,8 @@ def train_transforms(cfg) -> Compose:
             pos=float(cfg.pos_neg_ratio),
             neg=1.0,
             num_samples=int(cfg.num_samples),
-            image_key="image",
-            image_threshold=0.0,
+            fg_indices_key="label_fg_indices",
+            bg_indices_key="label_bg_indices",
         ),
     ]
     if cfg.augment:
@@ -662,16 +755,28 @@ def eval_transforms(cfg) -> Compose:
     """Transforms from a case dict to a whole, resampled volume for sliding-window inference.
 
     The same reading, checks, orientation, resampling and intensity scaling as
-    :func:`train_transforms`, without padding, cropping or augmentation. The outputs are
-    MetaTensors that record every spatial step, so a prediction can be brought back to the
-    original grid with ``monai.transforms.Invertd(keys="pred", transform=tf, orig_keys="image")``,
-    where ``tf`` is the very Compose that made the input (MONAI matches transforms by
-    identity).
+    :func:`train_transforms`, without padding, cropping or augmentation, and a copy of the label
+    on the input's own grid (oriented to RAS, not resampled) for metrics in the original
+    geometry. The outputs are MetaTensors that carry their affines and record every spatial
+    step, so a prediction can be brought back to the original grid, e.g. with
+    ``monai.transforms.ResampleToMatch`` onto ``"native_label"``.
 
     Returns:
         A :class:`monai.transforms.Compose` mapping ``{"image", "label", "case_id"}`` to a dict
         with ``"image"`` (``MetaTensor[1, X', Y', Z']`` float32 in [0, 1]) and ``"label"``
-        (``MetaTensor[1, X', Y', Z']`` float32 class indices) at ``cfg.spacing``.
+        (``MetaTensor[1, X', Y', Z']`` float32 class indices) at ``cfg.spacing``, and
+        ``"native_label"`` (``MetaTensor[1, X, Y, Z]``, named so because MONAI takes keys starting with ``"label_"`` for metadata) at the input's spacing.
     """
     _check_cfg(cfg)
-    return _Compose(_common(cfg))
+    return _Compose(_common(cfg, native_label=True))
+
+
+def image_transforms(cfg) -> Compose:
+    """The image half of :func:`eval_transforms`, for volumes without a label (prediction):
+    read, orient to RAS, resample to ``cfg.spacing`` (bilinear), clip and scale
+    ``cfg.hu_window`` to [0, 1]. Maps ``{"image": path or array}`` to ``{"image":
+    MetaTensor[1, X', Y', Z']}``; ``monai.transforms.Invertd(keys="pred", transform=tf,
+    orig_keys="image")`` with this very Compose ``tf`` takes a prediction back to the input's
+    grid (MONAI matches the transforms by identity)."""
+    _check_cfg(cfg)
+    return _Compose(_common(cfg, keys=("image",)))

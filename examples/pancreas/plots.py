@@ -37,12 +37,18 @@ def _best_slice(label: np.ndarray) -> int:
 
 
 def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, float]]], path: Union[str, Path]) -> None:
-    """Loss per step (raw and a moving average) of one or more runs, and their learning rate.
+    """Loss per step (raw and a moving average) of one or more runs, their validation Dice
+    (where measured) and their learning rate.
 
-    ``logs``: run name -> rows with ``"step"``, ``"loss"``, ``"lr"`` (a run's ``log.csv``).
+    ``logs``: run name -> rows with ``"step"``, ``"loss"``, ``"lr"`` and optionally
+    ``"val_dice"`` (NaN where not measured): a run's ``log.csv``. The validation panel is left
+    out when no run validated; each run's best validation is marked.
     """
     plt = _plt()
-    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1.3]})
+    validated = any(np.isfinite(r.get("val_dice", np.nan)) for rows in logs.values() for r in rows)
+    widths = [3, 2, 1.3] if validated else [3, 1.3]
+    fig, axes = plt.subplots(1, len(widths), figsize=(10 + 3.5 * validated, 3.8), gridspec_kw={"width_ratios": widths})
+    ax, ax_lr = axes[0], axes[-1]
     for i, (name, rows) in enumerate(logs.items()):
         if not rows:
             continue
@@ -54,11 +60,22 @@ def plot_training_curves(logs: Mapping[str, Sequence[Mapping[str, float]]], path
         ax.plot(step, loss, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(step[k - 1 :], smooth, color=color, linewidth=1.8, label=f"{name} (mean of {k})")
         ax_lr.plot(step, [r["lr"] for r in rows], color=color, label=name)
+        dice = np.array([r.get("val_dice", np.nan) for r in rows])
+        if validated and np.isfinite(dice).any():
+            seen = np.isfinite(dice)
+            best = int(np.nanargmax(dice))
+            axes[1].plot(step[seen], dice[seen], "o-", color=color, markersize=3, label=name)
+            axes[1].plot(step[best], dice[best], "*", color=color, markersize=12, label=f"best: {dice[best]:.3f} at step {step[best]:g}")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if validated:
+        axes[1].set_xlabel("step")
+        axes[1].set_title("Validation Dice (sliding window)")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize="small")
     ax_lr.set_xlabel("step")
     ax_lr.set_title("Learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -1,66 +1,136 @@
-"""Segment new CT volumes with a trained checkpoint, in each input's own geometry.
+"""Segment CT volumes with a trained checkpoint, in each input's own geometry.
+
+Inputs (:func:`find_inputs`): a NIfTI file, a folder of NIfTI files, a DICOM series folder, or
+a data folder in either layout that :mod:`examples.pancreas.data` reads (MSD ``Task07_Pancreas``:
+the images its ``dataset.json`` lists for training and test, or ``imagesTr/`` and ``imagesTs/``
+without one; NIH Pancreas-CT: the DICOM series of every ``PANCREAS_####`` patient). Hidden files
+(``._*``, dotfiles) and files that are not images are skipped.
 
 The checkpoint alone is enough: its ``"config"`` rebuilds the model and its ``"args"`` (the
 run's :class:`~examples.pancreas.config.Config`) gives the preprocessing. Each volume goes
-through the image steps of the evaluation transforms (:func:`image_transforms`:
-reorientation, resampling to the training spacing, HU window), is segmented by sliding-window inference, and the label map is taken back to the
-input's grid with MONAI's ``Invertd`` (nearest neighbour); it is written with the input's
-affine and header, so it overlays the input in any viewer.
+through :func:`examples.pancreas.data.image_transforms` (reorientation, resampling to the
+training spacing, HU window), is segmented by sliding-window inference, and the label map is
+taken back to the input's grid with MONAI's ``Invertd`` (nearest neighbour). It is written as
+``<name>_seg.nii.gz``: with the input's affine and header for a NIfTI input, with the series'
+affine (RAS, as MONAI's ``PydicomReader`` gives it) for a DICOM series, so it overlays the input
+in any viewer. A volume that cannot be read or segmented is reported, and the others are still
+written.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from .config import Config
+from .data import _is_nifti, _nih_patient_folders, _strip_nifti, detect_layout, dicom_series, image_transforms, is_hidden
 from .evaluate import infer
 from .train import load_checkpoint, model_from_checkpoint
 
-__all__ = ["find_volumes", "image_transforms", "predict"]
+__all__ = ["find_inputs", "predict"]
 
-SUFFIXES = (".nii.gz", ".nii")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return next(name[: -len(s)] for s in SUFFIXES if name.endswith(s))
+_EXPECTED = "a NIfTI file (.nii, .nii.gz), a folder of them, a DICOM series folder, or an MSD or NIH Pancreas-CT data folder"
 
 
-def find_volumes(inputs: Union[str, Path]) -> list[Path]:
-    """The NIfTI files (``.nii``, ``.nii.gz``) of a folder, sorted, or the one file ``inputs`` names."""
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
+
+
+def _is_series(folder: Path) -> bool:
+    """Whether ``folder`` itself holds DICOM files (by suffix, or by header for files without one)."""
+    import pydicom
+
+    return any(p.suffix.lower() == ".dcm" or (not p.suffix and pydicom.misc.is_dicom(p)) for p in _visible_files(folder))
+
+
+def _msd_images(root: Path) -> list[Path]:
+    """The images of an MSD folder: ``dataset.json``'s training and test lists (MONAI's
+    ``load_decathlon_datalist``), or the NIfTI files of ``imagesTr/`` and ``imagesTs/``."""
+    from monai.data import load_decathlon_datalist
+
+    index = root / "dataset.json"
+    if not index.is_file():
+        return [p for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir() for p in _visible_files(root / sub) if _is_nifti(p)]
+    images = []
+    for key in ("training", "test"):
+        try:
+            entries = load_decathlon_datalist(index, is_segmentation=key == "training", data_list_key=key, base_dir=root)
+        except (ValueError, IndexError):  # the list is absent, or empty
+            continue
+        images += [Path(e["image"]) for e in entries]
+    return images
+
+
+def find_inputs(inputs: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """The volumes to segment in ``inputs`` (see the module docstring for what is accepted).
+
+    Returns:
+        ``[{"name": str, "image": Path}, ...]``: ``image`` a NIfTI file or a DICOM series
+        folder, ``name`` the output's name (``<name>_seg.nii.gz``): the NIfTI file's name
+        without its suffix, the NIH patient's folder name, or the series folder's name. An NIH
+        patient folder without exactly one DICOM series comes as ``{"name", "image": the
+        patient folder, "error": why}``.
+
+    Raises:
+        FileNotFoundError: ``inputs`` does not exist.
+        ValueError: a file that is not NIfTI, a folder with no volume, or two volumes whose
+            outputs would have the same name.
+    """
     inputs = Path(inputs)
-    if inputs.is_file():
-        if not inputs.name.endswith(SUFFIXES):
-            raise ValueError(f"input must be a NIfTI file ({', '.join(SUFFIXES)}) or a folder of them, got {inputs}")
-        return [inputs]
-    if not inputs.is_dir():
+    if not inputs.exists():
         raise FileNotFoundError(f"input {inputs} does not exist")
-    files = sorted(p for p in inputs.iterdir() if p.is_file() and p.name.endswith(SUFFIXES))
-    if not files:
-        raise ValueError(f"no NIfTI volumes ({', '.join(SUFFIXES)}) in {inputs}")
-    return files
+    if inputs.is_file():
+        if is_hidden(inputs) or not _is_nifti(inputs):
+            raise ValueError(f"input must be {_EXPECTED}; got the file {inputs}")
+        return [{"name": _strip_nifti(inputs.name), "image": inputs}]
+    layout = detect_layout(inputs)
+    if _is_series(inputs):
+        items = [{"name": inputs.name, "image": inputs}]
+    elif layout == "msd":
+        items = [{"name": _strip_nifti(p.name), "image": p} for p in _msd_images(inputs)]
+    elif layout == "nih" and _nih_patient_folders(inputs):
+        items = []
+        for patient in _nih_patient_folders(inputs):
+            try:
+                items.append({"name": patient.name, "image": dicom_series(patient)})
+            except ValueError as err:
+                items.append({"name": patient.name, "image": patient, "error": str(err)})
+    else:
+        items = [{"name": _strip_nifti(p.name), "image": p} for p in _visible_files(inputs) if _is_nifti(p)]
+    if not items:
+        raise ValueError(f"no volumes in {inputs}: expected {_EXPECTED}")
+    names = [i["name"] for i in items]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"inputs in {inputs} would be written to the same output names: {', '.join(twice)}")
+    return sorted(items, key=lambda i: i["name"])
 
 
-def image_transforms(cfg: Config):
-    """The image half of :func:`examples.pancreas.data.eval_transforms`, for volumes without
-    a label: read, orient to RAS, resample to ``cfg.spacing`` (bilinear), clip and scale
-    ``cfg.hu_window`` to [0, 1]. Gives ``MetaTensor[1, X', Y', Z']`` under ``"image"``."""
-    from monai.transforms import Compose, EnsureTyped, Orientationd, ScaleIntensityRanged, Spacingd
+def _save(seg: np.ndarray, source: Path, affine: np.ndarray, target: Path) -> None:
+    """Write ``seg`` (``np.ndarray[X, Y, Z]`` uint8) atomically as NIfTI: with the source's
+    affine and header when the source is NIfTI, else with ``affine`` (RAS mm)."""
+    import nibabel as nib
 
-    from .data import LoadCased
-
-    low, high = (float(v) for v in cfg.hu_window)
-    return Compose([
-        LoadCased("image"),
-        Orientationd("image", axcodes="RAS", labels=None),  # as data.eval_transforms: the space of the image
-        Spacingd("image", pixdim=tuple(float(s) for s in cfg.spacing), mode="bilinear"),
-        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped("image", dtype=torch.float32),
-    ])  # fmt: skip
+    if _is_nifti(source):
+        original = nib.load(str(source))
+        if seg.shape != original.shape[:3]:
+            raise RuntimeError(f"{source}: segmentation came back as {seg.shape}, the input is {original.shape[:3]}")
+        header = original.header.copy()
+        header.set_data_dtype(np.uint8)
+        affine, codes = original.affine, (int(original.header["qform_code"]) or 1, int(original.header["sform_code"]) or 1)
+        result = nib.Nifti1Image(seg, affine, header)
+    else:
+        result, codes = nib.Nifti1Image(seg, affine), (1, 1)
+        result.header.set_xyzt_units("mm")
+    result.set_qform(affine, codes[0])
+    result.set_sform(affine, codes[1])
+    tmp = target.with_name(f".{target.name[: -len('.nii.gz')]}.tmp.nii.gz")
+    nib.save(result, str(tmp))
+    os.replace(tmp, target)
 
 
 def predict(
@@ -69,43 +139,53 @@ def predict(
     out: Union[str, Path],
     device: Optional[Union[str, torch.device]] = None,
     backend: Optional[str] = None,
-) -> list[Path]:
-    """Segment every NIfTI volume of ``inputs`` (a folder or one file) into ``out``.
+    progress: bool = False,
+) -> tuple[list[Path], list[str]]:
+    """Segment every volume of ``inputs`` (:func:`find_inputs`) into ``out``.
 
-    Writes ``<name>_seg.nii.gz`` (uint8: 0 background, 1 pancreas) per input, with the input's
-    shape, affine and header. Returns the written paths.
+    Writes ``<name>_seg.nii.gz`` (uint8: 0 background, 1 pancreas) per volume, on the input's
+    grid (see the module docstring). A volume that cannot be read or segmented does not stop
+    the others. ``progress``: a progress bar over the volumes.
+
+    Returns:
+        ``(written, failed)``: the paths written, and one line per volume that failed, naming
+        the input and why.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read (:func:`~examples.pancreas.train.load_checkpoint`).
+        ValueError, FileNotFoundError: from :func:`find_inputs`, or a checkpoint without its run config.
     """
-    import nibabel as nib
     from monai.data import MetaTensor
     from monai.transforms import Invertd
+    from tqdm.auto import tqdm
 
     ckpt = load_checkpoint(checkpoint)
     if "args" not in ckpt:
         raise ValueError(f"checkpoint {checkpoint} has no 'args' (the run config), so its preprocessing is unknown")
     cfg = Config.from_dict(ckpt["args"])
+    items = find_inputs(inputs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_checkpoint(ckpt, backend).to(device)
-    files = find_volumes(inputs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     transform = image_transforms(cfg)
     invert = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)
-    written = []
-    for path in files:
-        d = transform({"image": str(path)})
-        image = d["image"]
-        seg = infer(model, image, cfg, device).argmax(0, keepdim=True).float()
-        d["pred"] = MetaTensor(seg, meta=image.meta, applied_operations=image.applied_operations)
-        restored = np.asarray(invert(d)["pred"][0]).round().astype(np.uint8)
-        original = nib.load(str(path))
-        if restored.shape != original.shape[:3]:
-            raise RuntimeError(f"{path}: segmentation came back as {restored.shape}, the input is {original.shape[:3]}")
-        header = original.header.copy()
-        header.set_data_dtype(np.uint8)
-        result = nib.Nifti1Image(restored, original.affine, header)
-        result.set_qform(original.affine, int(original.header["qform_code"]) or 1)
-        result.set_sform(original.affine, int(original.header["sform_code"]) or 1)
-        target = out / f"{_stem(path)}_seg.nii.gz"
-        nib.save(result, str(target))
-        written.append(target)
-    return written
+    written, failed = [], []
+    for item in tqdm(items, desc="predict", unit="volume", disable=not progress):
+        source = Path(item["image"])
+        try:
+            if "error" in item:
+                raise ValueError(item["error"])
+            d = transform({"image": str(source), "case_id": item["name"]})
+            image = d["image"]
+            seg = infer(model, image, cfg, device).argmax(0, keepdim=True).float()
+            d["pred"] = MetaTensor(seg, meta=image.meta, applied_operations=image.applied_operations)
+            back = invert(d)["pred"]
+            target = out / f"{item['name']}_seg.nii.gz"
+            _save(np.asarray(back[0]).round().astype(np.uint8), source, np.asarray(back.affine, dtype=np.float64), target)
+        except (ValueError, OSError, EOFError, RuntimeError) as err:  # one bad volume must not cost the others
+            why = " ".join(str(err).split())
+            failed.append(why if str(source) in why else f"{source}: {why}")
+        else:
+            written.append(target)
+    return written, failed

@@ -221,7 +221,7 @@ def write_report(
         "## Held-out results",
         "",
         ("" if len(seeds) < 2 else f"Training seed {seeds[0]}. ")
-        + "Mean ± std over the test cases. Distances in mm on the evaluation grid; S2S is the "
+        + "Mean ± std over the test cases. Every metric in each case's original geometry (the prediction resampled onto the label's grid), distances in mm; S2S is the "
         "authors' surface distance (per axial slice, symmetric mean contour distance). An empty "
         "prediction has no surface: its distances are infinite, left out of the means and counted. "
         "Time per step excludes the first step; peak memory is PyTorch's peak allocation on a GPU, "
