@@ -147,11 +147,31 @@ def test_the_committed_table_is_well_formed():
         assert set(r["ms"]) <= set(dispatch.BACKENDS) - {"auto"}
 
 
+def test_auto_follows_the_committed_rows_of_this_machine(gate_case):
+    """Each committed row of this kind of CPU decides "auto" for a call it describes."""
+    gate, x, g = gate_case
+    gate = gate.float()
+    w = _weights(gate)
+    rows = [r for r in measured.rows() if r["device"] == "cpu" and r["capability"] == measured.host_capability() and r["dtype"] == "float32"]
+    for r in rows:
+        xr = x.contiguous(memory_format=torch.channels_last) if r["layout"] == "channels_last" else x
+        xr = xr.detach().requires_grad_(r["mode"] == "train")
+        with torch.set_grad_enabled(r["mode"] == "train"):
+            assert dispatch.measured_key(xr, g, w) == measured.Key(*(r[f] for f in measured.Key._fields))
+            assert dispatch.chosen("auto", xr, g, w, GateOptions(training=r["mode"] == "train")) == (measured._row_winner(r) or "reference")
+
+
 def test_a_malformed_table_is_refused_naming_the_row(tmp_path):
     path = tmp_path / "measured.json"
     path.write_text(json.dumps({"rows": [{"device": "cpu", "ms": {}}]}))
     with pytest.raises(ValueError, match=r"row 0 has no 'capability'"):
         measured._read(path)
+
+
+@pytest.fixture
+def empty_table(monkeypatch):
+    """No measured rows: "auto" decides with the reference as its only candidate."""
+    monkeypatch.setattr(measured, "_WINNERS", {})
 
 
 @pytest.fixture
@@ -163,7 +183,7 @@ def deterministic():
         torch.use_deterministic_algorithms(False)
 
 
-def test_deterministic_algorithms_take_the_kernels_where_the_reference_is_not(monkeypatch, gate_case, deterministic):
+def test_deterministic_algorithms_take_the_kernels_where_the_reference_is_not(monkeypatch, gate_case, empty_table, deterministic):
     """On CUDA the reference's backward through alpha's resampling adds with atomics; the kernels'
     does not, unless g itself is resampled. (CUDA is stood in for: the rule reads only the device type.)"""
     gate, x, g = gate_case
@@ -181,7 +201,7 @@ def test_deterministic_algorithms_take_the_kernels_where_the_reference_is_not(mo
     assert dispatch.chosen("auto", x, g_off, w, opt) == "reference"  # nothing deterministic: PyTorch says so itself
 
 
-def test_without_deterministic_algorithms_auto_follows_the_table_alone(monkeypatch, gate_case):
+def test_without_deterministic_algorithms_auto_follows_the_table_alone(monkeypatch, gate_case, empty_table):
     gate, x, g = gate_case
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(dispatch, "_cuda_backward", lambda x, g, w: True)

@@ -421,6 +421,7 @@ def test_evaluation_scores_in_each_cases_original_geometry(tmp_path, monkeypatch
         return torch.stack([1 - fg, fg])
 
     monkeypatch.setattr(evaluate_module, "infer", threshold)
+    monkeypatch.setattr(evaluate_module, "inference_model", lambda model, device: model)  # no model: the threshold segments
     cfg = preset("tiny", spacing=(0.75, 0.75, 1.0))
     (case,) = find_cases(write_msd(tmp_path, n=1, spacing=(1.5, 1.5, 2.0)))
     rows, kept = evaluate_module.evaluate(None, [case], cfg, keep=1)
@@ -593,36 +594,36 @@ def test_cli_folds_flags_reach_the_config():
     assert (cfg.folds, cfg.fold, cfg.val_every, cfg.patience, cfg.workers, cfg.cache_rate) == (4, 2, 10, 3, 2, 0.5)
 
 
-def test_cpu_inference_runs_channels_last_and_leaves_the_model_as_it_was(tiny_run, tiny_cases):
-    """infer() lays the model out channels-last on the CPU for the call (oneDNN's fast path), gives
-    the probabilities of the contiguous model, and hands the model back contiguous and trainable."""
+def test_cpu_inference_runs_the_transformed_model_and_leaves_the_model_as_it_was(tiny_run, tiny_cases):
+    """On the CPU, inference_model() is optimize_for_inference's copy (channels-last windows, folded
+    gates); infer() with it gives the probabilities of the model as trained, which stays trainable
+    and contiguous. Off the CPU the model itself is used."""
+    from attention_gates.cpu import FoldedMultiAttentionGate
     from examples.pancreas import data as pdata
-    from examples.pancreas.evaluate import cpu_layout, infer
+    from examples.pancreas.evaluate import infer, inference_model
 
     cfg, out, _ = tiny_run
     model = model_from_checkpoint(out / "checkpoint.pt")
     conv = next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1)
     image = pdata.eval_transforms(cfg)(dict(tiny_cases[0]))["image"]
+    net = inference_model(model, "cpu")
+    assert net is not model and any(isinstance(m, FoldedMultiAttentionGate) for m in net.modules())
     seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
-    probs = infer(model, image, cfg, "cpu")
+    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    probs = infer(net, image, cfg, "cpu")
     assert seen and all(seen) and conv.is_contiguous()
-    with torch.no_grad(), cpu_layout(model, torch.device("meta")) as fmt:  # not the CPU: nothing changes
-        assert fmt == torch.contiguous_format and conv.is_contiguous()
-    seen.clear()
+    assert inference_model(model, "meta") is model
     x = image.as_tensor() if hasattr(image, "as_tensor") else image
     from monai.inferers import sliding_window_inference
 
+    model.eval()
     with torch.no_grad():
         want = torch.softmax(sliding_window_inference(x[None].float(), cfg.patch_size, cfg.sw_batch_size, model,
                                                       overlap=cfg.sw_overlap, mode="gaussian"), dim=1)[0]  # fmt: skip
     torch.testing.assert_close(probs, want, rtol=1e-4, atol=1e-5)
-    loss = model(torch.rand(1, 1, *cfg.patch_size)).sum()
-    loss.backward()  # the parameters are ordinary tensors again
-    assert conv.grad is not None
-    model.to(memory_format=torch.channels_last_3d)
-    infer(model, image, cfg, "cpu")
-    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()  # stays as it was
+    model.train()
+    model(torch.rand(2, 1, *cfg.patch_size)).sum().backward()  # the model's own parameters stay trainable
+    assert conv.grad is not None and conv.is_contiguous()
 
 
 def test_cpu_training_runs_channels_last(tiny_run):

@@ -12,12 +12,11 @@ ranks checkpoints, and it is cheaper there.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,20 +25,32 @@ from torch import Tensor, nn
 from .config import Config
 from .metrics import case_metrics
 
-__all__ = ["infer", "preferred_layout", "cpu_layout", "validation_dice", "evaluate", "summarize", "write_results", "METRICS"]
+__all__ = ["inference_model", "infer", "preferred_layout", "validation_dice", "evaluate", "summarize", "write_results", "METRICS"]
 
 #: Metric columns of the per-case rows, in table order.
 METRICS = ("dice", "precision", "recall", "assd", "hd95", "surface_distance")
 DISTANCES = ("assd", "hd95", "surface_distance")
 
 
-@torch.no_grad()  # not inference_mode: cpu_layout re-lays the parameters, which must stay trainable
+def inference_model(model: nn.Module, device: Union[str, torch.device]) -> nn.Module:
+    """The model to segment with on ``device``, in evaluation mode: on the CPU a copy made by
+    :func:`attention_gates.cpu.optimize_for_inference` (oneDNN for single windows, channels-last,
+    the gated skips folded; ``model`` itself is left as it was, trainable), elsewhere ``model``.
+    Make it once per evaluation, not per volume."""
+    if torch.device(device).type == "cpu":
+        from attention_gates.cpu import optimize_for_inference
+
+        return optimize_for_inference(model)
+    return model.eval()
+
+
+@torch.inference_mode()
 def infer(model: nn.Module, image: Tensor, cfg: Config, device: Union[str, torch.device] = "cpu") -> Tensor:
     """Class probabilities of one volume by sliding-window inference.
 
-    ``image``: ``Tensor[1, X, Y, Z]`` (channel first, preprocessed); returns
-    ``Tensor[out_channels, X, Y, Z]`` (softmax, float32, on the CPU). On the CPU the model runs
-    channels-last for the call (:func:`cpu_layout`).
+    ``model``: from :func:`inference_model`. ``image``: ``Tensor[1, X, Y, Z]`` (channel first,
+    preprocessed); returns ``Tensor[out_channels, X, Y, Z]`` (softmax, float32, on the CPU). The
+    windows go in :func:`preferred_layout`.
     """
     from monai.inferers import sliding_window_inference
 
@@ -48,8 +59,8 @@ def infer(model: nn.Module, image: Tensor, cfg: Config, device: Union[str, torch
     device = torch.device(device)
     x = image.as_tensor() if hasattr(image, "as_tensor") else image
     x = x[None].float().to(device)
-    model.eval()
-    with cpu_layout(model, device) as fmt, torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+    fmt = preferred_layout(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         logits = sliding_window_inference(
             x, cfg.patch_size, cfg.sw_batch_size, lambda w: model(w.contiguous(memory_format=fmt)),
             overlap=cfg.sw_overlap, mode="gaussian",
@@ -59,29 +70,8 @@ def infer(model: nn.Module, image: Tensor, cfg: Config, device: Union[str, torch
 
 def preferred_layout(device: torch.device) -> torch.memory_format:
     """The memory layout the 3D models run fastest in on ``device``: ``channels_last_3d`` on the
-    CPU (oneDNN's convolutions work on ``NDHWC`` without reordering; 1.1-1.3x faster inference
-    and 1.4-1.5x faster training steps on 2 cores, ``docs/source/cpu_guide.rst``), else contiguous."""
+    CPU (oneDNN's convolutions work on ``NDHWC`` without reordering), else contiguous."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
-
-
-@contextlib.contextmanager
-def cpu_layout(model: nn.Module, device: torch.device) -> Iterator[torch.memory_format]:
-    """``model`` in :func:`preferred_layout` for the block, and back after; yields the input
-    layout to use. Changes nothing where that is contiguous (off the CPU); a model that is
-    already channels-last stays so.
-    """
-    fmt = preferred_layout(device)
-    first = next((p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1), None)  # layouts differ
-    if fmt == torch.contiguous_format or first is None:
-        yield torch.contiguous_format
-        return
-    already = first.is_contiguous(memory_format=fmt) and not first.is_contiguous()
-    model.to(memory_format=fmt)
-    try:
-        yield fmt
-    finally:
-        if not already:
-            model.to(memory_format=torch.contiguous_format)
 
 
 def _spacing(t: Any, fallback: Sequence[float]) -> tuple[float, ...]:
@@ -98,8 +88,8 @@ def validation_dice(
 
     Under ``torch.distributed`` (``world`` > 1) rank ``r`` segments cases ``r, r + world, ...``
     and the sums are all-reduced, so every rank returns the same mean over all cases (a rank
-    may have none: MONAI's ``DiceMetric`` would wait for it in its own gather). Leaves the
-    model in eval mode.
+    may have none: MONAI's ``DiceMetric`` would wait for it in its own gather). Segments with
+    :func:`inference_model` (off the CPU that is ``model`` itself, left in eval mode).
     """
     import torch.distributed as dist
     from monai.metrics import compute_dice, do_metric_reduction
@@ -107,9 +97,9 @@ def validation_dice(
     total = torch.zeros(2, dtype=torch.float64)
     share = list(cases)[rank::world]
     if share:
-        scores = []
+        scores, net = [], inference_model(model, device)
         for case in share:
-            pred = infer(model, case["image"], cfg, device).argmax(0)
+            pred = infer(net, case["image"], cfg, device).argmax(0)
             truth = torch.as_tensor(case["label"][0]).cpu() > 0
             onehot = [torch.stack([~m, m])[None].float() for m in (pred == 1, truth)]
             scores.append(compute_dice(onehot[0], onehot[1], include_background=False, ignore_empty=False))
@@ -147,11 +137,11 @@ def evaluate(
 
     transform = data.eval_transforms(cfg)
     to_native = ResampleToMatch(mode="nearest")
-    rows, kept = [], []
+    rows, kept, net = [], [], inference_model(model, device)
     for i, case in enumerate(cases):
         d = transform(dict(case))
         image, label, native = d["image"], d["label"], d["native_label"]
-        pred = infer(model, image, cfg, device).argmax(0, keepdim=True)
+        pred = infer(net, image, cfg, device).argmax(0, keepdim=True)
         back = to_native(MetaTensor(pred.float(), affine=image.affine), img_dst=native)
         gt = (np.asarray(native[0]) > 0).astype(np.uint8)
         rows.append({"case_id": case["case_id"], **case_metrics(np.asarray(back[0]).round().astype(np.uint8), gt, _spacing(native, cfg.spacing))})

@@ -28,7 +28,7 @@ import torch
 
 from .config import Config
 from .data import _is_nifti, _nih_patient_folders, _strip_nifti, detect_layout, dicom_series, image_transforms, is_hidden
-from .evaluate import infer
+from .evaluate import infer, inference_model
 from .train import load_checkpoint, model_from_checkpoint
 
 __all__ = ["find_inputs", "predict"]
@@ -165,7 +165,7 @@ def predict(
     cfg = Config.from_dict(ckpt["args"])
     items = find_inputs(inputs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model_from_checkpoint(ckpt, backend).to(device)
+    model = inference_model(model_from_checkpoint(ckpt, backend).to(device), device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     transform = image_transforms(cfg)
