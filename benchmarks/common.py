@@ -247,11 +247,15 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def commit() -> str:
-    """The git commit measured (``<sha>-dirty`` with uncommitted changes to tracked files), or ``"unknown"``."""
+    """The git commit measured (``<sha>-dirty`` with uncommitted changes to tracked files other than
+    the results the benchmarks write themselves), or ``"unknown"``."""
     root = Path(__file__).resolve().parent.parent
+    written = [":(exclude)benchmarks/results", ":(exclude)attention_gates/ops/measured.json"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *written], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty.strip() else "")
