@@ -320,3 +320,28 @@ def peak_rss() -> int:
         pass
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the tables go to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warmup_repeats(timing: Mapping[str, tuple[int, int]], profile: str, args) -> tuple[int, int]:
+    """The profile's ``(warm-up, repeats)`` from ``timing``, each overridden by ``args`` where given."""
+    warmup, repeats = timing[profile]
+    return (warmup if args.warmup is None else args.warmup, repeats if args.repeats is None else args.repeats)
+
+
+def rss_in_child(module: str, spec: dict, *, what: str, timeout: float) -> dict:
+    """Run ``python -m module --rss-child SPEC`` in a fresh process and return the JSON line it prints last.
+
+    A fresh process is the only honest place for a peak RSS: this one's peak already holds every
+    model it built before. ``what`` names the measurement in the error raised when the child fails.
+    """
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", module, "--rss-child", json.dumps(spec)],
+                          cwd=root, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS subprocess for {what} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -197,9 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     size_text, batch = DEFAULTS[profile]
     size = parse_size(args.size or size_text)
     batch = args.batch or batch
-    warmup, repeats = TIMING[profile]
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
+    warmup, repeats = common.warmup_repeats(TIMING, profile, args)
     compile_enabled = device.type == "cuda" if args.compile is None else args.compile
     backends, skipped = common.probe_backends(device, compile_enabled=compile_enabled)
 

@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
-from benchmarks.overhead import cuda_step_bytes, log
+from benchmarks.overhead import cuda_step_bytes
 
 MODELS = ("PlainConvUNet", "AttentionPlainConvUNet")
 PANCREAS = {"spacing": [2.5, 0.8027, 0.8027], "shape": [93, 512, 512], "cases": 281}
@@ -200,12 +199,7 @@ def rss_child(spec: dict) -> dict:
 
 def measure_rss(model: str, config: dict, patch: Sequence[int], batch: int) -> dict:
     spec = {"model": model, "config": config, "patch": list(patch), "batch": batch, "threads": torch.get_num_threads()}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.nnunet_cost", "--rss-child", json.dumps(spec)],
-                          cwd=root, capture_output=True, text=True, timeout=1800)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"RSS subprocess for {model} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.rss_in_child("benchmarks.nnunet_cost", spec, what=model, timeout=1800)
 
 
 ROWS = [  # (label, key, kind)
@@ -279,26 +273,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.set_threads(args.threads)
     load_start = common.load_average()
     fingerprint = QUICK if args.quick else {"spacing": args.spacing, "shape": args.shape, "cases": args.cases}
-    log(f"planning: nnU-Net's ExperimentPlanner on {fingerprint}")
+    common.log(f"planning: nnU-Net's ExperimentPlanner on {fingerprint}")
     config = plan(fingerprint["spacing"], fingerprint["shape"], fingerprint["cases"])["configurations"]["3d_fullres"]
     config = json.loads(json.dumps(config))  # plain lists and ints (the planner holds numpy values)
     profile = "quick" if args.quick else device.type
-    warmup, repeats = TIMING[profile]
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
+    warmup, repeats = common.warmup_repeats(TIMING, profile, args)
     patch = args.patch or (config["patch_size"] if device.type == "cuda" or args.quick else CPU_PATCH)
     batch = args.batch or config["batch_size"]
     strides = np.prod(np.array(config["architecture"]["arch_kwargs"]["strides"]), axis=0)
     if any(p % s for p, s in zip(patch, strides)):
         raise SystemExit(f"error: --patch {list(patch)} must be divisible by the plan's total strides {strides.tolist()}")
 
-    log("static costs at the plan's patch and batch (meta tensors)")
+    common.log("static costs at the plan's patch and batch (meta tensors)")
     by_model = {m: {"model": m, **static_costs(m, config)} for m in MODELS}
     x, targets = inputs(config, patch, batch, device)
     runners = {m: Runner(build(m, config, device), config, x, targets) for m in MODELS}
-    log(f"timing the forward at patch {list(patch)} x batch {batch}, {warmup} warm-up + {repeats} rounds")
+    common.log(f"timing the forward at patch {list(patch)} x batch {batch}, {warmup} warm-up + {repeats} rounds")
     fwd = common.time_interleaved({m: r.forward for m, r in runners.items()}, warmup=warmup, repeats=repeats, device=device)
-    log("timing the training step")
+    common.log("timing the training step")
     trn = common.time_interleaved({m: r.train_step for m, r in runners.items()}, warmup=warmup, repeats=repeats, device=device)
     samples = {}
     for m in MODELS:
@@ -315,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         del runners
         gc.collect()
         for m in MODELS:
-            log(f"peak RSS of a fresh process running one training step: {m}")
+            common.log(f"peak RSS of a fresh process running one training step: {m}")
             rss = measure_rss(m, config, patch, batch)
             by_model[m].update(step_memory_bytes=rss["step_rss_bytes"], peak_rss_bytes=rss["peak_rss_bytes"])
         memory = "peak RSS (VmHWM) of a fresh process: how much one training step raised it"

@@ -28,11 +28,9 @@ import gc
 import json
 import math
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -247,19 +245,12 @@ def rss_child(spec: dict) -> dict:
 def measure_rss(model: Model, dims: int, size: Sequence[int], batch: int) -> dict:
     spec = {"key": model.key, "family": model.family, "kind": model.kind, "backend": model.backend,
             "dims": dims, "size": list(size), "batch": batch, "threads": torch.get_num_threads()}  # fmt: skip
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.overhead", "--rss-child", json.dumps(spec)],
-        cwd=root, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"RSS subprocess for {model.key} {list(size)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.rss_in_child("benchmarks.overhead", spec, what=f"{model.key} {list(size)}", timeout=600)
 
 
 def bench_size(
     models: Sequence[Model], nets: dict, dims: int, size: tuple[int, ...], batch: int, device: torch.device,
-    warmup: int, repeats: int, rss: bool, log: Callable[[str], None],
+    warmup: int, repeats: int, rss: bool,
 ) -> list[dict]:  # fmt: skip
     x, target = make_input(size, batch, device)
     runners = {m.key: Runner(nets[m.key], x, target) for m in models}
@@ -273,9 +264,9 @@ def bench_size(
             "params": sum(p.numel() for p in net.parameters()), "forward_flops": forward_flops(net, x),
             "saved_bytes": sb, "output_bytes": ob, "saved_plus_output_bytes": sb + ob,
         }  # fmt: skip
-    log(f"  {dims}D {size_label(size)} batch {batch}: timing inference")
+    common.log(f"  {dims}D {size_label(size)} batch {batch}: timing inference")
     inf = common.time_interleaved({k: r.infer for k, r in runners.items()}, warmup=warmup, repeats=repeats, device=device)
-    log(f"  {dims}D {size_label(size)} batch {batch}: timing training steps")
+    common.log(f"  {dims}D {size_label(size)} batch {batch}: timing training steps")
     trn = common.time_interleaved(
         {k: r.train_step for k, r in runners.items()}, warmup=warmup, repeats=repeats, device=device
     )
@@ -288,7 +279,7 @@ def bench_size(
             row["cuda_step_bytes"] = cuda_step_bytes(runners[key], device)
     if rss:
         for m in models:
-            log(f"  {dims}D {size_label(size)}: peak RSS of a fresh process, {m.key}")
+            common.log(f"  {dims}D {size_label(size)}: peak RSS of a fresh process, {m.key}")
             rows[m.key].update(measure_rss(m, dims, size, batch))
     return list(rows.values())
 
@@ -539,11 +530,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr; the tables go to stdout."""
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.rss_child:
@@ -553,9 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     common.set_threads(args.threads)
     profile = "quick" if args.quick else device.type
     load_start = common.load_average()
-    warmup, repeats = TIMING[profile]
-    warmup = warmup if args.warmup is None else args.warmup
-    repeats = repeats if args.repeats is None else args.repeats
+    warmup, repeats = common.warmup_repeats(TIMING, profile, args)
     compile_enabled = args.compile
     backends, skipped = common.probe_backends(device, compile_enabled=compile_enabled)
     nets_mod = None if args.no_monai else common.monai_nets()
@@ -579,7 +563,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         nets = {m.key: build(m, dims).to(device) for m in models}
         for size in sizes:
             rss = rss_sizes == "all" or (rss_sizes == "largest" and size == sizes[-1])
-            rows += bench_size(models, nets, dims, size, batch, device, warmup, repeats, rss, log)
+            rows += bench_size(models, nets, dims, size, batch, device, warmup, repeats, rss)
         del nets
         gc.collect()
 
