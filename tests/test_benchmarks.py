@@ -220,3 +220,25 @@ def test_measured_rows_are_added_and_replaced_by_key(tmp_path):
     with pytest.raises(ValueError, match=r"must time both 'reference' and 'compile'"):
         table.add_rows([_row(ms={"reference": 1.0, "cpu": 0.5})], path)
     assert "auto takes" in table.show(path)
+
+
+def test_committed_results_record_the_commit_they_measured():
+    """Every JSON under ``benchmarks/results/`` names a commit of this repository (in its ``machine``
+    record, or at the top level for the raw GPU run): a number nobody can trace to code is not kept."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(common.__file__).resolve().parents[1]
+    files = sorted((root / "benchmarks" / "results").rglob("*.json"))
+    assert files, "benchmarks/results holds no JSON"
+    shallow = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"], capture_output=True, text=True)
+    full_history = shallow.returncode == 0 and shallow.stdout.strip() == "false"
+    for path in files:
+        data = json.loads(path.read_text())
+        machine = data.get("machine")
+        sha = machine.get("commit") if isinstance(machine, dict) else data.get("commit")
+        assert isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha), f"{path.relative_to(root)}: commit {sha!r}"
+        if full_history:  # a source archive or a shallow clone has no history to look the commit up in
+            known = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True)
+            assert known.returncode == 0, f"{path.relative_to(root)}: commit {sha} is not in this repository's history"
