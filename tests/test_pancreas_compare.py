@@ -109,7 +109,7 @@ def test_compare_with_two_seeds_on_held_out_cases(tmp_path, capsys):
     assert dice["mean_difference"] == pytest.approx(np.mean(per_case["attention"] - per_case["unet"]))
     assert len(comp["spread"]["dice"]["difference"]) == 2
     report = (tmp_path / "report.md").read_text()
-    assert "seeds 0, 1" in report and "Across 2 training seeds" in report and "seed sd A − B" in report
+    assert "seeds 0, 1" in report and "Across 2 training seeds" in report and "seed sd A − B" in report and "trained once" not in report
     assert "(seed0/attention/prediction.png)" in report and (tmp_path / "seed0" / "attention" / "prediction.png").is_file()
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["comparisons"][0]["metrics"]["dice"]["p_value"] == pytest.approx(dice["p_value"])

@@ -300,4 +300,5 @@ def test_write_report_gives_the_comparison_table_and_sentence(tmp_path):
     assert "on the 24 held-out test cases: phantom_100000" in text
     assert "95% percentile-bootstrap interval (10,000 resamples of the cases, seed 0)" in text
     assert "| DSC | 24 |" in text and comparison_sentence(metrics["dice"], A, B, "DSC") in text
+    assert "Each model was trained once" in text  # one seed: the report says what it cannot tell
     assert not list(tmp_path.glob(".*tmp"))  # written through a temporary file, which is gone
