@@ -189,7 +189,7 @@ def tables(result: dict) -> str:
     rows = []
     for r in result["gate"]:
         ms = r["ms"]
-        rows.append([r["mode"], r["layout"], *(f"{ms[b]:.2f} ({ms['reference'] / ms[b]:.2f}x)" for b in BACKENDS), measured._row_winner(r) or "reference"])
+        rows.append([r["mode"], r["layout"], *(f"{ms[b]:.2f} ({ms['reference'] / ms[b]:.2f}x)" for b in BACKENDS), measured.row_winner(r) or "reference"])
     out.append(common.format_table(["mode", "layout", *BACKENDS, "auto takes"], rows))
     for r in result["network"]:
         ms = r["ms"]

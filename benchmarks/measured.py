@@ -56,7 +56,7 @@ def add_rows(rows: Sequence[dict], table: Path = measured.PATH) -> int:
 def show(table: Path = measured.PATH) -> str:
     rows = json.loads(table.read_text())["rows"]
     body = [[*(str(r[f]) for f in measured.Key._fields), " ".join(f"{k}={'-' if v is None else f'{v:.3g}'}" for k, v in r["ms"].items()),
-             measured._row_winner(r) or "reference", r["commit"][:12]] for r in rows]  # fmt: skip
+             measured.row_winner(r) or "reference", r["commit"][:12]] for r in rows]  # fmt: skip
     return common.format_table([*measured.Key._fields, "ms", "auto takes", "commit"], body)
 
 

@@ -128,13 +128,13 @@ def test_inside_torch_compile_the_key_says_compiled(gate_case):
     ],
 )
 def test_a_row_names_a_winner_only_when_ahead_of_both_baselines(ms, winner):
-    assert measured._row_winner({"ms": ms, "context": "eager"}) == winner
+    assert measured.row_winner({"ms": ms, "context": "eager"}) == winner
 
 
 def test_inside_compile_the_reference_is_the_only_baseline():
     """There "compile" traces the reference with the same compiler: gpu_check writes it as null."""
-    assert measured._row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "compiled"}) == "triton"
-    assert measured._row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "eager"}) is None
+    assert measured.row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "compiled"}) == "triton"
+    assert measured.row_winner({"ms": {"reference": 1.0, "compile": None, "triton": 0.5}, "context": "eager"}) is None
 
 
 def test_the_committed_table_is_well_formed():
@@ -158,7 +158,7 @@ def test_auto_follows_the_committed_rows_of_this_machine(gate_case):
         xr = xr.detach().requires_grad_(r["mode"] == "train")
         with torch.set_grad_enabled(r["mode"] == "train"):
             assert dispatch.measured_key(xr, g, w) == measured.Key(*(r[f] for f in measured.Key._fields))
-            assert dispatch.chosen("auto", xr, g, w, GateOptions(training=r["mode"] == "train")) == (measured._row_winner(r) or "reference")
+            assert dispatch.chosen("auto", xr, g, w, GateOptions(training=r["mode"] == "train")) == (measured.row_winner(r) or "reference")
 
 
 def test_a_malformed_table_is_refused_naming_the_row(tmp_path):

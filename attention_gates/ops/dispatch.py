@@ -116,8 +116,9 @@ def _fused_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions, dtype
     got = {x.dtype, g.dtype}
     if not got <= set(dtypes):
         reasons.append(f"dtype {sorted(map(str, got))}: supported are {names}")
-    if any(t is not None and t.dtype not in dtypes for t in w):
-        reasons.append(f"weight dtype {next(t.dtype for t in w if t is not None and t.dtype not in dtypes)}: supported are {names}")
+    bad = next((t.dtype for t in w if t is not None and t.dtype not in dtypes), None)
+    if bad is not None:
+        reasons.append(f"weight dtype {bad}: supported are {names}")
     return reasons
 
 

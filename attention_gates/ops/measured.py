@@ -30,7 +30,7 @@ import platform
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-__all__ = ["Key", "MARGIN", "PATH", "rows", "winner", "host_capability"]
+__all__ = ["Key", "MARGIN", "PATH", "rows", "row_winner", "winner", "host_capability"]
 
 PATH = Path(__file__).with_name("measured.json")
 MARGIN = 1.05  # a win is 5% or more: less is within the run-to-run noise of the benchmarks
@@ -69,7 +69,8 @@ def rows() -> tuple[dict, ...]:
     return _ROWS
 
 
-def _row_winner(row: dict) -> Optional[str]:
+def row_winner(row: dict) -> Optional[str]:
+    """The fused implementation that won a row of the table (the rule of the module docstring), or ``None``."""
     ms = row["ms"]
     needed = ("reference",) if row.get("context") == "compiled" else _BASELINES
     if any(ms.get(b) is None for b in needed):
@@ -79,7 +80,7 @@ def _row_winner(row: dict) -> Optional[str]:
     return min(fused)[1] if fused else None
 
 
-_WINNERS = {Key(*(r[f] for f in Key._fields)): _row_winner(r) for r in _ROWS}
+_WINNERS = {Key(*(r[f] for f in Key._fields)): row_winner(r) for r in _ROWS}
 
 
 def winner(key: Key) -> Optional[str]:

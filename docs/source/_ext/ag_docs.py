@@ -273,7 +273,7 @@ def render_measured() -> list[str]:
     for r in rows:
         cells = {f: r[f] for f in measured.Key._fields}
         cells.update({f"{k} (ms)": v for k, v in r["ms"].items()})
-        cells["auto takes"] = measured._row_winner(r) or "reference"
+        cells["auto takes"] = measured.row_winner(r) or "reference"
         cells["measured on"] = f"{r.get('machine', '?')}, commit {r['commit'][:10]}"
         body.append(cells)
     return _table(body, "measured medians of the paper model's level-2 gate, and the choice of ``\"auto\"``")
