@@ -241,9 +241,16 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data, indent: int = 2) -> None:
+    """Write ``data`` as JSON atomically (a temporary file in the same folder, then ``os.replace``):
+    a run cut short leaves the last complete file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def commit() -> str:

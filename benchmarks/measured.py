@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,10 +44,7 @@ def add_rows(rows: Sequence[dict], table: Path = measured.PATH) -> int:
     kept = [r for r in data["rows"] if key(r) not in new]
     replaced = len(data["rows"]) - len(kept)
     data["rows"] = sorted([*kept, *rows], key=key)
-    fd, tmp = tempfile.mkstemp(dir=table.parent, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, table)
+    common.write_json(table, data, indent=1)
     return replaced
 
 
