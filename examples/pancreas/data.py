@@ -101,6 +101,11 @@ def is_hidden(path: str | os.PathLike) -> bool:
     return Path(path).name.startswith(".")
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The files directly in ``folder``, hidden ones (:func:`is_hidden`) left out, sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI)
 
@@ -233,7 +238,7 @@ def _check_series(folder: Path) -> None:
     (a missing or duplicated slice). Hidden and non-DICOM files are left out, as the reader does."""
     import pydicom
 
-    visible = sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
+    visible = _visible_files(folder)
     files = [p for p in visible if pydicom.misc.is_dicom(p)]
     fake = next((p for p in visible if p.suffix.lower() == ".dcm" and p not in files), None)
     if fake is not None:

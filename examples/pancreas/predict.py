@@ -27,17 +27,13 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import _is_nifti, _nih_patient_folders, _strip_nifti, detect_layout, dicom_series, image_transforms, is_hidden
+from .data import _is_nifti, _nih_patient_folders, _strip_nifti, _visible_files, detect_layout, dicom_series, image_transforms, is_hidden
 from .evaluate import infer, inference_model
 from .train import load_checkpoint, model_from_checkpoint
 
 __all__ = ["find_inputs", "predict"]
 
 _EXPECTED = "a NIfTI file (.nii, .nii.gz), a folder of them, a DICOM series folder, or an MSD or NIH Pancreas-CT data folder"
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not is_hidden(p))
 
 
 def _is_series(folder: Path) -> bool:
@@ -87,14 +83,13 @@ def find_inputs(inputs: Union[str, os.PathLike]) -> list[dict[str, Any]]:
         if is_hidden(inputs) or not _is_nifti(inputs):
             raise ValueError(f"input must be {_EXPECTED}; got the file {inputs}")
         return [{"name": _strip_nifti(inputs.name), "image": inputs}]
-    layout = detect_layout(inputs)
     if _is_series(inputs):
         items = [{"name": inputs.name, "image": inputs}]
-    elif layout == "msd":
+    elif detect_layout(inputs) == "msd":
         items = [{"name": _strip_nifti(p.name), "image": p} for p in _msd_images(inputs)]
-    elif layout == "nih" and _nih_patient_folders(inputs):
+    elif patients := _nih_patient_folders(inputs):  # detect_layout's "nih" with patient folders
         items = []
-        for patient in _nih_patient_folders(inputs):
+        for patient in patients:
             try:
                 items.append({"name": patient.name, "image": dicom_series(patient)})
             except ValueError as err:
