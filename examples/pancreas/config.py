@@ -148,7 +148,7 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("threads", "workers", "val_every", "patience"):
+        for name in ("threads", "workers", "val_every", "patience", "phantom_test_cases"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -161,8 +161,6 @@ class Config:
         multiple = 2 ** (len(self.filters) - 1)
         if any(p % multiple for p in self.patch_size):
             raise ValueError(f"patch_size must be a multiple of {multiple} (2^(depth - 1)) per axis, got {self.patch_size}")
-        if isinstance(self.phantom_test_cases, bool) or not isinstance(self.phantom_test_cases, int) or self.phantom_test_cases < 0:
-            raise ValueError(f"phantom_test_cases must be an int >= 0, got {self.phantom_test_cases!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.train_params == "gates" and self.model != "attention":
