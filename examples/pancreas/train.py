@@ -652,7 +652,7 @@ def train(
             bar.set_postfix(postfix | {"loss": f"{value:.4f}", "lr": f"{lr:.2g}"})
             log_rows.append(row)
             bar.update()
-            if validate or record["stopped"] or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            if validate or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:  # a stop comes at a validation
                 checkpoint(step + 1, improved)
             if on_step is not None:
                 on_step(step + 1, value)
