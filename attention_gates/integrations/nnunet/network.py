@@ -314,9 +314,7 @@ class AttentionPlainConvUNet(PlainConvUNet):
             TypeError: a source of another kind.
         """
         state, arch_kwargs = _read_plain_source(source, arch_kwargs, configuration)
-        unknown = sorted(set(gate_options) - set(GATE_DEFAULTS))
-        if unknown:
-            raise TypeError(f"unknown gate options {unknown}; expected some of {sorted(GATE_DEFAULTS)}")
+        _check_gate_options(gate_options)
         for key in (_IN_PROJ, _HEAD):
             if key not in state:
                 raise ValueError(f"the source has no {key!r}: it is not the state of a PlainConvUNet")
@@ -367,6 +365,19 @@ def init_passthrough(net: AttentionPlainConvUNet, psi_bias: float = 12.0) -> Att
             gate.psi.weight.zero_()
             gate.psi.bias.fill_(psi_bias)
     return net
+
+
+def _check_gate_options(gate_options: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` for gate options that are not among :data:`GATE_DEFAULTS`."""
+    unknown = sorted(set(gate_options) - set(GATE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown gate options {unknown}; expected some of {sorted(GATE_DEFAULTS)}")
+
+
+def _gateable(class_name: str) -> bool:
+    """Whether a plans' ``network_class_name`` is ``PlainConvUNet`` or this network: the ones whose
+    ``arch_kwargs`` :class:`AttentionPlainConvUNet` takes."""
+    return pydoc.locate(class_name) in (PlainConvUNet, AttentionPlainConvUNet)
 
 
 def _resolve_arch_kwargs(arch_kwargs: Mapping[str, Any], requires_import: Sequence[str] = _CLASS_KWARGS) -> dict[str, Any]:

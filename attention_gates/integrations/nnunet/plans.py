@@ -17,16 +17,22 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pydoc
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from .network import CLASS_NAME, GATE_DEFAULTS, AttentionPlainConvUNet, _plans_architecture, _resolve_arch_kwargs
+from .network import (
+    CLASS_NAME,
+    GATE_DEFAULTS,
+    AttentionPlainConvUNet,
+    _check_gate_options,
+    _gateable,
+    _plans_architecture,
+    _resolve_arch_kwargs,
+)
 
 __all__ = ["write_attention_plans", "convert_checkpoint", "attention_plans", "trainer_dir", "DEFAULT_PLANS_NAME"]
 
@@ -74,17 +80,14 @@ def attention_plans(
             names ``PlainConvUNet``; gate options the network rejects (its own message).
         TypeError: unknown gate options.
     """
-    unknown = sorted(set(gate_options) - set(GATE_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unknown gate options {unknown}; expected some of {sorted(GATE_DEFAULTS)}")
+    _check_gate_options(gate_options)
     names = list(plans.get("configurations", {})) if configurations is None else list(configurations)
     out = copy.deepcopy(dict(plans))
     out["plans_name"] = plans_name
     converted = []
     for name in names:
         cls_name, arch_kwargs, requires_import = _plans_architecture(plans, name)
-        cls = pydoc.locate(cls_name)
-        if cls not in (PlainConvUNet, AttentionPlainConvUNet):
+        if not _gateable(cls_name):
             if configurations is None:
                 continue
             raise ValueError(f"configuration {name!r} names {cls_name!r}: only PlainConvUNet's configurations can be gated")

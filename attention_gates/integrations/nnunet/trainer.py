@@ -8,15 +8,12 @@ folder to list there for this trainer (see the nnU-Net page of the docs).
 
 from __future__ import annotations
 
-import pydoc
-
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from .network import CLASS_NAME, PLAIN_CLASS_NAME, AttentionPlainConvUNet
+from .network import CLASS_NAME, PLAIN_CLASS_NAME, _gateable
 
 __all__ = ["nnUNetTrainerAttentionGates"]
 
@@ -46,7 +43,7 @@ class nnUNetTrainerAttentionGates(nnUNetTrainer):
                 ``arch_kwargs`` are not ``PlainConvUNet``'s.
         """
         name = configuration_manager.network_arch_class_name
-        if pydoc.locate(name) not in (PlainConvUNet, AttentionPlainConvUNet):
+        if not _gateable(name):
             raise ValueError(
                 f"nnUNetTrainerAttentionGates gates {PLAIN_CLASS_NAME!r}; these plans name {name!r}, whose "
                 f"arch_kwargs it cannot take: use plans with the default network (nnUNetPlans)"
