@@ -41,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
-from benchmarks.overhead import cuda_step_bytes
+from benchmarks.overhead import cuda_step_bytes, forward_flops
 
 MODELS = ("PlainConvUNet", "AttentionPlainConvUNet")
 PANCREAS = {"spacing": [2.5, 0.8027, 0.8027], "shape": [93, 512, 512], "cases": 281}
@@ -165,13 +165,8 @@ def static_costs(model: str, config: dict) -> dict:
     patch, batch = config["patch_size"], config["batch_size"]
     net = build(model, config, "meta")
     x = torch.empty(batch, 1, *patch, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net.eval()
-        net.decoder.deep_supervision = False
-        with torch.no_grad():
-            net(x)
-    forward = counter.get_total_flops()
+    net.decoder.deep_supervision = False
+    forward = forward_flops(net, x)
     counter = FlopCounterMode(display=False)
     with counter:
         net.train()
@@ -179,7 +174,7 @@ def static_costs(model: str, config: dict) -> dict:
         sum(o.sum() for o in net(x)).backward()
     return {
         "params": sum(p.numel() for p in net.parameters()),
-        "forward_flops": int(forward),
+        "forward_flops": forward,
         "train_step_flops": int(counter.get_total_flops()),
         "feature_map_size": int(net.compute_conv_feature_map_size(patch)),
     }
