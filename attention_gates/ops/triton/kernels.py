@@ -65,7 +65,7 @@ def _sigma1_grad(t, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P: tl.constexpr):
+def _coarse_tile(t, TPS, BLOCK_P: tl.constexpr):
     """Tile ``t``'s sample ``n`` (int64) and coarse positions ``p`` (flat, within the sample)."""
     n = t // TPS
     return n.to(tl.int64), (t - n * TPS) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -202,7 +202,7 @@ def _alpha_adjoint_kernel(daf_ptr, dac_ptr, D, H, W, DC, HC, WC, SC, TPS, NT, sd
                           ALIGN: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
     """d alpha_c (``[N, Sc]``) from d alpha on x's grid: ``_alpha_adjoint`` per coarse tile."""
     for t in range(tl.program_id(0), NT, tl.num_programs(0)):
-        n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
+        n, p = _coarse_tile(t, TPS, BLOCK_P)
         pmask = p < SC
         dc, hc, wc = _coarse_coords(p, HC, WC, I64)
         dac = _alpha_adjoint(daf_ptr, n, dc, hc, wc, pmask, D, H, W, DC, HC, WC, sd, sh, sw, WD, WH, WW, ALIGN, ACC)
@@ -255,7 +255,7 @@ def _coarse_pre(
     there, ``Tensor[BLOCK_P, BLOCK_CI]``. Per patch row, the x rows ``[BLOCK_P * BKW, BLOCK_C]``
     are viewed as ``[BLOCK_P, BKW * BLOCK_C]`` for one dot."""
     K: tl.constexpr = KD * KH * KW
-    n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
+    n, p = _coarse_tile(t, TPS, BLOCK_P)
     pmask = p < SC
     d0, h0, w, s0, rmask = _patch_rows(t, TPS, SC, H, W, HC, WC, KD, KH, KW, BKW, BLOCK_P, I64)
     c = tl.arange(0, BLOCK_C)
@@ -400,7 +400,7 @@ def _patch_bwd(
         woff, wmask = _theta_offsets(q, C, CI, K, KW, BKW, BLOCK_C, BLOCK_CI)
         acc = tl.zeros([BKW * BLOCK_C, BLOCK_CI], dtype=ACC)
         for t in range(pid, NT, tl.num_programs(0)):
-            n, p = _coarse_tile(t, TPS, SC, HC, WC, BLOCK_P)
+            n, p = _coarse_tile(t, TPS, BLOCK_P)
             d0, h0, w, s0, rmask = _patch_rows(t, TPS, SC, H, W, HC, WC, KD, KH, KW, BKW, BLOCK_P, I64)
             dfd = tl.load(df_ptr + (n * SC + p)[:, None] * CI + ci[None, :], mask=(p < SC)[:, None] & (ci < CI)[None, :], other=0.0)
             xmask = rmask[:, None] & cmask[None, :]
