@@ -77,7 +77,7 @@ class _KernelRecorder:
     """Stands for a Triton kernel: ``rec[grid](*args, **kwargs)`` records the launch and computes nothing."""
 
     def __init__(self, name: str, fn, log: list) -> None:
-        self.name, self.arg_names, self.fn, self.log = name, list(fn.arg_names), fn, log
+        self.name, self.arg_names, self.log = name, list(fn.arg_names), log
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
