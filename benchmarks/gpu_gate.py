@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 import torch
 
+from benchmarks import common
+
 LEVELS = {  # the paper model's gates at batch 2 of 160x160x96: x and g shapes
     2: ((2, 32, 80, 80, 48), (2, 64, 40, 40, 24)),
     3: ((2, 64, 40, 40, 24), (2, 128, 20, 20, 12)),
@@ -53,10 +55,8 @@ DEVICE = "cuda"  # the tests run the gate stage's logic on the CPU with this set
 
 
 def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON atomically (a temporary file, then ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically (:func:`benchmarks.common.write_json`)."""
+    common.write_json(path, data, indent=1)
 
 
 def read_json(path: Path, default):
@@ -175,12 +175,23 @@ class Gate:
         return [self.x, self.g, *self.gates[backend].parameters()]
 
 
-def _measure(gate: Gate, backend: str, mode: str, fn: Callable, graph: bool) -> dict:
-    call = gate.eval_call(backend, fn) if mode == "eval" else gate.train_call(backend, fn)
-    out = {"ms": bench(call, grads=gate.grads(backend) if mode == "train" else None)}
-    if graph:
-        out["graph_ms"] = bench_graph(call)
-    return out
+def _failure(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _measure(gate: Gate, backend: str, mode: str, compiled: bool = False) -> dict:
+    """The backend's gate in ``mode``, called eagerly or inside a ``torch.compile``'d function:
+    ``{"ms"}`` (and for eager eval ``"graph_ms"``, replayed as a CUDA graph), or ``{"error"}``
+    where it raised (reported in the JSON; the stage goes on)."""
+    try:
+        fn = torch.compile(gate.forward(backend)) if compiled else gate.forward(backend)
+        call = gate.eval_call(backend, fn) if mode == "eval" else gate.train_call(backend, fn)
+        out = {"ms": bench(call, grads=gate.grads(backend) if mode == "train" else None)}
+        if mode == "eval" and not compiled:
+            out["graph_ms"] = bench_graph(call)
+        return out
+    except Exception as e:  # noqa: BLE001
+        return {"error": _failure(e)}
 
 
 def _error(gate: Gate, backend: str) -> float:
@@ -201,6 +212,13 @@ def stage_gate(args) -> list:
     name = args.dtype
     detail_path = args.out / f"gate_{name}.json"
     detail = {"level": args.level, "dtype": name, "x": LEVELS[args.level][0], "g": LEVELS[args.level][1], "results": []}
+    sha = commit()
+
+    def record(result: dict) -> None:
+        detail["results"].append(result)
+        write_json(detail_path, detail)
+        print(json.dumps(result), flush=True)
+
     rows = []
     for layout in LAYOUTS:
         gate = Gate(args.level, DTYPES[name], layout)
@@ -209,38 +227,26 @@ def stage_gate(args) -> list:
             for backend in ("reference", "triton", "compile"):
                 if backend == "compile":
                     torch._dynamo.reset()
-                try:
-                    res = _measure(gate, backend, mode, gate.forward(backend), graph=mode == "eval")
-                except Exception as e:  # noqa: BLE001 - reported in the JSON, the stage goes on
-                    res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                eager[backend] = res
-                detail["results"].append({"layout": layout, "mode": mode, "context": "eager", "backend": backend, **res})
-                write_json(detail_path, detail)
-                print(json.dumps(detail["results"][-1]), flush=True)
+                eager[backend] = _measure(gate, backend, mode)
+                record({"layout": layout, "mode": mode, "context": "eager", "backend": backend, **eager[backend]})
             compiled = {}
             for backend in ("reference", "triton"):  # the gate inside a compiled function
                 torch._dynamo.reset()
-                try:
-                    res = _measure(gate, backend, mode, torch.compile(gate.forward(backend)), graph=False)
-                except Exception as e:  # noqa: BLE001
-                    res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                compiled[backend] = res
-                detail["results"].append({"layout": layout, "mode": mode, "context": "compiled", "backend": backend, **res})
-                write_json(detail_path, detail)
-                print(json.dumps(detail["results"][-1]), flush=True)
+                compiled[backend] = _measure(gate, backend, mode, compiled=True)
+                record({"layout": layout, "mode": mode, "context": "compiled", "backend": backend, **compiled[backend]})
             for context, ms in (
                 ("eager", {b: eager[b].get("ms") for b in ("reference", "compile", "triton")}),
                 # inside torch.compile "compile" traces the reference too: one measurement, no separate number
                 ("compiled", {"reference": compiled["reference"].get("ms"), "compile": None, "triton": compiled["triton"].get("ms")}),
             ):
                 rows.append({"device": DEVICE, "capability": capability, "gpu": gpu, "dtype": name,
-                             "mode": mode, "layout": layout, "context": context, "ms": ms, "commit": commit(),
+                             "mode": mode, "layout": layout, "context": context, "ms": ms, "commit": sha,
                              "machine": gpu, "source": "benchmarks/gpu_check.sh (auto_rows.json)"})  # fmt: skip
             _merge_rows(args.out / "auto_rows.json", rows)
         try:
             error = _error(gate, "triton")
         except Exception as e:  # noqa: BLE001
-            error = f"{type(e).__name__}: {str(e)[:300]}"
+            error = _failure(e)
         detail.setdefault("eval_error_triton", {})[layout] = error
         write_json(detail_path, detail)
         del gate
@@ -268,11 +274,7 @@ def stage_levels(args) -> list:
             gate = Gate(level, DTYPES[name], "contiguous")
             for mode in ("eval", "train"):
                 for backend in ("reference", "triton"):
-                    try:
-                        res = _measure(gate, backend, mode, gate.forward(backend), graph=mode == "eval")
-                    except Exception as e:  # noqa: BLE001
-                        res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                    results.append({"level": level, "dtype": name, "mode": mode, "backend": backend, **res})
+                    results.append({"level": level, "dtype": name, "mode": mode, "backend": backend, **_measure(gate, backend, mode)})
                     write_json(out_path, results)
                     print(json.dumps(results[-1]), flush=True)
             del gate
