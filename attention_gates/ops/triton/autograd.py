@@ -80,9 +80,6 @@ def _(dout, dalpha, x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, 
     )
 
 
-_FLAGS = ("use_batch_stats", "eps", "softplus", "align_corners")
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, g, theta_w, phi_w, phi_b, psi_w, psi_b, W_w, W_b, gamma, beta, mean_in, var_in, use_batch_stats, eps, softplus, align_corners = inputs
     _, _, alpha_c, mean, var = output
