@@ -42,7 +42,10 @@ stage_cmd() {  # the command of a stage
 
 if [ "${1:-}" = "--dry-run" ]; then
   bash -n "$0" || exit 1
-  for s in "${STAGES[@]}"; do printf '%-14s %4ss  %s\n' "${s%%:*}" "${s#*:}" "$(stage_cmd "${s%%:*}" "${s#*:}")" || exit 1; done
+  for s in "${STAGES[@]}"; do
+    cmd=$(stage_cmd "${s%%:*}" "${s#*:}") || exit 1  # an unknown stage fails the dry run
+    printf '%-14s %4ss  %s\n' "${s%%:*}" "${s#*:}" "$cmd"
+  done
   echo "stage timeouts: ${total}s (limit ${LIMIT}s)"
   [ "$total" -le "$LIMIT" ] || { echo "stage timeouts exceed ${LIMIT}s" >&2; exit 1; }
   "$PY" -m benchmarks.gpu_gate --check || exit 1
