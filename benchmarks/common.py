@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import resource
-import sys
-
 import json
 import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
+
+from attention_gates.files import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GATE_BACKENDS = ("reference", "compile", "cpu", "triton")
@@ -242,20 +243,18 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
 
 
 def write_json(path: Path, data, indent: int = 2) -> None:
-    """Write ``data`` as JSON atomically (a temporary file in the same folder, then ``os.replace``):
-    a run cut short leaves the last complete file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=indent) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` as JSON atomically (:func:`attention_gates.files.atomic_write`): a run cut
+    short leaves the last complete file, never half of one."""
+    atomic_write(path, json.dumps(data, indent=indent) + "\n")
 
 
 def commit() -> str:
-    """The git commit measured (``<sha>-dirty`` with uncommitted changes to tracked files other than
-    the results the benchmarks write themselves), or ``"unknown"``."""
+    """The git commit measured: ``$GIT_COMMIT`` where it is set (a copy of the tree without its git
+    folder, such as the GPU machine's), else ``git rev-parse HEAD`` with ``-dirty`` appended when
+    tracked files other than the results the benchmarks write themselves have uncommitted
+    changes, else ``"unknown"``."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     written = [":(exclude)benchmarks/results", ":(exclude)attention_gates/ops/measured.json"]
     try:

@@ -63,16 +63,6 @@ def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.exists() else default
 
 
-def commit() -> str:
-    """The code's git commit: ``$GIT_COMMIT``, else ``git rev-parse HEAD``, else ``"unknown"``."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def bench(fn: Callable[[], object], grads: Optional[list] = None) -> float:
     """Median milliseconds of ``fn`` (``triton.testing.do_bench``, after one untimed call)."""
     from triton.testing import do_bench
@@ -112,7 +102,7 @@ def stage_env(args) -> dict:
         "gpu": torch.cuda.get_device_name(dev), "capability": f"{props.major}.{props.minor}",
         "multiprocessors": props.multi_processor_count, "l2_bytes": getattr(props, "L2_cache_size", None),
         "memory_bytes": props.total_memory, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "python": sys.version.split()[0], "nvidia_smi": smi.stdout.strip(), "commit": commit(),
+        "python": sys.version.split()[0], "nvidia_smi": smi.stdout.strip(), "commit": common.commit(),
         "copy_GBps": 2 * src.numel() * 4 / ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm / 1e9,
     }  # fmt: skip
     write_json(args.out / "env.json", env)
@@ -212,7 +202,7 @@ def stage_gate(args) -> list:
     name = args.dtype
     detail_path = args.out / f"gate_{name}.json"
     detail = {"level": args.level, "dtype": name, "x": LEVELS[args.level][0], "g": LEVELS[args.level][1], "results": []}
-    sha = commit()
+    sha = common.commit()
 
     def record(result: dict) -> None:
         detail["results"].append(result)

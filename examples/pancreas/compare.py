@@ -23,12 +23,13 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from attention_gates.files import atomic_write
+
 from .config import Config
 from .evaluate import DISTANCES, METRICS, _jsonable, evaluate, summarize, write_results
 from .plots import attention_maps, plot_attention, plot_prediction, plot_training_curves
 from .report import (
     LABELS,
-    _write_atomic,
     comparison_sentence,
     comparison_table,
     plain_table,
@@ -288,7 +289,7 @@ def compare(
            "config": cfg.to_dict()}  # fmt: skip
     if seeds > 1:
         doc["results_by_seed"] = {str(s): r for s, r in results.items()}
-    _write_atomic(out / "comparison.json", json.dumps(_jsonable(doc), indent=2))
+    atomic_write(out / "comparison.json", json.dumps(_jsonable(doc), indent=2))
     print(plain_table(results_table({NAMES[m]: r for m, r in first.items()})))
     for comp in named:
         print(f"\nA = {comp['a']}, B = {comp['b']}, paired on the test cases:")

@@ -54,6 +54,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from attention_gates.files import atomic_write
+
 from .phantom import generate_phantom
 
 __all__ = [
@@ -443,13 +445,7 @@ def save_splits(splits: Mapping[str, Sequence[str]], path: str | os.PathLike) ->
     """
     splits = _check_splits(splits, str(path))
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(splits, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(splits, indent=2) + "\n")
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:

@@ -19,12 +19,15 @@ written.
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+
+from attention_gates.files import atomic_write
 
 from .config import Config
 from .data import _is_nifti, _nih_patient_folders, _strip_nifti, _visible_files, detect_layout, dicom_series, image_transforms, is_hidden
@@ -123,9 +126,7 @@ def _save(seg: np.ndarray, source: Path, affine: np.ndarray, target: Path) -> No
         result.header.set_xyzt_units("mm")
     result.set_qform(affine, codes[0])
     result.set_sform(affine, codes[1])
-    tmp = target.with_name(f".{target.name[: -len('.nii.gz')]}.tmp.nii.gz")
-    nib.save(result, str(tmp))
-    os.replace(tmp, target)
+    atomic_write(target, gzip.compress(result.to_bytes(), compresslevel=6, mtime=0))  # target: <name>.nii.gz
 
 
 def predict(

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from attention_gates.files import atomic_write
+
 from .evaluate import METRICS
 
 __all__ = ["format_metric", "results_table", "comparison_table", "comparison_sentence", "spread_sentence", "write_report"]
@@ -150,18 +152,6 @@ def spread_sentence(s: Mapping[str, Any], c: Mapping[str, Any], a: str, b: str, 
     return text + f": the {gap:.3f} between the models is larger than the seed's effect on either (sd up to {largest:.3f})."
 
 
-def _write_atomic(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _markdown(rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -253,7 +243,7 @@ def write_report(
             lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    return _write_atomic(path, "\n".join(lines))
+    return atomic_write(path, "\n".join(lines))
 
 
 def _comparison_lines(comparisons: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list[str]:

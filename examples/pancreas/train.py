@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
 from attention_gates import AttentionUNet, UNet, deep_supervision_weights
+from attention_gates.files import atomic_write
 from attention_gates.finetune import checkpoint_config, freeze_backbone
 
 from .config import Config
@@ -167,23 +169,8 @@ def model_from_checkpoint(
 
 
 def save_checkpoint(state: dict[str, Any], path: Union[str, Path]) -> None:
-    """``torch.save`` atomically: write a temporary file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` atomically and durably (:func:`attention_gates.files.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 # ----------------------------------------------------------------------------- data
@@ -409,12 +396,11 @@ def _read_log(path: Path, upto: int) -> list[dict[str, float]]:
 
 
 def _write_log(path: Path, rows: list[dict[str, float]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
-    os.replace(tmp, path)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
+    atomic_write(path, text.getvalue())
 
 
 def _peak_memory_mb(device: torch.device) -> float:

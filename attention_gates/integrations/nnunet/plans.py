@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from ...files import atomic_write
 from .network import (
     CLASS_NAME,
     GATE_DEFAULTS,
@@ -141,7 +141,7 @@ def write_attention_plans(
     if target.resolve() == source.resolve():
         raise ValueError(f"plans_name {plans_name!r} would overwrite the source plans {str(source)!r}: choose another name")
     plans, _ = attention_plans(json.loads(source.read_text()), plans_name, configurations, **gate_options)
-    _atomic_write(target, lambda f: f.write(json.dumps(plans, indent=4).encode() + b"\n"))
+    atomic_write(target, json.dumps(plans, indent=4) + "\n")
     return target
 
 
@@ -181,18 +181,5 @@ def convert_checkpoint(
     out = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "grad_scaler_state")}
     out.update(network_weights=net.state_dict(), init_args={**init_args, "plans": plans, "configuration": configuration},
                trainer_name=_TRAINER_NAME)  # fmt: skip
-    _atomic_write(target, lambda f: torch.save(out, f))
+    atomic_write(target, lambda f: torch.save(out, f))
     return target
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
