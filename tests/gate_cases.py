@@ -50,3 +50,76 @@ def functional_args(gate):
         gate.theta.weight, gate.phi.weight, gate.phi.bias, gate.psi.weight, gate.psi.bias,
         conv.weight, conv.bias, nrm.weight, nrm.bias, nrm.running_mean.clone(), nrm.running_var.clone(),
     ]  # fmt: skip
+
+
+# --- random gate calls, shared by the tests of every implementation ---------------------------
+
+import math  # noqa: E402
+from typing import NamedTuple, Optional  # noqa: E402
+
+from hypothesis import strategies as st  # noqa: E402
+
+
+class GateShape(NamedTuple):
+    """The sizes of one gate call: ``x = Tensor[n, c_l, *size]``, ``g = Tensor[n, c_g, *g_size]``,
+    theta ``Tensor[c_int, c_l, *k]`` (``d`` spatial dims)."""
+
+    d: int
+    n: int
+    c_l: int
+    c_g: int
+    c_int: int
+    k: tuple
+    size: tuple
+    g_size: tuple
+
+
+@st.composite
+def gate_shapes(draw, dims=(1, 2, 3), n=(1, 2), c_l=(1, 4), c_g=(1, 4), c_int=(1, 3), k=(1, 3), extra=(0, 4), g_size=(1, 5)):
+    """A :class:`GateShape`: every size at least the factor along its axis (odd ones included);
+    ``g_size=None`` puts g on theta's grid (``size // k``, no resampling of g). Each argument is an
+    inclusive ``(low, high)`` range (``dims`` the choices)."""
+    d = draw(st.sampled_from(dims))
+    kk = tuple(draw(st.integers(*k)) for _ in range(d))
+    size = tuple(f + draw(st.integers(*extra)) for f in kk)
+    gs = tuple(s // f for s, f in zip(size, kk)) if g_size is None else tuple(draw(st.integers(*g_size)) for _ in range(d))
+    return GateShape(d, draw(st.integers(*n)), draw(st.integers(*c_l)), draw(st.integers(*c_g)), draw(st.integers(*c_int)), kk, size, gs)
+
+
+def random_gate(shape: GateShape, *, W: bool = True, norm: str = "batch", affine: bool = True, bias: bool = True,
+                dtype=DT, seed: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor, GateWeights]:  # fmt: skip
+    """``(x, g, GateWeights)`` of ``shape`` with weights scaled by fan-in (outputs of order one, away
+    from any identity); ``W=False`` leaves out the output transform, ``norm`` decides which of the
+    norm's tensors exist (``"batch"``: affine parameters and running statistics)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    s = shape
+    one = (1,) * s.d
+    x, g = r(s.n, s.c_l, *s.size), r(s.n, s.c_g, *s.g_size)
+    theta = r(s.c_int, s.c_l, *s.k, scale=1 / math.sqrt(s.c_l * math.prod(s.k)))
+    phi_w, phi_b = r(s.c_int, s.c_g, *one, scale=1 / math.sqrt(s.c_g)), (r(s.c_int) if bias else None)
+    psi_w, psi_b = r(1, s.c_int, *one, scale=1 / math.sqrt(s.c_int)), (r(1) if bias else None)
+    w = GateWeights(theta, phi_w, phi_b, psi_w, psi_b)
+    if W:
+        extra = dict(W_weight=r(s.c_l, s.c_l, *one, scale=1 / math.sqrt(s.c_l)), W_bias=r(s.c_l))
+        if norm != "none" and affine:
+            extra.update(norm_weight=1 + 0.3 * r(s.c_l), norm_bias=r(s.c_l))
+        if norm == "batch":
+            var = (0.5 + torch.rand(s.c_l, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+            extra.update(running_mean=r(s.c_l), running_var=var)
+        w = w._replace(**extra)
+    return x, g, w
+
+
+def clone_weights(w: GateWeights, requires_grad: Optional[bool] = None) -> GateWeights:
+    """A copy of ``w`` (running statistics included, so that an update in place shows in one copy only)."""
+    def c(t, statistic):
+        if t is None:
+            return None
+        t = t.detach().clone()
+        return t.requires_grad_(requires_grad) if requires_grad is not None and not statistic else t
+
+    return GateWeights(*(c(t, name.startswith("running_")) for name, t in zip(GateWeights._fields, w)))

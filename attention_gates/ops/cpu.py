@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import GateOptions, GateWeights
+from .reference import GateOptions, GateWeights, update_running_stats
 
 __all__ = ["grid_attention_cpu", "multi_gate_inference_cpu", "conv", "conv1x1", "onednn_applies"]
 
@@ -334,7 +334,7 @@ class _GridAttentionCPU(torch.autograd.Function):
                 # vector_norm over dims (0, 2) of a channels-last U took 4.4 ms, this 1.0 ms (same accuracy)
                 invstd = torch.rsqrt(var + cfg.eps)
                 torch.addcmul(beta[:, None], U, (gamma * invstd)[:, None], out=U)
-                _update_running(w, mean + b, var * (n / (n - 1)), cfg.momentum)
+                update_running_stats(w, mean + b, var, n, cfg.momentum)
                 stats = (invstd,)
             else:
                 if cfg.norm == "batch":  # fold the evaluation-mode affine map into W0 and b
@@ -384,13 +384,6 @@ class _GridAttentionCPU(torch.autograd.Function):
         grads = [None if gr is None else gr.to(inp.dtype) if gr.shape == inp.shape else gr.to(inp.dtype).view(inp.shape)
                  for gr, inp in zip(grads, inputs)]  # fmt: skip
         return (*grads, None, None, None)
-
-
-def _update_running(w: GateWeights, mean: Tensor, var: Tensor, momentum: float) -> None:
-    """The norm's running statistics, moved towards this batch's ``mean`` and unbiased ``var`` (in place)."""
-    if w.running_mean is not None:
-        w.running_mean.mul_(1 - momentum).add_(mean.to(w.running_mean.dtype), alpha=momentum)
-        w.running_var.mul_(1 - momentum).add_(var.to(w.running_var.dtype), alpha=momentum)
 
 
 def _output_params(w: GateWeights, dtype):

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import measured
 from .reference import GateOptions, GateWeights, grid_attention_reference
+from .triton.support import interpreting, shape_reasons
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "get_backend", "use_backend", "not_supported_reasons", "select", "chosen", "measured_key"]
 
@@ -97,10 +98,6 @@ def use_backend(name: str) -> Iterator[None]:
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once; does not import it
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _needs_grad(x: Tensor, g: Tensor, w: GateWeights) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, g, *w))
 
@@ -127,7 +124,7 @@ def _triton_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> l
     if not _HAS_TRITON:
         reasons.append("Triton is not installed (pip install 'attention-gates[triton]')")
     if x.device.type == "cpu":
-        if not _interpreting():
+        if not interpreting():
             reasons.append("x is on the CPU: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)")
     elif x.device.type != "cuda":
         reasons.append(f"device {x.device.type!r}: Triton kernels need a CUDA tensor")
@@ -138,8 +135,6 @@ def _triton_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> l
             "torch.use_deterministic_algorithms(True): g is resampled onto theta's grid by F.interpolate, "
             "whose CUDA backward adds with atomics (give g on theta's grid, x's size // the subsample factor)"
         )
-    from .triton.support import shape_reasons
-
     return reasons + shape_reasons(x, g, w.theta_weight)
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GateWeights", "GateOptions", "grid_attention_reference", "check_gate_inputs", "resample"]
+__all__ = ["GateWeights", "GateOptions", "grid_attention_reference", "check_gate_inputs", "resample", "update_running_stats"]
 
 SIGMA1 = ("relu", "softplus")
 SIGMA2 = ("sigmoid", "softmax")
@@ -155,6 +155,22 @@ def grid_attention_reference(x: Tensor, g: Tensor, w: GateWeights, opt: GateOpti
     if w.W_weight is not None:
         y = _normalize(convNd(y, w.W_weight, w.W_bias), w, opt)
     return y, alpha
+
+
+def update_running_stats(w: GateWeights, mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
+    """Move ``w``'s running statistics towards a batch's, in place, as :func:`torch.nn.functional.batch_norm` does.
+
+    ``mean`` and ``var`` are the batch's per-channel mean and biased variance over ``count``
+    values; the running variance follows the unbiased one (``var * count / (count - 1)``).
+    Nothing happens when ``w`` has no running statistics. For the fused implementations, whose
+    forward computes the statistics itself.
+    """
+    if w.running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        w.running_mean.mul_(1 - momentum).add_(mean.to(w.running_mean.dtype), alpha=momentum)
+        w.running_var.mul_(1 - momentum).add_(unbiased.to(w.running_var.dtype), alpha=momentum)
 
 
 def _desc(t: Tensor) -> str:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import GateOptions, GateWeights, resample
+from ..reference import GateOptions, GateWeights, resample, update_running_stats
 from . import launch
 
 __all__ = ["grid_attention_triton"]
@@ -138,9 +138,6 @@ def grid_attention_triton(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions
         running_var if has_norm and not use_batch_stats else None,
         use_batch_stats, float(eps), sigma1 == "softplus", bool(align_corners),
     )  # fmt: skip
-    if use_batch_stats and training and running_mean is not None:
-        n = x.numel() // C
-        with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
+    if use_batch_stats and training:
+        update_running_stats(w, mean, var, x.numel() // C, momentum)
     return out, alpha

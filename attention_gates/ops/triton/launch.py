@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Iterator, Optional
 
 import torch
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from . import kernels as K
 from . import tiles
+from .support import interpreting
 
 __all__ = ["gate_forward", "gate_backward", "dot_precision", "plan_for", "weight_grad_sizes"]
 
@@ -66,10 +66,6 @@ PASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _as_3d(shape) -> tuple[int, int, int]:
@@ -120,7 +116,7 @@ def dot_precision(x: Tensor) -> str:
     TF32 for the reference's convolutions, ``"tf32x3"`` (float32 accuracy on the tensor cores)
     where the user turned TF32 off, ``"ieee"`` in the interpreter and for other dtypes (16-bit
     operands are dotted in their own dtype; float64 in float64)."""
-    on_gpu = bool(_TARGET) or (x.device.type == "cuda" and not _interpreting())
+    on_gpu = bool(_TARGET) or (x.device.type == "cuda" and not interpreting())
     if x.dtype != torch.float32 or not on_gpu:
         return "ieee"
     return "tf32" if cudnn_conv_tf32() else "tf32x3"
@@ -154,7 +150,7 @@ def _tiles(x: Tensor, channels: int) -> tuple[tiles.Tiles, int, int]:
     the coarse and of the fine kernels takes."""
     if _TARGET:
         arch, sms = _TARGET[-1]
-    elif _interpreting() or x.device.type != "cuda":
+    elif interpreting() or x.device.type != "cuda":
         return tiles.INTERPRETER, tiles.INTERPRETER_PROGRAMS, tiles.INTERPRETER_PROGRAMS
     else:
         arch, sms = _device_programs(x.device.index if x.device.index is not None else torch.cuda.current_device())

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
 MAX_CHANNELS = 256  # x's channels (F_l) and F_int: one register tile per program (tiles.TABLE's largest bucket)
 MAX_GATING_CHANNELS = 512
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels through its interpreter (``TRITON_INTERPRET=1``), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def shape_reasons(x: Tensor, g: Tensor, theta_weight: Tensor) -> list[str]:
