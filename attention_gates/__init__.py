@@ -16,6 +16,7 @@ from .nets import (
     attention_unet_from_unet,
     checkpoint_config,
     init_passthrough,
+    network_from_config,
 )
 from .ops import BackendUnavailableError, get_backend, use_backend
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_oktay_state_dict",
     "attention_unet_from_unet",
     "checkpoint_config",
+    "network_from_config",
     "TransferReport",
     "init_passthrough",
     "gate_parameters",

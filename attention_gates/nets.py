@@ -64,6 +64,7 @@ __all__ = [
     "TransferReport",
     "attention_unet_from_unet",
     "checkpoint_config",
+    "network_from_config",
     "init_passthrough",
 ]
 
@@ -461,6 +462,36 @@ def checkpoint_config(net: UNet) -> dict[str, Any]:
             gate_output_transform=gate.W is not None,
         )  # fmt: skip
     return config
+
+
+def network_from_config(config: Mapping[str, Any], **overrides: Any) -> UNet:
+    """The network a checkpoint's ``"config"`` describes (the inverse of :func:`checkpoint_config`).
+
+    ``config["arch"]`` names the class (``"UNet"`` or ``"AttentionUNet"``); the other entries are
+    its constructor arguments, ``overrides`` (e.g. ``backend=``) replace or add some. The weights
+    are not loaded: ``net.load_state_dict(checkpoint["model"])`` does that.
+
+    Raises:
+        TypeError: ``config`` is not a dict.
+        ValueError: an unknown ``"arch"``, or arguments the class does not take (named).
+
+    Example:
+        >>> net = AttentionUNet(3, filters=[4, 8, 16])
+        >>> type(network_from_config(checkpoint_config(net))).__name__
+        'AttentionUNet'
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (a checkpoint's 'config'), got {type(config).__name__}")
+    classes = {"UNet": UNet, "AttentionUNet": AttentionUNet}
+    cls = classes.get(config.get("arch"))
+    if cls is None:
+        raise ValueError(f"config['arch'] must be one of {sorted(classes)}, got {config.get('arch')!r}")
+    kwargs = {**{k: v for k, v in config.items() if k != "arch"}, **overrides}
+    takes = _CONFIG_KEYS if cls is AttentionUNet else _constructor_keys(UNet)
+    unknown = sorted(set(kwargs) - takes)
+    if unknown:
+        raise ValueError(f"{cls.__name__} does not take {unknown}; it takes {sorted(takes)}")
+    return cls(**kwargs)
 
 
 def _read_source(source: Source) -> tuple[dict[str, Tensor], Optional[dict[str, Any]]]:

@@ -447,3 +447,26 @@ def test_freeze_needs_an_attention_unet():
         freeze_backbone(UNet2D())
     with pytest.raises(TypeError, match="model must be an AttentionUNet, got UNet2D"):
         unfreeze(UNet2D())
+
+
+@pytest.mark.parametrize("arch", ["UNet", "AttentionUNet"])
+def test_network_from_config_rebuilds_the_network_of_checkpoint_config(arch):
+    from attention_gates import AttentionUNet, UNet, checkpoint_config, network_from_config
+
+    cls = {"UNet": UNet, "AttentionUNet": AttentionUNet}[arch]
+    extra = {"heads": 1, "attention_levels": (1, 2)} if arch == "AttentionUNet" else {}
+    net = cls(2, 3, 4, filters=[4, 8, 16], norm="group", num_groups=2, **extra)
+    again = network_from_config(checkpoint_config(net))
+    assert type(again) is cls and again.load_state_dict(net.state_dict()) is not None
+    assert checkpoint_config(again) == checkpoint_config(net)
+
+
+def test_network_from_config_errors_name_the_problem():
+    from attention_gates import network_from_config
+
+    with pytest.raises(TypeError, match="must be a dict"):
+        network_from_config(["UNet"])
+    with pytest.raises(ValueError, match="config\\['arch'\\] must be one of"):
+        network_from_config({"arch": "VNet"})
+    with pytest.raises(ValueError, match="does not take \\['heads'\\]"):
+        network_from_config({"arch": "UNet", "spatial_dims": 3, "heads": 2})
