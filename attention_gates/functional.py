@@ -84,9 +84,13 @@ def grid_attention(
         (torch.Size([2, 8, 16, 16]), torch.Size([2, 1, 16, 16]))
     """
     w = GateWeights(
-        theta_weight, phi_weight, phi_bias, psi_weight, psi_bias, W_weight, W_bias, norm_weight, norm_bias,
-        running_mean, running_var,
+        theta_weight=theta_weight, phi_weight=phi_weight, phi_bias=phi_bias, psi_weight=psi_weight, psi_bias=psi_bias,
+        W_weight=W_weight, W_bias=W_bias, norm_weight=norm_weight, norm_bias=norm_bias,
+        running_mean=running_mean, running_var=running_var,
     )  # fmt: skip
-    opt = GateOptions(norm, num_groups, training, momentum, eps, sigma1, sigma2, align_corners)
+    opt = GateOptions(
+        norm=norm, num_groups=num_groups, training=training, momentum=momentum, eps=eps,
+        sigma1=sigma1, sigma2=sigma2, align_corners=align_corners,
+    )  # fmt: skip
     check_gate_inputs(x, g, w, opt)
     return dispatch.select(backend, x, g, w, opt)(x, g, w, opt)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as AF
-from .layers import Factor, as_tuple, check_spatial_dims, conv_nd, init_kaiming, norm_nd
-from .ops import check_name
+from .layers import Factor, as_tuple, check_spatial_dims, constructor_repr, conv_nd, init_kaiming, norm_nd
+from .ops import GateWeights, check_name
 
 __all__ = ["GridAttentionGate", "GridAttentionGate2D", "GridAttentionGate3D", "MultiAttentionGate"]
 
@@ -83,6 +83,8 @@ class GridAttentionGate(nn.Module):
         self.subsample_factor = as_tuple(subsample_factor, spatial_dims)
         self.sigma1, self.sigma2 = sigma1, sigma2
         self.norm = norm
+        self.num_groups = num_groups
+        self.output_transform = output_transform
         self.align_corners = align_corners
         self.backend = None if backend is None else check_name(backend)
         Conv = conv_nd(spatial_dims)
@@ -95,10 +97,6 @@ class GridAttentionGate(nn.Module):
             self.W = nn.Sequential(Conv(in_channels, in_channels, kernel_size=1), norm_nd(norm, spatial_dims, in_channels, num_groups))
         init_kaiming(self)
 
-    @property
-    def num_groups(self) -> int:
-        return self.W[1].num_groups if self.W is not None and isinstance(self.W[1], nn.GroupNorm) else 1
-
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         if isinstance(x, Tensor) and x.dim() != self.spatial_dims + 2:
             raise ValueError(
@@ -108,33 +106,55 @@ class GridAttentionGate(nn.Module):
         # under SyncBatchNorm the gate gives alpha * x and the modules apply W, so that W's
         # statistics are synchronised across processes
         sync = self.W is not None and isinstance(self.W[1], nn.SyncBatchNorm)
-        W_weight = W_bias = nw = nb = rm = rv = None
-        momentum = 0.0
-        eps = 1e-5
-        if self.W is not None and not sync:
-            conv, nrm = self.W[0], self.W[1]
-            W_weight, W_bias = conv.weight, conv.bias
-            if not isinstance(nrm, nn.Identity):
-                nw, nb = nrm.weight, nrm.bias
-                eps = nrm.eps
-            if isinstance(nrm, nn.modules.batchnorm._BatchNorm):
-                momentum = _bn_momentum(nrm, self.training)
-                rm, rv = nrm.running_mean, nrm.running_var  # None without track_running_stats
+        weights = self._weights(with_output_transform=not sync)
         out, alpha = AF.grid_attention(
-            x, g, self.theta.weight, self.phi.weight, self.phi.bias, self.psi.weight, self.psi.bias,
-            W_weight, W_bias, nw, nb, rm, rv,
-            norm=self.norm, num_groups=self.num_groups, training=self.training or rm is None,
-            momentum=momentum, eps=eps, sigma1=self.sigma1, sigma2=self.sigma2,
-            align_corners=self.align_corners, backend=self.backend,
+            x, g, **weights._asdict(), **self._norm_options(weights),
+            sigma1=self.sigma1, sigma2=self.sigma2, align_corners=self.align_corners, backend=self.backend,
         )  # fmt: skip
         return (self.W(out) if sync else out), alpha
 
+    def _weights(self, with_output_transform: bool) -> GateWeights:
+        """The gate's tensors by field; ``W``'s (and its norm's) only ``with_output_transform``."""
+        fields = dict(
+            theta_weight=self.theta.weight, phi_weight=self.phi.weight, phi_bias=self.phi.bias,
+            psi_weight=self.psi.weight, psi_bias=self.psi.bias,
+        )  # fmt: skip
+        if self.W is None or not with_output_transform:
+            return GateWeights(**fields)
+        conv, norm = self.W[0], self.W[1]
+        fields.update(W_weight=conv.weight, W_bias=conv.bias)
+        if not isinstance(norm, nn.Identity):
+            fields.update(norm_weight=norm.weight, norm_bias=norm.bias)
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            fields.update(running_mean=norm.running_mean, running_var=norm.running_var)  # None without track_running_stats
+        return GateWeights(**fields)
+
+    def _norm_options(self, weights: GateWeights) -> dict[str, object]:
+        """The output norm's options of :func:`~attention_gates.functional.grid_attention` for
+        ``weights``; counts the batch as :class:`torch.nn.BatchNorm3d` does when it updates its statistics."""
+        training = self.training or weights.running_mean is None  # no running statistics: the batch's
+        options: dict[str, object] = dict(norm=self.norm, num_groups=1, training=training, momentum=0.0, eps=1e-5)
+        if weights.W_weight is None:
+            return options
+        norm = self.W[1]
+        if isinstance(norm, nn.GroupNorm):
+            options["num_groups"] = norm.num_groups  # the groups it got: the largest divisor of F_l up to num_groups
+        if not isinstance(norm, nn.Identity):
+            options["eps"] = norm.eps
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            options["momentum"] = _bn_momentum(norm, self.training)
+        return options
+
     def extra_repr(self) -> str:
-        return (
-            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, gating_channels={self.gating_channels}, "
-            f"inter_channels={self.inter_channels}, subsample_factor={self.subsample_factor}, sigma1={self.sigma1!r}, "
-            f"sigma2={self.sigma2!r}, norm={self.norm!r}, backend={self.backend!r}"
-        )
+        return constructor_repr(
+            self,
+            dict(
+                spatial_dims=self.spatial_dims, in_channels=self.in_channels, gating_channels=self.gating_channels,
+                inter_channels=self.inter_channels, subsample_factor=self.subsample_factor, sigma1=self.sigma1,
+                sigma2=self.sigma2, output_transform=self.output_transform, norm=self.norm,
+                num_groups=self.num_groups, align_corners=self.align_corners, backend=self.backend,
+            ),
+        )  # fmt: skip
 
 
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm, training: bool) -> float:
@@ -197,6 +217,8 @@ class MultiAttentionGate(nn.Module):
         if not isinstance(heads, int) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
         self.heads = heads
+        self.norm = norm
+        self.num_groups = num_groups
         self.gates = nn.ModuleList(
             GridAttentionGate(
                 spatial_dims, in_channels, gating_channels, inter_channels, subsample_factor,
@@ -215,6 +237,19 @@ class MultiAttentionGate(nn.Module):
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         outs, alphas = zip(*(gate(x, g) for gate in self.gates))
         return self.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
+
+    def extra_repr(self) -> str:
+        # the heads' arguments are the heads' own (set_backend may change their backend): read there
+        head = self.gates[0]
+        return constructor_repr(
+            self,
+            dict(
+                spatial_dims=head.spatial_dims, in_channels=head.in_channels, gating_channels=head.gating_channels,
+                inter_channels=head.inter_channels, subsample_factor=head.subsample_factor, heads=self.heads,
+                norm=self.norm, num_groups=self.num_groups, sigma1=head.sigma1, sigma2=head.sigma2,
+                output_transform=head.output_transform, align_corners=head.align_corners, backend=head.backend,
+            ),
+        )  # fmt: skip
 
     def folded_output_map(self) -> Optional[tuple[Tensor, Tensor]]:
         """Everything after the gates' attention maps as one affine map, in evaluation mode.

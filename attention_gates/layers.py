@@ -1,4 +1,5 @@
-"""Layer factories for N-d networks: convolutions, normalisations, initialisation, per-axis sizes.
+"""Layer factories for N-d networks: convolutions, normalisations, initialisation, per-axis sizes,
+and the constructor echo of the library's modules' ``extra_repr``.
 
 As MONAI's factories, these pick the 1D/2D/3D PyTorch layer for ``spatial_dims``, so that the
 gates, blocks and networks above are written once for every dimensionality.
@@ -6,13 +7,24 @@ gates, blocks and networks above are written once for every dimensionality.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import inspect
+from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
 
 from .ops.reference import NORMS
 
-__all__ = ["Factor", "NORMS", "check_spatial_dims", "conv_nd", "norm_nd", "group_count", "as_tuple", "init_kaiming"]
+__all__ = [
+    "Factor",
+    "NORMS",
+    "check_spatial_dims",
+    "conv_nd",
+    "norm_nd",
+    "group_count",
+    "as_tuple",
+    "init_kaiming",
+    "constructor_repr",
+]
 
 Factor = Union[int, Sequence[int]]
 
@@ -43,6 +55,8 @@ def norm_nd(norm: str, spatial_dims: int, channels: int, num_groups: int = 8) ->
     if norm == "instance":
         return (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1](channels, affine=True)
     if norm == "group":
+        if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
         return nn.GroupNorm(group_count(num_groups, channels), channels)
     if norm == "none":
         return nn.Identity()
@@ -69,3 +83,19 @@ def init_kaiming(module: nn.Module) -> None:
         elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def constructor_repr(module: nn.Module, arguments: Mapping[str, Any]) -> str:
+    """``name=value, ...`` of ``module``'s constructor ``arguments``, for its ``extra_repr``.
+
+    A printed module then says how to build it again (``eval`` of the class name and this text
+    gives an equal module), as einops' layers do. ``spatial_dims`` is left out for a class whose
+    constructor does not take it (a 2D or 3D face, which fixes it).
+
+    Example:
+        >>> from attention_gates import GridAttentionGate2D
+        >>> GridAttentionGate2D(4, 6).extra_repr()[:60]
+        'in_channels=4, gating_channels=6, inter_channels=2, subsampl'
+    """
+    takes = inspect.signature(type(module)).parameters
+    return ", ".join(f"{k}={v!r}" for k, v in arguments.items() if k != "spatial_dims" or k in takes)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import attention_gates
 from attention_gates import GridAttentionGate, GridAttentionGate2D, GridAttentionGate3D, MultiAttentionGate
+from attention_gates import functional as AF
+from attention_gates.functional import GateWeights
 from gate_cases import DT, functional_args, inputs, randomise, reference
 
 
@@ -133,14 +136,63 @@ def test_output_transform_false():
 
 def test_repr():
     text = repr(GridAttentionGate(3, 4, 6, subsample_factor=(2, 2, 1), backend="reference"))
-    assert text.startswith("GridAttentionGate(")
-    for part in (
-        "spatial_dims=3, in_channels=4, gating_channels=6, inter_channels=2, subsample_factor=(2, 2, 1)",
-        "sigma1='relu', sigma2='sigmoid', norm='batch', backend='reference'",
-        "(theta): Conv3d(4, 2, kernel_size=(2, 2, 1), stride=(2, 2, 1), bias=False)",
-        "(W): Sequential(",
-    ):
+    assert text.startswith(
+        "GridAttentionGate(\n  spatial_dims=3, in_channels=4, gating_channels=6, inter_channels=2, subsample_factor=(2, 2, 1), "
+        "sigma1='relu', sigma2='sigmoid', output_transform=True, norm='batch', num_groups=8, align_corners=False, "
+        "backend='reference'\n"
+    )
+    for part in ("(theta): Conv3d(4, 2, kernel_size=(2, 2, 1), stride=(2, 2, 1), bias=False)", "(W): Sequential("):
         assert part in text
+
+
+REBUILT = {  # id: a gate built with every argument away from its default
+    "GridAttentionGate": lambda: GridAttentionGate(
+        1, 3, 5, inter_channels=4, subsample_factor=3, sigma1="softplus", sigma2="softmax", output_transform=False,
+        norm="group", num_groups=2, align_corners=True, backend="reference",
+    ),
+    "GridAttentionGate2D": lambda: GridAttentionGate2D(4, 6, 3, (2, 1), norm="instance"),
+    "GridAttentionGate3D": lambda: GridAttentionGate3D(4, 6, norm="none", backend="cpu"),
+    "MultiAttentionGate": lambda: MultiAttentionGate(
+        2, 4, 6, inter_channels=5, subsample_factor=(1, 2), heads=3, norm="group", num_groups=2, sigma1="softplus",
+        output_transform=False, align_corners=True, backend="reference",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("make", REBUILT.values(), ids=REBUILT.keys())
+def test_repr_builds_the_gate_again(make):
+    """``eval`` of the class name and ``extra_repr`` gives a gate of the same arguments and state."""
+    gate = make()
+    again = eval(f"{type(gate).__name__}({gate.extra_repr()})", vars(attention_gates))
+    assert type(again) is type(gate) and repr(again) == repr(gate)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in gate.state_dict().items()}
+    assert "spatial_dims=" in gate.extra_repr() or type(gate) in (GridAttentionGate2D, GridAttentionGate3D)
+
+
+def test_module_passes_its_tensors_by_field_name(monkeypatch):
+    """The module names each tensor (GateWeights' fields) in its call of functional.grid_attention."""
+    calls = []
+    real = AF.grid_attention
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AF, "grid_attention", spy)
+    gate = randomise(GridAttentionGate(3, 4, 6).to(DT)).train()
+    x, g = inputs()
+    gate(x, g)
+    (args, kwargs), = calls
+    assert len(args) == 2 and args[0] is x and args[1] is g
+    conv, bn = gate.W
+    named = {
+        "theta_weight": gate.theta.weight, "phi_weight": gate.phi.weight, "phi_bias": gate.phi.bias,
+        "psi_weight": gate.psi.weight, "psi_bias": gate.psi.bias, "W_weight": conv.weight, "W_bias": conv.bias,
+        "norm_weight": bn.weight, "norm_bias": bn.bias, "running_mean": bn.running_mean, "running_var": bn.running_var,
+    }  # fmt: skip
+    assert set(named) == set(GateWeights._fields)
+    assert all(kwargs[k] is v for k, v in named.items())
+    assert (kwargs["norm"], kwargs["training"], kwargs["momentum"], kwargs["eps"]) == ("batch", True, 0.1, bn.eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +245,7 @@ def test_batch_norm_without_running_stats():
 def test_other_norms_as_nn_layers(norm, cls):
     gate = randomise(GridAttentionGate(3, 6, 4, norm=norm, num_groups=3).to(DT))
     assert isinstance(gate.W[1], cls)
-    assert gate.num_groups == (3 if norm == "group" else 1)
+    assert gate.num_groups == 3  # the argument, kept whatever the norm
     twin, _ = manual_twin(gate)
     x, g = inputs(c_l=6, c_g=4)
     for mode in (True, False):
@@ -203,7 +255,10 @@ def test_other_norms_as_nn_layers(norm, cls):
 
 def test_group_norm_groups_divide_channels():
     gate = GridAttentionGate(2, 6, 4, norm="group", num_groups=4)
-    assert gate.W[1].num_groups == gate.num_groups == 3
+    assert gate.W[1].num_groups == 3 and gate.num_groups == 4  # the norm got the largest divisor of 6 up to 4
+    x, g = inputs(d=2, c_l=6, c_g=4)
+    twin, _ = manual_twin(gate.to(DT))
+    close(gate(x, g)[0], twin(x, g))  # and the gate normalises with the groups the norm got
 
 
 # ---------------------------------------------------------------------------------------------
