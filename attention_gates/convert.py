@@ -34,18 +34,24 @@ Example:
     ...                                  "dsv4.dsv.0.weight": torch.zeros(2, 128, 1, 1, 1)}))
     ['gates.3.gates.1.psi.bias', 'head.convs.3.weight']
 
-    Loading a checkpoint of the multi-attention model (trained with PyTorch < 0.4)::
+    Loading a checkpoint of the multi-attention model (trained with PyTorch < 0.4). The authors'
+    code saves ``network.state_dict()`` alone (``torch.save`` in their ``save_network``), named
+    ``<epoch>_net_<label>.pth``; give its path, or the dict ``torch.load`` read from it::
 
         model = AttentionUNet3D(in_channels=1, out_channels=2, align_corners=True)
-        load_oktay_state_dict(model, torch.load("checkpoint.pth", map_location="cpu"))
+        load_oktay_state_dict(model, "300_net_S.pth")
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Union
 
+import torch
 from torch import Tensor, nn
+
+from .nets import AttentionUNet, UNet
 
 __all__ = ["load_oktay_state_dict", "convert_oktay_state_dict", "OktayCheckpointError", "IncompatibleKeys"]
 
@@ -108,14 +114,33 @@ def _split(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
     return converted, origin, unknown
 
 
-def convert_oktay_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The authors' state dict under our key names (the same tensors, not copied).
+def _read_state_dict(state_dict: Union[Mapping[str, Tensor], str, os.PathLike]) -> Mapping[str, Tensor]:
+    """The authors' state dict: ``state_dict`` itself, or the one in the file it names."""
+    if isinstance(state_dict, (str, os.PathLike)):
+        path = os.fspath(state_dict)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"the file {path!r} must hold the authors' state dict (a dict), got {type(state_dict).__name__}")
+    elif not isinstance(state_dict, Mapping):
+        raise TypeError(
+            "state_dict must be the authors' state dict (a dict of tensors, e.g. from torch.load) or the path of "
+            f"their checkpoint file, got {type(state_dict).__name__}"
+        )
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"state_dict must map names to tensors; got non-tensor entries {bad[:5]}")
+    return state_dict
+
+
+def convert_oktay_state_dict(state_dict: Union[Mapping[str, Tensor], str, os.PathLike]) -> dict[str, Tensor]:
+    """The authors' state dict (or that of their checkpoint file) under our key names (the same tensors, not copied).
 
     Raises:
         OktayCheckpointError: for keys outside the authors' modules (listed). Keys are renamed
             by their module prefix alone; :func:`load_oktay_state_dict` checks them against a model.
+        TypeError: ``state_dict`` is neither a dict of tensors nor a path.
     """
-    converted, _, unknown = _split(state_dict)
+    converted, _, unknown = _split(_read_state_dict(state_dict))
     if unknown:
         raise OktayCheckpointError(f"keys not of the authors' unet_CT_*_dsv_3D layout: {_some(unknown)}")
     return converted
@@ -132,8 +157,6 @@ def _heads(state_dict: Mapping[str, Tensor]) -> int:
 
 
 def _check_model(model: nn.Module, heads: int) -> None:
-    from .nets import AttentionUNet, UNet
-
     variant = f"the checkpoint is the authors' {_VARIANTS[heads]}, which loads into {_OURS[heads]}"
     if not isinstance(model, UNet):
         raise TypeError(f"model must be a UNet or AttentionUNet, got {type(model).__name__}")
@@ -159,7 +182,9 @@ def _check_model(model: nn.Module, heads: int) -> None:
         raise OktayCheckpointError(f"{variant}; the model differs: {', '.join(wrong)}")
 
 
-def load_oktay_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True) -> IncompatibleKeys:
+def load_oktay_state_dict(
+    model: nn.Module, state_dict: Union[Mapping[str, Tensor], str, os.PathLike], *, strict: bool = True
+) -> IncompatibleKeys:
     """Load a state dict of the authors' ``unet_CT_{multi_att,single_att,}_dsv_3D`` into ``model``.
 
     See the module docstring for which model takes which checkpoint; build ours with
@@ -168,7 +193,8 @@ def load_oktay_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *,
     Args:
         model: :class:`~attention_gates.AttentionUNet3D` (``heads=2`` or ``heads=1``) or
             :class:`~attention_gates.UNet3D`, with the checkpoint's channels and filters.
-        state_dict: the authors' ``network.state_dict()``, e.g. from :func:`torch.load`.
+        state_dict: the authors' ``network.state_dict()`` (e.g. from :func:`torch.load`), or the
+            path of their checkpoint file (read with ``torch.load(weights_only=True)`` onto the CPU).
         strict: raise for missing and unexpected keys; with ``False`` they are skipped and
             returned. Shapes must match either way.
 
@@ -180,8 +206,10 @@ def load_oktay_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *,
             model, a model that differs from the authors' layout, mis-shaped tensors (naming the
             key, the model's and the checkpoint's shape) and, when ``strict``, missing or
             unexpected keys (naming them).
-        TypeError: when ``model`` is not a :class:`~attention_gates.UNet`.
+        TypeError: ``model`` is not a :class:`~attention_gates.nets.UNet`; ``state_dict`` is neither
+            a dict of tensors nor a path (or the file holds no dict).
     """
+    state_dict = _read_state_dict(state_dict)
     converted, origin, unknown = _split(state_dict)
     if not converted:
         raise OktayCheckpointError(

@@ -319,3 +319,48 @@ def test_not_a_unet():
 def test_not_their_checkpoint():
     with pytest.raises(OktayCheckpointError, match=r"no key of the state dict is of the authors'.*'encoders\.0\.conv1\.0\.weight'"):
         load_oktay_state_dict(UNet3D(), UNet3D().state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# what state_dict may be: the dict, or the path of the authors' file (a bare state dict)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_path", [str, lambda p: p], ids=["str", "Path"])
+def test_loads_the_authors_file_from_its_path(tmp_path, as_path):
+    sd = their_state_dict(0)
+    path = tmp_path / "300_net_S.pth"  # their save_network: torch.save(network.cpu().state_dict(), path)
+    torch.save(sd, path)
+    model = ours(0)
+    assert load_oktay_state_dict(model, as_path(path)) == IncompatibleKeys([], [])
+    assert torch.equal(model.head.fuse.weight, sd["final.weight"])
+    assert set(convert_oktay_state_dict(as_path(path))) == set(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "state_dict,match",
+    [
+        ([("conv1.conv1.0.weight", torch.zeros(1))], r"state_dict must be the authors' state dict .* or the path .*got list"),
+        (None, r"state_dict must be the authors' state dict .*got NoneType"),
+        (3, r"got int"),
+        ({"conv1.conv1.0.weight": 1.0, "epoch": 3}, r"state_dict must map names to tensors; got non-tensor entries \['conv1\.conv1\.0\.weight', 'epoch'\]"),
+    ],
+    ids=["list", "None", "int", "non-tensor values"],
+)
+def test_other_kinds_of_state_dict_are_a_type_error(state_dict, match):
+    with pytest.raises(TypeError, match=match):
+        load_oktay_state_dict(ours(0), state_dict)
+    with pytest.raises(TypeError, match=match):
+        convert_oktay_state_dict(state_dict)
+
+
+def test_a_file_without_a_dict_is_a_type_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(TypeError, match=r"the file '.*weights\.pth' must hold the authors' state dict \(a dict\), got list"):
+        load_oktay_state_dict(ours(0), path)
+
+
+def test_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        load_oktay_state_dict(ours(0), tmp_path / "nothing.pth")
