@@ -5,20 +5,9 @@ from .convert import load_oktay_state_dict
 from .finetune import freeze_backbone, gate_parameters, unfreeze
 from .functional import grid_attention
 from .gates import GridAttentionGate, GridAttentionGate2D, GridAttentionGate3D, MultiAttentionGate
-from .nets import (
-    AttentionUNet,
-    AttentionUNet2D,
-    AttentionUNet3D,
-    TransferReport,
-    UNet,
-    UNet2D,
-    UNet3D,
-    attention_unet_from_unet,
-    checkpoint_config,
-    init_passthrough,
-    network_from_config,
-)
+from .nets import AttentionUNet, AttentionUNet2D, AttentionUNet3D, UNet, UNet2D, UNet3D
 from .ops import BackendUnavailableError, get_backend, use_backend
+from .transfer import TransferReport, attention_unet_from_unet, checkpoint_config, init_passthrough, network_from_config
 
 __version__ = "0.1.0"
 

@@ -109,7 +109,7 @@ class DeepSupervisionHead(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: Sequence[int], out_channels: int, mode: str = "fused", align_corners: bool = False) -> None:
         super().__init__()
         if mode not in self.MODES:
-            raise ValueError(f"deep_supervision must be one of {self.MODES}, got {mode!r}")
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         Conv = conv_nd(spatial_dims)
         self.mode = mode
         self.align_corners = align_corners

@@ -1,17 +1,19 @@
 """Train only the gates of an Attention U-Net started from a trained U-Net.
 
 :meth:`AttentionUNet.from_unet <attention_gates.nets.AttentionUNet.from_unet>`
-(:func:`~attention_gates.nets.attention_unet_from_unet`) copies a trained U-Net into an Attention
+(:func:`~attention_gates.transfer.attention_unet_from_unet`) copies a trained U-Net into an Attention
 U-Net with pass-through gates; :func:`freeze_backbone` then trains the gates (and the gating
 signal) alone, with the copied layers' batch-norm statistics held fixed, and :func:`unfreeze`
-trains everything again. The transfer's names are importable from here too.
+trains everything again. The transfer's names (:mod:`attention_gates.transfer`) are importable
+from here too.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .nets import GATE_MODULES, AttentionUNet, TransferReport, attention_unet_from_unet, checkpoint_config, init_passthrough
+from .nets import GATE_MODULES, AttentionUNet, require_attention_unet
+from .transfer import TransferReport, attention_unet_from_unet, checkpoint_config, init_passthrough
 
 __all__ = [
     "TransferReport",
@@ -24,15 +26,9 @@ __all__ = [
 ]
 
 
-def _attention_unet(model) -> AttentionUNet:
-    if not isinstance(model, AttentionUNet):
-        raise TypeError(f"model must be an AttentionUNet, got {type(model).__name__}")
-    return model
-
-
 def gate_parameters(model: AttentionUNet) -> list[nn.Parameter]:
     """The parameters of ``model``'s gates and gating signal: what :func:`freeze_backbone` trains."""
-    _attention_unet(model)
+    require_attention_unet(model)
     return [p for name in GATE_MODULES if getattr(model, name) is not None for p in getattr(model, name).parameters()]
 
 
@@ -81,7 +77,7 @@ def unfreeze(model: AttentionUNet) -> AttentionUNet:
 
     Returns ``model``.
     """
-    _attention_unet(model)
+    require_attention_unet(model)
     for p in model.parameters():
         p.requires_grad_(True)
     for m in model.modules():

@@ -71,13 +71,12 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_copies_every_unet_entry_exactly(dims):
     unet = trained_unet(dims)
-    net = AttentionUNet.from_unet(unet)
+    net, report = AttentionUNet.from_unet(unet)
     assert type(net) is AttentionUNet and net.spatial_dims == dims
     got = net.state_dict()
     for key, value in unet.state_dict().items():
         assert torch.equal(got[key], value), key
-    report = net.transfer_report
-    assert isinstance(report, TransferReport)
+    assert isinstance(report, TransferReport) and not hasattr(net, "transfer_report")  # beside the model, not on it
     assert report.copied == list(unet.state_dict())
     assert report.initialised == gate_keys(net) and report.initialised
     assert report.skipped == []
@@ -88,7 +87,7 @@ def test_copies_every_unet_entry_exactly(dims):
 @pytest.mark.parametrize("face, unet_face", [(AttentionUNet2D, UNet2D), (AttentionUNet3D, UNet3D)])
 def test_faces_build_their_class(face, unet_face):
     unet = unet_face(in_channels=2, out_channels=3, filters=[4, 8, 16], deep_supervision="per_scale", align_corners=True)
-    net = face.from_unet(unet, heads=1)
+    net, _ = face.from_unet(unet, heads=1)
     assert type(net) is face
     assert (net.in_channels, net.out_channels, net.filters, net.deep_supervision, net.align_corners, net.heads) == (
         2, 3, (4, 8, 16), "per_scale", True, 1,
@@ -100,7 +99,7 @@ def test_gates_left_as_constructed_without_passthrough():
     torch.manual_seed(7)
     fresh = AttentionUNet(2, filters=FILTERS)
     torch.manual_seed(7)
-    net = attention_unet_from_unet(unet, passthrough=False)
+    net, _ = attention_unet_from_unet(unet, passthrough=False)
     fresh_state = fresh.state_dict()
     for key in gate_keys(net):
         assert torch.equal(net.state_dict()[key], fresh_state[key]), key
@@ -111,14 +110,15 @@ def test_gates_left_as_constructed_without_passthrough():
 def test_copies_into_a_given_model_and_keeps_its_dtype():
     unet = trained_unet(2, dtype=torch.float64)
     target = AttentionUNet(2, filters=FILTERS, heads=3)
-    net = attention_unet_from_unet(unet, model=target)
+    net, report = attention_unet_from_unet(unet, model=target)
     assert net is target and net.heads == 3
+    assert report.copied == list(unet.state_dict()) and report.initialised == gate_keys(target)
     assert next(net.parameters()).dtype == torch.float32
     assert torch.equal(net.encoders[1].conv2[0].weight, unet.encoders[1].conv2[0].weight.float())
 
 
 def test_built_model_follows_the_source_dtype():
-    net = AttentionUNet.from_unet(trained_unet(3, dtype=torch.float64))
+    net, _ = AttentionUNet.from_unet(trained_unet(3, dtype=torch.float64))
     assert {p.dtype for p in net.parameters()} == {torch.float64}
 
 
@@ -129,7 +129,7 @@ def test_built_model_follows_the_source_dtype():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_passthrough_reproduces_the_unet(dims, dtype):
     unet = trained_unet(dims, dtype=dtype)
-    net = AttentionUNet.from_unet(unet).eval()
+    net = AttentionUNet.from_unet(unet)[0].eval()
     x = torch.randn(SHAPES[dims], dtype=dtype)
     with torch.no_grad():
         expected = unet(x)
@@ -142,7 +142,7 @@ def test_passthrough_reproduces_the_unet(dims, dtype):
 @pytest.mark.parametrize("dims", [2, 3])
 def test_passthrough_is_the_identity_when_alpha_rounds_to_one(dims):
     unet = trained_unet(dims, dtype=torch.float64)
-    net = init_passthrough(AttentionUNet.from_unet(unet, passthrough=False), psi_bias=40.0).eval()
+    net = init_passthrough(AttentionUNet.from_unet(unet, passthrough=False)[0], psi_bias=40.0).eval()
     x = torch.randn(SHAPES[dims], dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(net(x), unet(x)) <= 1e-12
@@ -159,7 +159,7 @@ def test_passthrough_is_the_identity_when_alpha_rounds_to_one(dims):
 )
 def test_passthrough_reproduces_any_configuration(dims, depth, heads, deep_supervision, norm, gate_output_transform, seed):
     unet = trained_unet(dims, seed, filters=FILTERS[:depth], deep_supervision=deep_supervision, norm=norm)
-    net = AttentionUNet.from_unet(unet, heads=heads, gate_output_transform=gate_output_transform).eval()
+    net = AttentionUNet.from_unet(unet, heads=heads, gate_output_transform=gate_output_transform)[0].eval()
     x = torch.randn(SHAPES[dims])
     with torch.no_grad():
         assert relative_error(net(x), unet(x)) <= 2e-5
@@ -167,7 +167,7 @@ def test_passthrough_reproduces_any_configuration(dims, depth, heads, deep_super
 
 def test_passthrough_holds_in_eval_only():
     unet = trained_unet(2)
-    net = freeze_backbone(AttentionUNet.from_unet(unet)).train()
+    net = freeze_backbone(AttentionUNet.from_unet(unet)[0]).train()
     x = torch.randn(SHAPES[2])
     with torch.no_grad():
         # the backbone runs as in eval, but the gates' batch norms use the batch's statistics
@@ -189,7 +189,7 @@ def test_passthrough_refuses_gates_that_cannot_pass_through(kwargs, message):
         AttentionUNet.from_unet(unet, **gate_kwargs)
     with pytest.raises(ValueError, match=message):
         init_passthrough(AttentionUNet(2, filters=[4, 8, 16], **kwargs))
-    net = AttentionUNet.from_unet(unet, passthrough=False, **gate_kwargs)
+    net, _ = AttentionUNet.from_unet(unet, passthrough=False, **gate_kwargs)
     assert torch.equal(net.encoders[0].conv1[0].weight, unet.encoders[0].conv1[0].weight)
 
 
@@ -200,21 +200,21 @@ SOURCE, MODEL = r" in the source but ", r" in the model"
 MISMATCHES = {  # id: (U-Net settings, Attention U-Net settings, the error message)
     "filters": (
         {}, {"filters": [8, 16, 32, 64]},
-        r"'encoders\.0\.conv1\.0\.weight' is shape \[4, 1, 3, 3\]" + SOURCE + r"shape \[8, 1, 3, 3\]" + MODEL
+        r"'encoders\.0\.conv1\.0\.weight' is shape \[4, 1, 3, 3\]" + SOURCE + r"\[8, 1, 3, 3\]" + MODEL
         + r".*filters \[4, 8, 16, 32\] vs \[8, 16, 32, 64\]",
     ),
     "depth": (
         {}, {"filters": [4, 8, 16]},
-        r"'head\.fuse\.weight' is shape \[2, 6, 1, 1\]" + SOURCE + r"shape \[2, 4, 1, 1\]" + MODEL
-        + r" \(and \d+ more entries\)",
+        r"'head\.fuse\.weight' is shape \[2, 6, 1, 1\]" + SOURCE + r"\[2, 4, 1, 1\]" + MODEL
+        + r" \(and \d+ more\)",
     ),
     "in_channels": (
         {}, {"in_channels": 2},
-        r"shape \[4, 1, 3, 3\]" + SOURCE + r"shape \[4, 2, 3, 3\]" + MODEL + ".*in_channels 1 vs 2",
+        r"shape \[4, 1, 3, 3\]" + SOURCE + r"\[4, 2, 3, 3\]" + MODEL + ".*in_channels 1 vs 2",
     ),
     "out_channels": (
         {}, {"out_channels": 3},
-        r"'head\.convs\.0\.weight' is shape \[2, 4, 1, 1\]" + SOURCE + r"shape \[3, 4, 1, 1\]" + MODEL
+        r"'head\.convs\.0\.weight' is shape \[2, 4, 1, 1\]" + SOURCE + r"\[3, 4, 1, 1\]" + MODEL
         + ".*out_channels 2 vs 3",
     ),
     "norm-dropped": (
@@ -227,6 +227,8 @@ MISMATCHES = {  # id: (U-Net settings, Attention U-Net settings, the error messa
     ),
     "norm-kind": ({"norm": "group"}, {"norm": "instance"}, "settings differ, source vs model: norm 'group' vs 'instance'"),
     "num_groups": ({"norm": "group", "num_groups": 2}, {"num_groups": 4}, "num_groups 2 vs 4"),
+    # 3 and 2 give the same groups to every level of [4, 8, 16, 32] (2 each): the same network
+    "num_groups-same-groups": ({"norm": "group", "num_groups": 3}, {"num_groups": 2}, None),
     "deep_supervision-dropped": (
         {}, {"deep_supervision": "none"},
         r"'head\.convs\.1\.weight' is shape \[2, 8, 1, 1\]" + SOURCE + "absent.*deep_supervision 'fused' vs 'none'",
@@ -242,17 +244,21 @@ MISMATCHES = {  # id: (U-Net settings, Attention U-Net settings, the error messa
 @pytest.mark.parametrize("source_kwargs, model_kwargs, match", MISMATCHES.values(), ids=MISMATCHES.keys())
 def test_mismatch_names_the_layer_and_both_shapes(source_kwargs, model_kwargs, match):
     unet = UNet(2, filters=FILTERS, **source_kwargs)
+    if match is None:
+        net, _ = AttentionUNet.from_unet(unet, passthrough=False, **model_kwargs)
+        assert torch.equal(net.encoders[3].conv1[1].weight, unet.encoders[3].conv1[1].weight)
+        return
     with pytest.raises(ValueError, match=match):
         AttentionUNet.from_unet(unet, passthrough=False, **model_kwargs)
 
 
 def test_mismatch_in_spatial_dims():
-    with pytest.raises(ValueError, match=r"shape \[4, 1, 3, 3\] in the source but shape \[4, 1, 3, 3, 3\].*spatial_dims 2 vs 3"):
+    with pytest.raises(ValueError, match=r"shape \[4, 1, 3, 3\] in the source but \[4, 1, 3, 3, 3\].*spatial_dims 2 vs 3"):
         AttentionUNet3D.from_unet(UNet2D(filters=FILTERS))
 
 
 def test_mismatch_with_a_bare_state_dict_names_the_layer():
-    with pytest.raises(ValueError, match=r"shape \[4, 1, 3, 3\] in the source but shape \[8, 1, 3, 3\].*other settings"):
+    with pytest.raises(ValueError, match=r"shape \[4, 1, 3, 3\] in the source but \[8, 1, 3, 3\].*other settings"):
         AttentionUNet2D.from_unet(UNet2D(filters=FILTERS).state_dict(), filters=[8, 16, 32, 64])
 
 
@@ -267,12 +273,12 @@ def test_mismatch_with_a_given_model():
 def test_state_dict_source():
     unet = trained_unet(3)
     state = unet.state_dict()
-    net = AttentionUNet3D.from_unet(state, filters=FILTERS)
+    net, _ = AttentionUNet3D.from_unet(state, filters=FILTERS)
     for key, value in state.items():
         assert torch.equal(net.state_dict()[key], value), key
     with pytest.raises(ValueError, match="spatial_dims is needed"):
         AttentionUNet.from_unet(state, filters=FILTERS)
-    net = AttentionUNet.from_unet(state, spatial_dims=3, filters=FILTERS)
+    net, _ = AttentionUNet.from_unet(state, spatial_dims=3, filters=FILTERS)
     assert net.spatial_dims == 3
 
 
@@ -280,7 +286,7 @@ def test_state_dict_source():
 def test_state_dict_of_a_wrapped_unet(prefix):
     unet = trained_unet(2)
     state = {prefix + k: v for k, v in unet.state_dict().items()}
-    net = AttentionUNet2D.from_unet(state, filters=FILTERS)
+    net, _ = AttentionUNet2D.from_unet(state, filters=FILTERS)
     assert torch.equal(net.head.fuse.weight, unet.head.fuse.weight)
 
 
@@ -289,7 +295,7 @@ def test_checkpoint_file_with_config(tmp_path, as_path):
     unet = trained_unet(2, in_channels=1, out_channels=3, deep_supervision="none", align_corners=True)
     path = tmp_path / "unet.pt"
     torch.save({"model": unet.state_dict(), "config": checkpoint_config(unet), "epoch": 12}, path)
-    net = AttentionUNet.from_unet(as_path(path)).eval()
+    net = AttentionUNet.from_unet(as_path(path))[0].eval()
     assert (net.spatial_dims, net.out_channels, net.deep_supervision, net.align_corners) == (2, 3, "none", True)
     for key, value in unet.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
@@ -302,8 +308,8 @@ def test_checkpoint_config_contents():
     unet = UNet3D(in_channels=2, filters=[4, 8, 16], norm="group", num_groups=3)
     assert checkpoint_config(unet) == {
         "arch": "UNet", "spatial_dims": 3, "in_channels": 2, "out_channels": 2, "filters": [4, 8, 16],
-        "norm": "group", "num_groups": 2, "deep_supervision": "fused", "align_corners": False,
-    }  # fmt: skip
+        "norm": "group", "num_groups": 3, "deep_supervision": "fused", "align_corners": False,
+    }  # fmt: skip  (num_groups as given: the network keeps its argument)
     net = AttentionUNet2D(filters=[4, 8, 16], heads=1, subsample_factor=(2, 1), sigma1="softplus")
     config = checkpoint_config(net)
     assert config["arch"] == "AttentionUNet"
@@ -319,11 +325,11 @@ def test_checkpoint_dict_with_state_dict_key_and_feature_scale_config(tmp_path):
     unet = UNet2D(feature_scale=16)
     path = tmp_path / "unet.pt"
     torch.save({"state_dict": unet.state_dict(), "config": {"arch": "UNet", "spatial_dims": 2, "feature_scale": 16}}, path)
-    net = AttentionUNet.from_unet(path)
+    net, _ = AttentionUNet.from_unet(path)
     assert net.filters == (4, 8, 16, 32, 64)
     assert torch.equal(net.encoders[4].conv2[0].weight, unet.encoders[4].conv2[0].weight)
     # an in-memory checkpoint dict without config, settings given here
-    net = AttentionUNet2D.from_unet({"model": unet.state_dict(), "epoch": 3}, feature_scale=16)
+    net, _ = AttentionUNet2D.from_unet({"model": unet.state_dict(), "epoch": 3}, feature_scale=16)
     assert net.filters == (4, 8, 16, 32, 64)
 
 
@@ -340,10 +346,10 @@ def test_attention_unet_source_skips_its_gates(tmp_path):
     trained = AttentionUNet2D(filters=FILTERS, heads=1)
     path = tmp_path / "att.pt"
     torch.save({"model": trained.state_dict(), "config": checkpoint_config(trained)}, path)
-    net = AttentionUNet2D.from_unet(path)
+    net, report = AttentionUNet2D.from_unet(path)
     assert net.heads == 1
-    assert net.transfer_report.skipped == gate_keys(trained)
-    assert net.transfer_report.copied == [k for k in trained.state_dict() if k not in gate_keys(trained)]
+    assert report.skipped == gate_keys(trained) and report.initialised == gate_keys(net)
+    assert report.copied == [k for k in trained.state_dict() if k not in gate_keys(trained)]
 
 
 def test_argument_errors():
@@ -393,7 +399,7 @@ def test_gate_parameters_are_the_gates_and_gating_signal():
 )
 @pytest.mark.parametrize("over", ["all", "gates"])
 def test_frozen_backbone_does_not_move(make_optimizer, over):
-    net = AttentionUNet.from_unet(trained_unet(2), passthrough=False)
+    net, _ = AttentionUNet.from_unet(trained_unet(2), passthrough=False)
     freeze_backbone(net)
     assert all(not p.requires_grad for p in net.encoders.parameters())
     assert all(p.requires_grad for p in gate_parameters(net))
@@ -408,7 +414,7 @@ def test_frozen_backbone_does_not_move(make_optimizer, over):
 
 
 def test_train_does_not_reenable_frozen_batch_norm():
-    net = freeze_backbone(AttentionUNet.from_unet(trained_unet(2), passthrough=False))
+    net = freeze_backbone(AttentionUNet.from_unet(trained_unet(2), passthrough=False)[0])
     freeze_backbone(net)  # idempotent: one hook per layer
     bn = net.encoders[0].conv1[1]
     assert len(bn._forward_pre_hooks) == 1 and not bn.training
@@ -435,7 +441,7 @@ def test_train_does_not_reenable_frozen_batch_norm():
 
 def test_frozen_model_in_train_mode_runs_the_backbone_as_in_eval():
     unet = trained_unet(2)
-    net = freeze_backbone(AttentionUNet.from_unet(unet)).train()
+    net = freeze_backbone(AttentionUNet.from_unet(unet)[0]).train()
     x = torch.randn(SHAPES[2])
     with torch.no_grad():
         skip = net.encoders[0](x)

@@ -10,11 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attention_gates
 from attention_gates import (
     AttentionUNet,
     AttentionUNet2D,
     AttentionUNet3D,
+    DeepSupervisionHead,
+    GridAttentionGate,
     MultiAttentionGate,
+    UNet,
     UNet2D,
     UNet3D,
     deep_supervision_weights,
@@ -114,8 +118,41 @@ def test_return_attention_shapes(heads):
 def test_unet_has_no_attention():
     net = UNet2D(1, 2, SMALL)
     logits, att = net(image(2, 1, 8, 8), return_attention=True)
-    assert att == () and net.gating is None and len(net.gates) == 0
+    assert att == () and not hasattr(net, "gating") and not hasattr(net, "gates")
     assert logits.shape == (2, 2, 8, 8)
+    skip, below = image(1, 4, 8, 8), image(1, 8, 4, 4, seed=1)
+    assert net.skip_connection(1, skip, below) == (skip, None)  # the decoder's hook: the skip unchanged
+
+
+def test_skip_connection_is_the_decoder_hook():
+    """A subclass that overrides the hook changes what every decoder step takes from its skip."""
+
+    class ZeroSkips(UNet):
+        def skip_connection(self, level, skip, below):
+            seen.append((level, tuple(skip.shape), tuple(below.shape)))
+            return torch.zeros_like(skip), None
+
+    seen = []
+    torch.manual_seed(0)
+    plain = UNet(2, 1, 2, (4, 8, 16)).eval()
+    zeroed = ZeroSkips(2, 1, 2, (4, 8, 16)).eval()
+    zeroed.load_state_dict(plain.state_dict())
+    x = image(1, 1, 8, 8)
+    with torch.no_grad():
+        out = zeroed(x)
+        assert not torch.allclose(out, plain(x))
+    assert seen == [(2, (1, 8, 4, 4), (1, 16, 2, 2)), (1, (1, 4, 8, 8), (1, 8, 4, 4))]  # deepest first
+
+
+def test_attention_skip_connection_gates_only_its_levels():
+    net = AttentionUNet2D(1, 2, SMALL, attention_levels=(2,)).eval()
+    skip, below = image(1, 8, 8, 8), image(1, 16, 4, 4, seed=1)
+    with torch.no_grad():
+        gated, alpha = net.skip_connection(2, skip, below)
+        want, want_alpha = net.gates["2"](skip, below)
+    torch.testing.assert_close(gated, want)
+    torch.testing.assert_close(alpha, want_alpha)
+    assert net.skip_connection(1, image(1, 4, 16, 16), skip)[1] is None  # level 1: not gated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,11 +254,18 @@ def test_feature_scale_and_filters():
         (dict(norm="layer"), r"norm must be one of .*got 'layer'"),
         (dict(heads=0), r"heads must be a positive int, got 0"),
         (dict(backend="gpu"), r"backend must be one of .*got 'gpu'"),
+        (dict(norm="group", num_groups=0), r"num_groups must be a positive int, got 0"),
+        (dict(subsample_factor=(2, 2, 2)), r"subsample_factor must be a positive int or 2 positive ints, got \(2, 2, 2\)"),
     ],
 )
 def test_constructor_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         AttentionUNet(2, **kw)
+
+
+def test_deep_supervision_head_error_names_its_own_argument():
+    with pytest.raises(ValueError, match=r"^mode must be one of \('fused', 'per_scale', 'none'\), got 'deep'$"):
+        DeepSupervisionHead(2, [4, 8], 2, mode="deep")
 
 
 @pytest.mark.parametrize("norm,cls", [("instance", nn.InstanceNorm2d), ("group", nn.GroupNorm), ("none", nn.Identity)])
@@ -239,10 +283,25 @@ def test_set_backend():
     net = AttentionUNet2D(1, 2, SMALL)
     assert net.set_backend("reference") is net
     assert {g.backend for b in net.gates.values() for g in b.gates} == {"reference"}
+    assert net.backend == "reference" and "backend='reference'" in repr(net)
     net.set_backend(None)
     assert {g.backend for b in net.gates.values() for g in b.gates} == {None}
+    assert net.backend is None
     with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
         net.set_backend("fast")
+
+
+def test_set_backend_finds_the_gates_by_type():
+    class Recorder(nn.Module):  # an extra module of the user's that happens to have a `backend` attribute
+        backend = "theirs"
+
+    net = AttentionUNet2D(1, 2, SMALL)
+    net.extra = Recorder()
+    net.own_gate = GridAttentionGate(2, 4, 8)  # a gate the user added: a GridAttentionGate, so it follows
+    net.set_backend("reference")
+    assert net.extra.backend == "theirs"
+    assert net.own_gate.backend == "reference"
+    assert all(g.backend == "reference" for g in net.modules() if isinstance(g, GridAttentionGate))
 
 
 @pytest.mark.parametrize(
@@ -252,6 +311,10 @@ def test_set_backend():
         (torch.zeros(1, 2, 8, 8), ValueError, r"AttentionUNet2D expects Tensor\[N, 1, \*S\] with 2 spatial dims, got \[1, 2, 8, 8\]"),
         (torch.zeros(1, 1, 8, 8, 8), ValueError, r"with 2 spatial dims, got \[1, 1, 8, 8, 8\]"),
         (torch.zeros(1, 1, 8, 8, dtype=torch.long), TypeError, r"x must be a floating-point tensor, got torch\.int64"),
+        (
+            torch.zeros(1, 1, 8, 8, dtype=torch.float64), TypeError,
+            r"x must have the dtype of AttentionUNet2D's weights, torch\.float32, got torch\.float64",
+        ),
     ],
 )
 def test_input_errors(x, exc, match):
@@ -260,8 +323,44 @@ def test_input_errors(x, exc, match):
 
 
 def test_repr():
-    text = repr(AttentionUNet3D())
-    assert "spatial_dims=3, in_channels=1, out_channels=2, filters=[16, 32, 64, 128, 256], norm='batch', deep_supervision='fused'" in text
+    text = repr(AttentionUNet(3))
+    assert text.startswith(
+        "AttentionUNet(\n  spatial_dims=3, in_channels=1, out_channels=2, filters=[16, 32, 64, 128, 256], norm='batch', "
+        "num_groups=8, deep_supervision='fused', align_corners=False, attention_levels=(2, 3, 4), heads=2, "
+        "subsample_factor=(2, 2, 2), sigma1='relu', sigma2='sigmoid', gate_output_transform=True, backend=None\n"
+    )
+    # a face fixes spatial_dims: its repr leaves it out (its constructor does not take it)
+    assert repr(UNet3D(filters=[4, 8])).startswith("UNet3D(\n  in_channels=1, out_channels=2, filters=[4, 8], norm='batch'")
+
+
+REBUILT = {  # id: a network built with every argument away from its default
+    "UNet": lambda: UNet(1, 2, 3, [4, 6], norm="group", num_groups=3, deep_supervision="per_scale", align_corners=True),
+    "UNet2D": lambda: UNet2D(2, 1, feature_scale=16, norm="instance", deep_supervision="none"),
+    "AttentionUNet": lambda: AttentionUNet(
+        2, 1, 3, (4, 8, 16), attention_levels=(1, 2), heads=3, subsample_factor=(2, 1), sigma1="softplus",
+        sigma2="softmax", gate_output_transform=False, backend="reference", norm="none",
+    ),
+    "AttentionUNet3D": lambda: AttentionUNet3D(1, 2, (4, 8, 16), attention_levels=(), norm="group", num_groups=2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("make", REBUILT.values(), ids=REBUILT.keys())
+def test_repr_builds_the_network_again(make):
+    """``eval`` of the class name and ``extra_repr`` gives a network of the same arguments and state."""
+    net = make()
+    again = eval(f"{type(net).__name__}({net.extra_repr()})", vars(attention_gates))
+    assert type(again) is type(net) and again.arguments() == net.arguments()
+    assert repr(again) == repr(net)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    for name, value in net.arguments().items():  # every constructor argument is kept and shown
+        assert getattr(net, name) == (tuple(value) if name == "filters" else value)
+        assert name == "spatial_dims" or f"{name}={value!r}" in net.extra_repr()
+
+
+def test_unet_keeps_num_groups_as_given():
+    net = UNet2D(filters=[4, 6], norm="group", num_groups=3)
+    assert net.num_groups == 3  # the argument; each norm got the largest divisor of its channels up to it
+    assert [m.num_groups for m in net.encoders.modules() if isinstance(m, nn.GroupNorm)] == [2, 2, 3, 3]
 
 
 # ---------------------------------------------------------------------------------------------
