@@ -52,6 +52,15 @@ def test_match_state_gate_prefixes_are_prefixes_not_substrings():
     assert m.source_gates == ["decoder.gates.1.w"] and m.matched == ["gates_like"] and m.problems == []
 
 
+def test_the_nnunet_network_uses_the_one_matcher():
+    pytest.importorskip("dynamic_network_architectures", reason="the nnunet extra")
+    from attention_gates.integrations.nnunet import network
+
+    assert network.match_state is match_state
+    text = Path(network.__file__).read_text()
+    assert "match_state(" in text and "in the source but" not in text  # no matcher of its own
+
+
 # ---------------------------------------------------------------- pass-through
 
 
@@ -107,7 +116,10 @@ def test_imports_go_down_the_layers(name):
             assert LAYERS.index(node.module) < LAYERS.index(name), f"{name} imports {node.module}"
 
 
-OWN_MODULES = [*(f"{m}.py" for m in LAYERS), "convert.py", "functional.py", "__init__.py"]
+OWN_MODULES = [
+    *(f"{m}.py" for m in LAYERS), "convert.py", "functional.py", "__init__.py",
+    "integrations/nnunet/network.py", "integrations/nnunet/plans.py", "integrations/nnunet/__init__.py",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", OWN_MODULES)

@@ -8,7 +8,9 @@
   :func:`trainer_dir`.
 - :func:`write_attention_plans`: a plans variant naming the network, for nnU-Net's own trainer.
 - :meth:`AttentionPlainConvUNet.from_plain <attention_gates.integrations.nnunet.network.AttentionPlainConvUNet.from_plain>` and :func:`convert_checkpoint`: a trained
-  ``PlainConvUNet`` with pass-through gates, computing the same logits.
+  ``PlainConvUNet`` with pass-through gates
+  (:meth:`AttentionPlainConvUNet.init_passthrough <attention_gates.integrations.nnunet.network.AttentionPlainConvUNet.init_passthrough>`),
+  computing the same logits.
 
 The command line ``attention-gates-nnunet`` (or ``python -m attention_gates.integrations.nnunet``)
 prints :func:`trainer_dir` and writes plans variants and converted checkpoints. The trainer is
@@ -24,13 +26,12 @@ if _missing:
         "pip install 'attention-gates[nnunet]'"
     )
 
-from .network import GATE_DEFAULTS, AttentionPlainConvUNet, AttentionUNetDecoder, init_passthrough  # noqa: E402
+from .network import GATE_DEFAULTS, AttentionPlainConvUNet, AttentionUNetDecoder  # noqa: E402
 from .plans import DEFAULT_PLANS_NAME, attention_plans, convert_checkpoint, trainer_dir, write_attention_plans  # noqa: E402
 
 __all__ = [
     "AttentionPlainConvUNet",
     "AttentionUNetDecoder",
-    "init_passthrough",
     "GATE_DEFAULTS",
     "nnUNetTrainerAttentionGates",
     "trainer_dir",

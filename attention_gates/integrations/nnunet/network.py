@@ -15,8 +15,12 @@ paper's way before concatenating it with the upsampled coarser feature:
 
 Everything else is ``PlainConvUNet``'s: the state dict holds every key of a ``PlainConvUNet`` of
 the same arguments (same shapes) plus ``decoder.gates.<stage>.*``, so a trained plain network
-loads into it (:meth:`AttentionPlainConvUNet.from_plain`), and with :func:`init_passthrough`
-it computes the plain network's logits.
+loads into it (:meth:`AttentionPlainConvUNet.from_plain`), and with
+:meth:`AttentionPlainConvUNet.init_passthrough` it computes the plain network's logits.
+
+What the plans variants (:mod:`~attention_gates.integrations.nnunet.plans`) and the trainer need
+to read a plans file the way this network takes it is public here: :func:`plans_architecture`,
+:func:`resolve_arch_kwargs`, :func:`is_gateable` and :func:`check_gate_options`.
 """
 
 from __future__ import annotations
@@ -33,16 +37,20 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import Tensor, nn
 
-from ...layers import NORMS
 from ...gates import GridAttentionGate, MultiAttentionGate
+from ...layers import NORMS
+from ...transfer import init_gate_passthrough, match_state
 
 __all__ = [
     "AttentionPlainConvUNet",
     "AttentionUNetDecoder",
-    "init_passthrough",
     "CLASS_NAME",
     "PLAIN_CLASS_NAME",
     "GATE_DEFAULTS",
+    "check_gate_options",
+    "is_gateable",
+    "plans_architecture",
+    "resolve_arch_kwargs",
 ]
 
 #: The name a plans file gives the network (``architecture.network_class_name``).
@@ -298,9 +306,9 @@ class AttentionPlainConvUNet(PlainConvUNet):
                 checkpoint's own).
             deep_supervision: the network's flag (default: that of ``arch_kwargs``, else off, as
                 ``PlainConvUNet``'s constructor; nnU-Net's plans do not hold it).
-            passthrough: set the gates to pass their skips through (:func:`init_passthrough`),
+            passthrough: set the gates to pass their skips through (:meth:`init_passthrough`),
                 so that the network computes the plain one's logits.
-            psi_bias: for :func:`init_passthrough`.
+            psi_bias: for :meth:`init_passthrough`.
             **gate_options: ``gated_skips``, ``gate_heads``, ``gate_norm``, ``gate_output_transform``.
 
         Returns:
@@ -310,11 +318,11 @@ class AttentionPlainConvUNet(PlainConvUNet):
             ValueError: the weights do not fit ``arch_kwargs`` (the message names the first
                 differing entries and their shapes); the checkpoint's plans name another network;
                 no ``arch_kwargs`` and no plans in the source; pass-through with gates that
-                cannot pass through (see :func:`init_passthrough`).
+                cannot pass through (see :meth:`init_passthrough`).
             TypeError: a source of another kind.
         """
         state, arch_kwargs = _read_plain_source(source, arch_kwargs, configuration)
-        _check_gate_options(gate_options)
+        check_gate_options(gate_options)
         for key in (_IN_PROJ, _HEAD):
             if key not in state:
                 raise ValueError(f"the source has no {key!r}: it is not the state of a PlainConvUNet")
@@ -326,62 +334,63 @@ class AttentionPlainConvUNet(PlainConvUNet):
         if floating is not None:
             net.to(device=floating.device, dtype=floating.dtype)
         if passthrough:
-            init_passthrough(net, psi_bias)
+            net.init_passthrough(psi_bias)
         return net
 
+    def init_passthrough(self, psi_bias: float = 12.0) -> "AttentionPlainConvUNet":
+        r"""Set every gate to pass its skip through: ``psi``'s weight 0, its bias ``psi_bias``
+        (:func:`~attention_gates.transfer.init_gate_passthrough` on each).
 
-def init_passthrough(net: AttentionPlainConvUNet, psi_bias: float = 12.0) -> AttentionPlainConvUNet:
-    r"""Set every gate to pass its skip through: ``psi``'s weight 0, its bias ``psi_bias``.
+        Then :math:`\alpha = \sigma(b_\psi)` everywhere (at 12, :math:`1 - 6.1 \cdot 10^{-6}`) and
+        each gate returns :math:`\alpha x`, so the network computes the ``PlainConvUNet`` it holds
+        the weights of, in training and in evaluation mode alike, up to the factor :math:`\alpha`
+        on the gated skips: the tests compare the logits at a relative ``2e-5``; at
+        ``psi_bias=40`` :math:`\alpha` rounds to 1 in float32 and the logits are the plain ones.
+        ``theta`` and ``phi`` keep their values. Returns the network.
 
-    Then :math:`\alpha = \sigma(b_\psi)` everywhere (at 12, :math:`1 - 6.1 \cdot 10^{-6}`) and
-    each gate returns :math:`\alpha x`, so the network computes the ``PlainConvUNet`` it holds
-    the weights of, in training and in evaluation mode alike, up to the factor :math:`\alpha`
-    on the gated skips: the tests compare the logits at a relative ``2e-5``; at
-    ``psi_bias=40`` :math:`\alpha` rounds to 1 in float32 and the logits are the plain ones.
-    ``theta`` and ``phi`` keep their values. Returns ``net``.
+        Training from here: ``psi``'s zero weight passes no gradient to ``theta`` and ``phi`` until
+        it moves, and :math:`\partial\alpha/\partial b_\psi = \alpha(1 - \alpha)` is ``6e-6`` at 12,
+        so under nnU-Net's SGD the gates leave 1 slowly; a smaller ``psi_bias`` (4:
+        :math:`\alpha = 0.982`, gradient ``0.018``) trades exactness for that.
 
-    Training from here: ``psi``'s zero weight passes no gradient to ``theta`` and ``phi`` until
-    it moves, and :math:`\partial\alpha/\partial b_\psi = \alpha(1 - \alpha)` is ``6e-6`` at 12,
-    so under nnU-Net's SGD the gates leave 1 slowly; a smaller ``psi_bias`` (4:
-    :math:`\alpha = 0.982`, gradient ``0.018``) trades exactness for that.
-
-    Raises:
-        ValueError: gates that do not return :math:`\alpha x` (``gate_heads > 1``, whose heads are
-            fused by a conv, a norm and a ReLU; ``gate_output_transform=True``, whose ``W``
-            normalises the skip): they cannot pass it through unchanged.
-        TypeError: ``net`` is not an :class:`AttentionPlainConvUNet`.
-    """
-    if not isinstance(net, AttentionPlainConvUNet):
-        raise TypeError(f"net must be an AttentionPlainConvUNet, got {type(net).__name__}")
-    d = net.decoder
-    if d.heads != 1 or d.output_transform:
-        raise ValueError(
-            "pass-through needs gates that return alpha * x (gate_heads=1, gate_output_transform=False); got "
-            f"gate_heads={d.heads}, gate_output_transform={d.output_transform}: several heads are fused by a "
-            "conv + norm + ReLU and W normalises the skip, neither is the identity; use passthrough=False"
-        )
-    with torch.no_grad():
+        Raises:
+            ValueError: gates that do not return :math:`\alpha x` (``gate_heads > 1``, whose heads are
+                fused by a conv, a norm and a ReLU; ``gate_output_transform=True``, whose ``W``
+                normalises the skip): they cannot pass it through unchanged.
+        """
+        d = self.decoder
+        if d.heads != 1 or d.output_transform:
+            raise ValueError(
+                "pass-through needs gates that return alpha * x (gate_heads=1, gate_output_transform=False); got "
+                f"gate_heads={d.heads}, gate_output_transform={d.output_transform}: several heads are fused by a "
+                "conv + norm + ReLU and W normalises the skip, neither is the identity; use passthrough=False"
+            )
         for gate in d.gates.values():
-            gate.psi.weight.zero_()
-            gate.psi.bias.fill_(psi_bias)
-    return net
+            init_gate_passthrough(gate, psi_bias)
+        return self
 
 
-def _check_gate_options(gate_options: Mapping[str, Any]) -> None:
-    """Raise ``TypeError`` for gate options that are not among :data:`GATE_DEFAULTS`."""
+def check_gate_options(gate_options: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` for gate options that are not among :data:`GATE_DEFAULTS` (the options'
+    values are checked where the network is built)."""
     unknown = sorted(set(gate_options) - set(GATE_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown gate options {unknown}; expected some of {sorted(GATE_DEFAULTS)}")
 
 
-def _gateable(class_name: str) -> bool:
+def is_gateable(class_name: str) -> bool:
     """Whether a plans' ``network_class_name`` is ``PlainConvUNet`` or this network: the ones whose
     ``arch_kwargs`` :class:`AttentionPlainConvUNet` takes."""
     return pydoc.locate(class_name) in (PlainConvUNet, AttentionPlainConvUNet)
 
 
-def _resolve_arch_kwargs(arch_kwargs: Mapping[str, Any], requires_import: Sequence[str] = _CLASS_KWARGS) -> dict[str, Any]:
-    """``arch_kwargs`` with the class names among ``requires_import`` imported, as nnU-Net does."""
+def resolve_arch_kwargs(arch_kwargs: Mapping[str, Any], requires_import: Sequence[str] = _CLASS_KWARGS) -> dict[str, Any]:
+    """``arch_kwargs`` with the class names among ``requires_import`` (default: those of
+    ``PlainConvUNet``'s arguments that name classes) imported, as nnU-Net does.
+
+    Raises:
+        ValueError: a name that does not import (named with its argument).
+    """
     kwargs = dict(arch_kwargs)
     for key in requires_import:
         value = kwargs.get(key)
@@ -426,18 +435,26 @@ def _read_plain_source(
                 "arch_kwargs are needed: the source holds no plans (an nnU-Net checkpoint's 'init_args' has them); "
                 "pass the plans' arch_kwargs of the network"
             )
-        name, arch_kwargs, requires_import = _plans_architecture(
+        name, arch_kwargs, requires_import = plans_architecture(
             checkpoint["init_args"]["plans"], configuration or checkpoint["init_args"]["configuration"]
         )
         if pydoc.locate(name) is not PlainConvUNet:
             raise ValueError(f"the checkpoint's plans name {name!r}, not {PLAIN_CLASS_NAME!r}: from_plain takes a PlainConvUNet")
-        return dict(state), _resolve_arch_kwargs(arch_kwargs, requires_import)
-    return dict(state), _resolve_arch_kwargs(arch_kwargs)
+        return dict(state), resolve_arch_kwargs(arch_kwargs, requires_import)
+    return dict(state), resolve_arch_kwargs(arch_kwargs)
 
 
-def _plans_architecture(plans: Mapping[str, Any], configuration: str) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+def plans_architecture(plans: Mapping[str, Any], configuration: str) -> tuple[str, dict[str, Any], tuple[str, ...]]:
     """``(network_class_name, arch_kwargs, _kw_requires_import)`` of a plans configuration,
-    inheritance (``inherits_from``) resolved by nnU-Net's own ``PlansManager``."""
+    inheritance (``inherits_from``) resolved by nnU-Net's own ``PlansManager``.
+
+    Args:
+        plans: a plans file's dict (``nnUNetPlans.json``, loaded).
+        configuration: one of its configurations (``"3d_fullres"``, ...).
+
+    Raises:
+        ValueError: the plans have no such configuration (their configurations listed).
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if configuration not in plans.get("configurations", {}):
@@ -448,24 +465,11 @@ def _plans_architecture(plans: Mapping[str, Any], configuration: str) -> tuple[s
 
 def _load_plain_state(net: AttentionPlainConvUNet, state: Mapping[str, Tensor]) -> None:
     """Load a plain network's ``state`` into ``net``'s non-gate entries; raise on any mismatch."""
-    target = net.state_dict()
-    problems = []
-    for key, value in target.items():
-        if key.startswith(_GATES):
-            continue
-        if key not in state:
-            problems.append(f"{key!r} is absent from the source but shape {list(value.shape)} in the model")
-        elif state[key].shape != value.shape:
-            problems.append(f"{key!r} is shape {list(state[key].shape)} in the source but {list(value.shape)} in the model")
-    for key, value in state.items():
-        if key.startswith(_GATES):
-            problems.append(f"{key!r} is a gate's: the source is not a plain network")
-        elif key not in target:
-            problems.append(f"{key!r} (shape {list(value.shape)}) is in the source but not in the model")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    match = match_state(state, net.state_dict(), [_GATES])
+    gates = [f"{key!r} is a gate's: the source is not a plain network" for key in match.source_gates]
+    if gates or match.problems:
         raise ValueError(
-            f"the weights do not fit {type(net).__name__} built from these arch_kwargs: {problems[0]}{more}; "
+            f"the weights do not fit {type(net).__name__} built from these arch_kwargs: {match.summary(gates)}; "
             "were they trained with other plans (stages, features, kernels, strides, convs per stage)?"
         )
     net.load_state_dict(state, strict=False)

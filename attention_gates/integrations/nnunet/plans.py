@@ -28,10 +28,10 @@ from .network import (
     CLASS_NAME,
     GATE_DEFAULTS,
     AttentionPlainConvUNet,
-    _check_gate_options,
-    _gateable,
-    _plans_architecture,
-    _resolve_arch_kwargs,
+    check_gate_options,
+    is_gateable,
+    plans_architecture,
+    resolve_arch_kwargs,
 )
 
 __all__ = ["write_attention_plans", "convert_checkpoint", "attention_plans", "trainer_dir", "DEFAULT_PLANS_NAME"]
@@ -80,14 +80,14 @@ def attention_plans(
             names ``PlainConvUNet``; gate options the network rejects (its own message).
         TypeError: unknown gate options.
     """
-    _check_gate_options(gate_options)
+    check_gate_options(gate_options)
     names = list(plans.get("configurations", {})) if configurations is None else list(configurations)
     out = copy.deepcopy(dict(plans))
     out["plans_name"] = plans_name
     converted = []
     for name in names:
-        cls_name, arch_kwargs, requires_import = _plans_architecture(plans, name)
-        if not _gateable(cls_name):
+        cls_name, arch_kwargs, requires_import = plans_architecture(plans, name)
+        if not is_gateable(cls_name):
             if configurations is None:
                 continue
             raise ValueError(f"configuration {name!r} names {cls_name!r}: only PlainConvUNet's configurations can be gated")
@@ -111,7 +111,7 @@ def _gated_skips_of(arch_kwargs: dict[str, Any], requires_import: Sequence[str],
     """The gated skips the network takes from these arguments, as a list; building it (on the
     ``meta`` device: no memory, no initialisation) checks every gate option."""
     with torch.device("meta"):
-        net = AttentionPlainConvUNet(input_channels=1, num_classes=2, **_resolve_arch_kwargs(arch_kwargs, requires_import), **options)
+        net = AttentionPlainConvUNet(input_channels=1, num_classes=2, **resolve_arch_kwargs(arch_kwargs, requires_import), **options)
     return list(net.decoder.gated_skips)
 
 
