@@ -25,6 +25,9 @@ __all__ = [
     "unfreeze",
 ]
 
+# the attribute of a norm frozen by freeze_backbone: the RemovableHandle of its forward pre-hook
+_KEEP_EVAL_HANDLE = "_attention_gates_keep_eval"
+
 
 def gate_parameters(model: AttentionUNet) -> list[nn.Parameter]:
     """The parameters of ``model``'s gates and gating signal: what :func:`freeze_backbone` trains."""
@@ -32,17 +35,21 @@ def gate_parameters(model: AttentionUNet) -> list[nn.Parameter]:
     return [p for name in GATE_MODULES if getattr(model, name) is not None for p in getattr(model, name).parameters()]
 
 
-def _backbone_modules(model: AttentionUNet):
-    return [m for name, child in model.named_children() if name not in GATE_MODULES for m in child.modules()]
+def _backbone_norms(model: AttentionUNet) -> list[nn.Module]:
+    """The normalisation layers with running statistics (batch and instance norms) outside the
+    gates and the gating signal."""
+    return [
+        m
+        for name, child in model.named_children()
+        if name not in GATE_MODULES
+        for m in child.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+    ]
 
 
 def _keep_eval(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a frozen norm: run on its running statistics, whatever ``train()`` said."""
     module.train(False)
-
-
-def _has_keep_eval(module: nn.Module) -> list[int]:
-    return [k for k, hook in module._forward_pre_hooks.items() if hook is _keep_eval]
 
 
 def freeze_backbone(model: AttentionUNet) -> AttentionUNet:
@@ -52,8 +59,8 @@ def freeze_backbone(model: AttentionUNet) -> AttentionUNet:
     ``True`` on those), puts every normalisation layer outside the gates in eval mode, and
     registers on each a forward pre-hook that puts it back in eval mode before it runs, so
     that a later ``model.train()`` does not make it normalise with batch statistics or update
-    its running statistics. The gates' own batch norms train as usual. Idempotent; undone by
-    :func:`unfreeze`. Returns ``model``.
+    its running statistics. The gates' own batch norms train as usual. Idempotent (one hook per
+    layer, whose handle the layer keeps); undone by :func:`unfreeze`. Returns ``model``.
 
     Example:
         >>> import torch
@@ -64,24 +71,26 @@ def freeze_backbone(model: AttentionUNet) -> AttentionUNet:
     trainable = {id(p) for p in gate_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
-    for m in _backbone_modules(model):
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            if not _has_keep_eval(m):
-                m.register_forward_pre_hook(_keep_eval)
-            m.train(False)
+    for norm in _backbone_norms(model):
+        if getattr(norm, _KEEP_EVAL_HANDLE, None) is None:
+            setattr(norm, _KEEP_EVAL_HANDLE, norm.register_forward_pre_hook(_keep_eval))
+        norm.train(False)
     return model
 
 
 def unfreeze(model: AttentionUNet) -> AttentionUNet:
     """Undo :func:`freeze_backbone`: every parameter trainable, every norm following ``model.train()``/``eval()``.
 
+    Removes the hooks of :func:`freeze_backbone` through their handles (other hooks stay).
     Returns ``model``.
     """
     require_attention_unet(model)
     for p in model.parameters():
         p.requires_grad_(True)
     for m in model.modules():
-        for key in _has_keep_eval(m):
-            del m._forward_pre_hooks[key]
+        handle = getattr(m, _KEEP_EVAL_HANDLE, None)
+        if handle is not None:
+            handle.remove()
+            delattr(m, _KEEP_EVAL_HANDLE)
             m.train(model.training)
     return model

@@ -1,5 +1,6 @@
 """Starting an Attention U-Net from a trained U-Net: weight transfer, pass-through gates, freezing."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -415,9 +416,9 @@ def test_frozen_backbone_does_not_move(make_optimizer, over):
 
 def test_train_does_not_reenable_frozen_batch_norm():
     net = freeze_backbone(AttentionUNet.from_unet(trained_unet(2), passthrough=False)[0])
-    freeze_backbone(net)  # idempotent: one hook per layer
+    freeze_backbone(net)  # idempotent: one hook per layer, undone by one unfreeze (below)
     bn = net.encoders[0].conv1[1]
-    assert len(bn._forward_pre_hooks) == 1 and not bn.training
+    assert not bn.training
     gate_bn = net.gates["2"].gates[0].W[1]
     before = backbone_snapshot(net)
     gate_mean = gate_bn.running_mean.clone()
@@ -430,13 +431,44 @@ def test_train_does_not_reenable_frozen_batch_norm():
     assert not torch.equal(gate_bn.running_mean, gate_mean)  # the gates' own batch norms train
 
     unfreeze(net)
-    assert len(bn._forward_pre_hooks) == 0 and bn.training
+    assert bn.training
     assert all(p.requires_grad for p in net.parameters())
     with torch.no_grad():
-        net(torch.randn(SHAPES[2]))
+        net(torch.randn(SHAPES[2]))  # in train mode: the hook is gone, the statistics update
+    assert bn.training
     assert not torch.equal(bn.running_mean, before["encoders.0.conv1.1.running_mean"])
     net.eval()
     assert not bn.training
+
+
+def test_unfreeze_removes_only_its_own_hooks():
+    net = AttentionUNet.from_unet(trained_unet(2), passthrough=False)[0]
+    bn = net.encoders[1].conv2[1]
+    calls = []
+    freeze_backbone(net).train()
+    mine = bn.register_forward_pre_hook(lambda module, args: calls.append(module.training))  # runs after freeze's
+    with torch.no_grad():
+        net(torch.randn(SHAPES[2]))
+    assert calls == [False]  # the user's hook ran after freeze_backbone's, which had put the layer in eval
+    unfreeze(net.train())
+    with torch.no_grad():
+        net(torch.randn(SHAPES[2]))
+    assert calls == [False, True]  # the user's hook is still there; freeze_backbone's is gone
+    mine.remove()
+
+
+def test_frozen_model_copies_keep_their_own_hooks():
+    net = freeze_backbone(AttentionUNet.from_unet(trained_unet(2), passthrough=False)[0])
+    twin = copy.deepcopy(net)
+    unfreeze(twin.train())
+    bn, bn_twin = net.encoders[0].conv1[1], twin.encoders[0].conv1[1]
+    mean = bn.running_mean.clone()
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(SHAPES[2]))
+        twin(torch.randn(SHAPES[2]))
+    assert torch.equal(bn.running_mean, mean) and not bn.training  # still frozen: the copy's unfreeze left it
+    assert not torch.equal(bn_twin.running_mean, mean) and bn_twin.training
 
 
 def test_frozen_model_in_train_mode_runs_the_backbone_as_in_eval():
