@@ -19,15 +19,9 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
 from monai.transforms import Invertd  # noqa: E402
-from examples.pancreas.data import (  # noqa: E402
-    eval_transforms,
-    find_cases,
-    load_splits,
-    make_splits,
-    phantom_cases,
-    save_splits,
-    train_transforms,
-)
+from examples.pancreas.cases import find_cases, phantom_cases  # noqa: E402
+from examples.pancreas.splits import load_splits, make_splits, save_splits  # noqa: E402
+from examples.pancreas.transforms import eval_transforms, train_transforms  # noqa: E402
 from examples.pancreas.phantom import generate_phantom, threshold_baseline  # noqa: E402
 from pancreas_folders import SHAPE, cube_label, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 

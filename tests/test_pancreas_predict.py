@@ -25,9 +25,9 @@ pytest.importorskip("pydicom")
 from attention_gates.finetune import checkpoint_config  # noqa: E402
 from examples.pancreas import predict as predict_module  # noqa: E402
 from examples.pancreas.__main__ import main  # noqa: E402
+from examples.pancreas.checkpoints import build_model, save_checkpoint  # noqa: E402
 from examples.pancreas.config import preset  # noqa: E402
 from examples.pancreas.predict import find_inputs, predict  # noqa: E402
-from examples.pancreas.train import build_model, save_checkpoint  # noqa: E402
 from pancreas_folders import SHAPE, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 
 MM = (2.0, 2.0, 2.0)

@@ -109,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .compare import run
-    from .train import load_checkpoint
+    from .checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = Config.from_dict(ckpt["args"])

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .config import Config
 from .metrics import case_metrics
 
-__all__ = ["inference_model", "infer", "preferred_layout", "validation_dice", "evaluate", "summarize", "write_results", "METRICS"]
+__all__ = ["inference_model", "infer", "preferred_layout", "validation_dice", "evaluate", "summarize", "write_results", "jsonable", "METRICS"]
 
 #: Metric columns of the per-case rows, in table order.
 METRICS = ("dice", "precision", "recall", "assd", "hd95", "surface_distance")
@@ -133,9 +133,9 @@ def evaluate(
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
-    from . import data
+    from .transforms import eval_transforms
 
-    transform = data.eval_transforms(cfg)
+    transform = eval_transforms(cfg)
     to_native = ResampleToMatch(mode="nearest")
     rows, kept, net = [], [], inference_model(model, device)
     for i, case in enumerate(cases):
@@ -183,7 +183,7 @@ def write_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: 
     json_path, csv_path = out / f"metrics_{name}.json", out / f"metrics_{name}.csv"
     doc = {"summary": summary, "cases": list(rows), **(extra or {})}
     # JSON has no infinity: write it as the string "inf"
-    json_path.write_text(json.dumps(_jsonable(doc), indent=2))
+    json_path.write_text(json.dumps(jsonable(doc), indent=2))
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
@@ -191,11 +191,13 @@ def write_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: 
     return json_path, csv_path
 
 
-def _jsonable(x):
+def jsonable(x: Any) -> Any:
+    """``x`` (nested dicts, lists, tuples, numbers, strings) with every non-finite float as the
+    string ``"inf"``, ``"-inf"`` or ``"nan"`` (JSON has none of them) and tuples as lists."""
     if isinstance(x, float) and not math.isfinite(x):
         return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x

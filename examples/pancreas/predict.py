@@ -1,14 +1,14 @@
 """Segment CT volumes with a trained checkpoint, in each input's own geometry.
 
 Inputs (:func:`find_inputs`): a NIfTI file, a folder of NIfTI files, a DICOM series folder, or
-a data folder in either layout that :mod:`examples.pancreas.data` reads (MSD ``Task07_Pancreas``:
+a data folder in either layout that :mod:`examples.pancreas.cases` reads (MSD ``Task07_Pancreas``:
 the images its ``dataset.json`` lists for training and test, or ``imagesTr/`` and ``imagesTs/``
 without one; NIH Pancreas-CT: the DICOM series of every ``PANCREAS_####`` patient). Hidden files
 (``._*``, dotfiles) and files that are not images are skipped.
 
 The checkpoint alone is enough: its ``"config"`` rebuilds the model and its ``"args"`` (the
 run's :class:`~examples.pancreas.config.Config`) gives the preprocessing. Each volume goes
-through :func:`examples.pancreas.data.image_transforms` (reorientation, resampling to the
+through :func:`examples.pancreas.transforms.image_transforms` (reorientation, resampling to the
 training spacing, HU window), is segmented by sliding-window inference, and the label map is
 taken back to the input's grid with MONAI's ``Invertd`` (nearest neighbour). It is written as
 ``<name>_seg.nii.gz``: with the input's affine and header for a NIfTI input, with the series'
@@ -29,10 +29,11 @@ import torch
 
 from attention_gates.files import atomic_write
 
+from .cases import detect_layout, dicom_series, is_hidden, is_nifti, nih_patient_folders, strip_nifti, visible_files
+from .checkpoints import load_checkpoint, model_from_checkpoint
 from .config import Config
-from .data import _is_nifti, _nih_patient_folders, _strip_nifti, _visible_files, detect_layout, dicom_series, image_transforms, is_hidden
 from .evaluate import infer, inference_model
-from .train import load_checkpoint, model_from_checkpoint
+from .transforms import image_transforms
 
 __all__ = ["find_inputs", "predict"]
 
@@ -43,7 +44,7 @@ def _is_series(folder: Path) -> bool:
     """Whether ``folder`` itself holds DICOM files (by suffix, or by header for files without one)."""
     import pydicom
 
-    return any(p.suffix.lower() == ".dcm" or (not p.suffix and pydicom.misc.is_dicom(p)) for p in _visible_files(folder))
+    return any(p.suffix.lower() == ".dcm" or (not p.suffix and pydicom.misc.is_dicom(p)) for p in visible_files(folder))
 
 
 def _msd_images(root: Path) -> list[Path]:
@@ -53,7 +54,7 @@ def _msd_images(root: Path) -> list[Path]:
 
     index = root / "dataset.json"
     if not index.is_file():
-        return [p for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir() for p in _visible_files(root / sub) if _is_nifti(p)]
+        return [p for sub in ("imagesTr", "imagesTs") if (root / sub).is_dir() for p in visible_files(root / sub) if is_nifti(p)]
     images = []
     for key in ("training", "test"):
         try:
@@ -83,14 +84,14 @@ def find_inputs(inputs: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     if not inputs.exists():
         raise FileNotFoundError(f"input {inputs} does not exist")
     if inputs.is_file():
-        if is_hidden(inputs) or not _is_nifti(inputs):
+        if is_hidden(inputs) or not is_nifti(inputs):
             raise ValueError(f"input must be {_EXPECTED}; got the file {inputs}")
-        return [{"name": _strip_nifti(inputs.name), "image": inputs}]
+        return [{"name": strip_nifti(inputs.name), "image": inputs}]
     if _is_series(inputs):
         items = [{"name": inputs.name, "image": inputs}]
     elif detect_layout(inputs) == "msd":
-        items = [{"name": _strip_nifti(p.name), "image": p} for p in _msd_images(inputs)]
-    elif patients := _nih_patient_folders(inputs):  # detect_layout's "nih" with patient folders
+        items = [{"name": strip_nifti(p.name), "image": p} for p in _msd_images(inputs)]
+    elif patients := nih_patient_folders(inputs):  # detect_layout's "nih" with patient folders
         items = []
         for patient in patients:
             try:
@@ -98,7 +99,7 @@ def find_inputs(inputs: Union[str, os.PathLike]) -> list[dict[str, Any]]:
             except ValueError as err:
                 items.append({"name": patient.name, "image": patient, "error": str(err)})
     else:
-        items = [{"name": _strip_nifti(p.name), "image": p} for p in _visible_files(inputs) if _is_nifti(p)]
+        items = [{"name": strip_nifti(p.name), "image": p} for p in visible_files(inputs) if is_nifti(p)]
     if not items:
         raise ValueError(f"no volumes in {inputs}: expected {_EXPECTED}")
     names = [i["name"] for i in items]
@@ -113,7 +114,7 @@ def _save(seg: np.ndarray, source: Path, affine: np.ndarray, target: Path) -> No
     affine and header when the source is NIfTI, else with ``affine`` (RAS mm)."""
     import nibabel as nib
 
-    if _is_nifti(source):
+    if is_nifti(source):
         original = nib.load(str(source))
         if seg.shape != original.shape[:3]:
             raise RuntimeError(f"{source}: segmentation came back as {seg.shape}, the input is {original.shape[:3]}")
@@ -148,7 +149,7 @@ def predict(
         the input and why.
 
     Raises:
-        CheckpointError: the checkpoint cannot be read (:func:`~examples.pancreas.train.load_checkpoint`).
+        CheckpointError: the checkpoint cannot be read (:func:`~examples.pancreas.checkpoints.load_checkpoint`).
         ValueError, FileNotFoundError: from :func:`find_inputs`, or a checkpoint without its run config.
     """
     from monai.data import MetaTensor
