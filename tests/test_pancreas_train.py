@@ -501,7 +501,7 @@ def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     nib.save(nib.Nifti1Image(case["image"].astype(np.int16), affine), str(inputs / "ct.nii.gz"))
-    written, failed = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
+    written, failed, _, _ = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
     assert [p.name for p in written] == ["ct_seg.nii.gz"] and failed == []
     seg = nib.load(str(written[0]))
     assert seg.shape == (36, 30, 20)

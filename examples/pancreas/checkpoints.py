@@ -24,6 +24,7 @@ import csv
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from attention_gates import AttentionUNet, UNet, checkpoint_config, network_from_config
-from attention_gates.files import atomic_write
+from attention_gates.files import atomic_write, remove_stale_temporaries
 from attention_gates.finetune import freeze_backbone
 
 from .config import Config
@@ -51,6 +52,7 @@ __all__ = [
     "best_state",
     "restore_best",
     "prepare_run_dir",
+    "remove_stale_files",
     "read_log",
     "write_log",
 ]
@@ -191,27 +193,56 @@ def prepare_run_dir(cfg: Config, out: Union[str, Path], resume: bool, overwrite:
     return ckpt
 
 
-def restore_best(out: Union[str, Path], ckpt: dict[str, Any]) -> None:
-    """Make ``best.pt`` in ``out`` agree with a resumed checkpoint's validation record.
+def restore_best(out: Union[str, Path], ckpt: dict[str, Any], write: bool = True) -> dict[str, Any]:
+    """Make ``best.pt`` in ``out`` agree with a resumed checkpoint's validation record; returns
+    the record (``{"best", "since_best", "stopped"}``) the resumed run continues with.
 
     ``best.pt`` is written right after the checkpoint of the same step, so a run stopped between
     the two writes leaves an older ``best.pt``: the checkpoint then holds the best model itself,
-    and ``best.pt`` is rewritten from it. Any other disagreement means the folder was altered.
+    and ``best.pt`` is rewritten from it (when ``write``: by one process only). An unreadable
+    ``best.pt`` (cut short, damaged) whose model the checkpoint does not hold is lost: a warning
+    says so, and the record forgets its best, so that the next validation writes ``best.pt``
+    again (the count of validations without improvement, which early stopping reads, is kept).
+    Any other disagreement means the folder was altered: ``CheckpointError``.
     """
-    best = (ckpt.get("validation") or {}).get("best")
+    record = {"best": None, "since_best": 0, "stopped": False, **(ckpt.get("validation") or {})}
+    best = record["best"]
     if best is None:
-        return
+        return record
     path = Path(out) / BEST
-    have = load_checkpoint(path)["step"] if path.is_file() else None
+    try:
+        have = load_checkpoint(path)["step"] if path.is_file() else None
+    except CheckpointError as e:
+        if best["step"] != ckpt["step"]:
+            warnings.warn(
+                f"{e}; the best model so far (step {best['step']}, validation Dice {best['val_dice']:.4f}) is lost: training resumes "
+                f"from {CHECKPOINT}, and {BEST} will be rewritten at the next validation",
+                stacklevel=2,
+            )
+            return {**record, "best": None}
+        have = None  # the checkpoint holds the best model: rewritten below
     if have == best["step"]:
-        return
+        return record
     if best["step"] != ckpt["step"]:
         held = "is missing" if have is None else f"holds step {have}"
         raise CheckpointError(
             f"{path} {held}, but the checkpoint's validation record names step {best['step']} as the best; "
             "the run folder was changed by hand: start a new run (--overwrite)"
         )
-    save_checkpoint(best_state(ckpt, best["val_dice"]), path)
+    if write:
+        save_checkpoint(best_state(ckpt, best["val_dice"]), path)
+    return record
+
+
+def remove_stale_files(out: Union[str, Path]) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write left in the run folder ``out``
+    (:func:`attention_gates.files.remove_stale_temporaries` of every file they were meant to
+    replace; a live writer's are kept); returns what was deleted."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    targets = {p.name[1:].rsplit(".", 3)[0] for p in out.glob(".*.tmp") if p.name.count(".") >= 4}
+    return sorted(q for name in targets for q in remove_stale_temporaries(out / name))
 
 
 def read_log(path: Union[str, Path], upto: int) -> list[dict[str, float]]:

@@ -42,7 +42,7 @@ from .report import (
 from .runtime import process_settings
 from .splits import split_cases
 from .stats import paired_comparison, seed_spread
-from .train import train
+from .train import TrainingInterrupted, train
 
 __all__ = ["run", "compare", "compare_results"]
 
@@ -134,6 +134,8 @@ def _run_here(cfg, out, cases, checkpoint, overwrite, device, progress) -> dict[
 def _child(queue, cfg, out, cases, checkpoint, overwrite, device, progress) -> None:
     try:
         queue.put(("ok", run(cfg, out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)))
+    except TrainingInterrupted as stop:  # the checkpoint is written: no traceback
+        queue.put(("interrupted", (stop.signum, stop.step, stop.steps, stop.checkpoint)))
     except Exception as e:  # hand the error to the parent as text (exceptions need not pickle)
         bad_input = isinstance(e, (ValueError, FileNotFoundError))
         queue.put(("bad input", str(e)) if bad_input else ("error", f"{type(e).__name__}: {e}"))
@@ -156,6 +158,8 @@ def _run_in_child(cfg, out, cases, checkpoint, overwrite, device, progress) -> d
                     raise RuntimeError(f"the {cfg.model} run died (exit code {child.exitcode}) without a result") from None
     finally:
         child.join()
+    if status == "interrupted":
+        raise TrainingInterrupted(*value)
     if status == "bad input":
         raise ValueError(value)
     if status == "error":

@@ -13,6 +13,7 @@ ranks checkpoints, and it is cheaper there.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from attention_gates.files import atomic_write
 
 from .config import Config
 from .metrics import case_metrics
@@ -35,12 +38,15 @@ DISTANCES = ("assd", "hd95", "surface_distance")
 def inference_model(model: nn.Module, device: Union[str, torch.device]) -> nn.Module:
     """The model to segment with on ``device``, in evaluation mode: on the CPU a copy made by
     :func:`attention_gates.cpu.optimize_for_inference` (oneDNN for single windows, channels-last,
-    the gated skips folded; ``model`` itself is left as it was, trainable), elsewhere ``model``.
-    Make it once per evaluation, not per volume."""
+    and the gated skips folded, unless a gate was given an explicit backend, which folded gates
+    would not use; ``model`` itself is left as it was, trainable), elsewhere ``model``. Make it
+    once per evaluation, not per volume."""
     if torch.device(device).type == "cpu":
+        from attention_gates import GridAttentionGate
         from attention_gates.cpu import optimize_for_inference
 
-        return optimize_for_inference(model)
+        explicit = any(isinstance(m, GridAttentionGate) and m.backend not in (None, "auto") for m in model.modules())
+        return optimize_for_inference(model, fold=not explicit)
     return model.eval()
 
 
@@ -183,11 +189,12 @@ def write_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: 
     json_path, csv_path = out / f"metrics_{name}.json", out / f"metrics_{name}.csv"
     doc = {"summary": summary, "cases": list(rows), **(extra or {})}
     # JSON has no infinity: write it as the string "inf"
-    json_path.write_text(json.dumps(jsonable(doc), indent=2))
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write(json_path, json.dumps(jsonable(doc), indent=2))
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(csv_path, table.getvalue())
     return json_path, csv_path
 
 

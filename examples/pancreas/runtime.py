@@ -1,17 +1,21 @@
 """The process a run trains in: its device, its process group under ``torchrun``, its random
-state, and the process-wide settings a run changes (and gives back).
+state, the process-wide settings a run changes (and gives back), the stop signals it answers,
+and whether the gates' backend can run on the device.
 
 PyTorch keeps some settings per process (the CPU thread count, deterministic algorithms,
 cuDNN's benchmark mode, the ``CUBLAS_WORKSPACE_CONFIG`` variable) and Python keeps the warning
-filters per process: :func:`process_settings` sets what a run asks for and restores every one
-of them on exit, also when the run raises.
+filters and signal handlers per process: :func:`process_settings` and :func:`stop_signals` set
+what a run asks for and restore every one of them on exit, also when the run raises.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
@@ -19,8 +23,24 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["process_settings", "resolve_device", "distributed", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = [
+    "process_settings",
+    "StopRequest",
+    "stop_signals",
+    "ignore_stop_signals",
+    "STOP_SIGNALS",
+    "backend_problem",
+    "resolve_device",
+    "distributed",
+    "rng_state",
+    "set_rng_state",
+    "seed_everything",
+]
+
+#: The signals that ask a run to stop after the step in progress: Ctrl-C, and a scheduler's or ``kill``'s SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
@@ -73,6 +93,91 @@ def process_settings(
             os.environ.pop(CUBLAS_WORKSPACE, None)
         else:
             os.environ[CUBLAS_WORKSPACE] = workspace
+
+
+class StopRequest:
+    """What :func:`stop_signals` received: ``signum``, the first stop signal's number (0: none yet)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __bool__(self) -> bool:
+        return self.signum != 0
+
+
+@contextlib.contextmanager
+def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """Context manager: inside, the first of ``signals`` does not stop the process but is
+    recorded in the yielded :class:`StopRequest`, for the caller to stop at a safe point; a
+    second one is handled as it would have been without this (Ctrl-C raises
+    ``KeyboardInterrupt``, SIGTERM ends the process). A signal the process ignores (``nohup``,
+    a shell's background job) stays ignored. The previous handlers are restored on exit.
+    Handlers can be set in the main thread only: in another thread nothing is installed."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def handler(signum: int, frame: Any) -> None:
+        if not request:
+            request.signum = signum
+            return
+        restore()  # a second signal: what it would have done without us
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield request
+    finally:
+        restore()
+
+
+def ignore_stop_signals(*_: Any) -> None:
+    """Ignore :data:`STOP_SIGNALS` in this process (a data-loading worker: the training process
+    stops it when the run stops, after the step in progress). Takes and ignores a
+    ``worker_init_fn``'s worker id."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def backend_problem(model: nn.Module, device: Union[str, torch.device], training: bool) -> Optional[str]:
+    """Why the gates of ``model`` cannot run with the backend they were given on ``device``
+    (the library's reasons, ``"; "``-joined), or ``None`` when they can.
+
+    Each gate (:class:`attention_gates.GridAttentionGate`) with an explicit backend is called
+    once, a copy of it on ``device`` in training or evaluation mode, on a tiny input of its
+    channels (``x`` of twice its subsample factor per axis, ``g`` on theta's grid); the
+    library raises :class:`attention_gates.BackendUnavailableError` listing its reasons. Run
+    it under the run's settings (deterministic algorithms change what can run). ``"auto"``
+    always runs (it falls back), and ``"compile"`` runs wherever the reference does: neither
+    is called (a call would compile)."""
+    from attention_gates import BackendUnavailableError, GridAttentionGate
+
+    device = torch.device(device)
+    for gate in model.modules():
+        if not isinstance(gate, GridAttentionGate) or gate.backend in (None, "auto", "compile"):
+            continue
+        probe = copy.deepcopy(gate).to(device).train(training)
+        x = torch.randn(1, probe.in_channels, *(2 * k for k in probe.subsample_factor), device=device, requires_grad=training)
+        g = torch.randn(1, probe.gating_channels, *(2,) * len(probe.subsample_factor), device=device)
+        try:
+            with torch.set_grad_enabled(training):
+                probe(x, g)
+        except BackendUnavailableError as e:
+            reasons = [line.strip()[2:] for line in str(e).splitlines() if line.strip().startswith("- ")]
+            return "; ".join(reasons) if reasons else " ".join(str(e).split())
+    return None
 
 
 def resolve_device(device: Optional[Union[str, torch.device]], local_rank: int = 0) -> torch.device:

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .runtime import ignore_stop_signals
+
 __all__ = ["PatchDraws", "StepSampler", "collate_draws", "patch_loader"]
 
 
@@ -99,7 +101,8 @@ def patch_loader(cache: Any, tail: Any, n_train: int, start: int, stop: int, cfg
                  pin_memory: bool = False) -> DataLoader:  # fmt: skip
     """The batches of steps ``start .. stop - 1`` of one rank: a :class:`~torch.utils.data.DataLoader`
     over :class:`PatchDraws` of ``cache`` (its first ``n_train`` cases are the training cases) and
-    ``tail``, in the order of :class:`StepSampler`, with ``cfg.workers`` worker processes; each
+    ``tail``, in the order of :class:`StepSampler`, with ``cfg.workers`` worker processes (which
+    ignore Ctrl-C and SIGTERM: the training process stops them, after its step in progress); each
     batch is ``(image: Tensor[cfg.batch_size, 1, *patch], label: Tensor[cfg.batch_size, 1, *patch])``."""
     draws = -(-cfg.batch_size // cfg.num_samples)
     return DataLoader(
@@ -108,5 +111,6 @@ def patch_loader(cache: Any, tail: Any, n_train: int, start: int, stop: int, cfg
         num_workers=cfg.workers,
         collate_fn=functools.partial(collate_draws, batch_size=cfg.batch_size),
         pin_memory=pin_memory,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(cfg.seed),  # leaves the global random state alone
     )

@@ -22,12 +22,25 @@ run stops after that many validations without a better Dice.
 
 The run's process-wide settings (threads, deterministic algorithms...) hold inside
 :func:`train` only (:func:`examples.pancreas.runtime.process_settings`).
+
+Nothing lost, nothing clobbered:
+
+- Ctrl-C (SIGINT) or SIGTERM: the step in progress finishes, a checkpoint of it is written, and
+  :func:`train` raises :class:`TrainingInterrupted` (the command line prints how to resume and
+  exits with 128 + the signal's number); a second signal stops at once.
+- Every file is written atomically; a writer killed mid-write leaves a temporary file, which
+  the next run in the folder removes. The log is written before the checkpoint, and a resumed
+  run keeps the log's rows up to the checkpoint's step only: the two never disagree.
+- The cases that are not cached for training (the test cases, and the validation cases of a
+  run without validation) are checked from their headers and labels before anything is cached
+  (:func:`examples.pancreas.volumes.check_case_files`): a bad case costs seconds, not the run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -38,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from attention_gates import deep_supervision_weights
+from attention_gates.files import atomic_write
 
 from .cases import load_cases
 from .checkpoints import (
@@ -48,6 +62,7 @@ from .checkpoints import (
     build_model,
     prepare_run_dir,
     read_log,
+    remove_stale_files,
     restore_best,
     save_checkpoint,
     training_state,
@@ -55,15 +70,30 @@ from .checkpoints import (
 )
 from .config import Config
 from .evaluate import preferred_layout, validation_dice
-from .runtime import distributed, process_settings, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import StopRequest, distributed, process_settings, resolve_device, rng_state, seed_everything, set_rng_state, stop_signals
 from .sampling import patch_loader
 from .splits import save_splits, split_cases
 from .transforms import split_at_first_random, train_transforms
+from .volumes import check_case_files
 
-__all__ = ["train", "loss_function", "make_optimizer", "lr_factor"]
+__all__ = ["train", "TrainingInterrupted", "loss_function", "make_optimizer", "lr_factor"]
 
 #: DDP's note when the 1x1x1 weights' strides differ between the layouts only along their size-1 axes: nothing to fix
 GRAD_STRIDES = "Grad strides do not match bucket view strides"
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal (SIGINT, SIGTERM) ended :func:`train` after step ``step`` of ``steps``.
+
+    ``checkpoint``: the checkpoint holding every finished step (``None`` when no step was
+    trained and there is none); ``signum``: the signal. ``--resume`` continues the run.
+    """
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Optional[Path]) -> None:
+        self.signum, self.step, self.steps, self.checkpoint = signum, step, steps, checkpoint
+        name = signal.Signals(signum).name
+        saved = f"saved in {checkpoint}" if checkpoint is not None else "no step was trained, nothing saved"
+        super().__init__(f"{name}: training stopped after step {step} of {steps}, {saved}")
 
 
 def loss_function(cfg: Config) -> Callable[[Any, Tensor], Tensor]:
@@ -138,9 +168,7 @@ class _Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         self.start = int(ckpt["step"])
-        self.record.update(ckpt.get("validation") or {})
-        if self.rank == 0:
-            restore_best(self.out, ckpt)
+        self.record = restore_best(self.out, ckpt, write=self.rank == 0)
 
     def parallel(self) -> None:
         """Wrap the model in DistributedDataParallel when there are several processes."""
@@ -149,17 +177,30 @@ class _Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def checkpoint(self, step: int, improved: bool) -> None:
-        """Write ``checkpoint.pt`` of ``step`` (rank 0), ``best.pt`` when ``improved``, and the log."""
+        """Write (rank 0) the log, ``checkpoint.pt`` of ``step``, and ``best.pt`` when ``improved``.
+
+        In this order: a process killed between two writes leaves a log ahead of the checkpoint
+        (cut back to it on resume, :func:`~examples.pancreas.checkpoints.read_log`), or a
+        checkpoint ahead of ``best.pt`` (rebuilt from it, :func:`~examples.pancreas.checkpoints.restore_best`).
+        """
         if self.rank != 0:
             return
         state = training_state(
             self.model, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(), step=step,
             rng=rng_state(), args=self.cfg.to_dict(), validation=dict(self.record),
         )  # fmt: skip
-        save_checkpoint(state, self.out / CHECKPOINT)  # first: it can rebuild best.pt (restore_best)
+        write_log(self.out / LOG, self.log_rows)
+        save_checkpoint(state, self.out / CHECKPOINT)
         if improved:
             save_checkpoint(best_state(state, self.record["best"]["val_dice"]), self.out / BEST)
-        write_log(self.out / LOG, self.log_rows)
+
+    def agreed(self, flag: bool) -> bool:
+        """``flag`` of any rank (all-reduced under torchrun, so that every rank stops at the same step)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value)
+        return bool(value.item())
 
     def step(self, image: Tensor, label: Tensor, step: int) -> tuple[float, float]:
         """One optimizer step on a batch; ``(loss averaged over the ranks, learning rate used)``."""
@@ -196,11 +237,15 @@ class _Trainer:
         self.record["stopped"] = bool(self.cfg.patience) and self.record["since_best"] >= self.cfg.patience
         return dice, improved
 
-    def loop(self, batches, last: int, val_cases: list[dict[str, Any]], bar, on_step) -> None:
-        """Steps ``start .. last - 1``: train, validate, checkpoint, log; stops early when the record says so."""
+    def loop(self, batches, last: int, val_cases: list[dict[str, Any]], bar, on_step, stop: StopRequest) -> Optional[int]:
+        """Steps ``start .. last - 1``: train, validate, checkpoint, log; stops early when the
+        record says so. Returns the step after which a stop signal ended the loop (its checkpoint
+        written), or ``None``."""
         cfg = self.cfg
         postfix = {} if self.record["best"] is None else {"best": f"{self.record['best']['val_dice']:.3f}"}
         self.net.train()
+        if self.agreed(bool(stop)):  # before the first step: nothing new to save
+            return self.start
         for step in range(self.start, last):
             t0 = time.perf_counter()
             value, lr = self.step(*next(batches), step)
@@ -215,12 +260,16 @@ class _Trainer:
             bar.set_postfix(postfix | {"loss": f"{value:.4f}", "lr": f"{lr:.2g}"})
             self.log_rows.append(row)
             bar.update()
-            if validate or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:  # a stop comes at a validation
+            stopping = self.agreed(bool(stop))
+            if validate or stopping or (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:  # a stop comes at a validation
                 self.checkpoint(step + 1, improved)
             if on_step is not None:
                 on_step(step + 1, value)
+            if stopping:
+                return step + 1
             if self.record["stopped"]:
                 break
+        return None
 
     def result(self, splits: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         """:func:`train`'s return value."""
@@ -280,7 +329,9 @@ def train(
     the ranks; ``seconds_per_step`` leaves out the first step and the validations).
 
     Raises:
-        ValueError: ``cfg.val_every`` > 0 and the split has no validation cases.
+        ValueError: ``cfg.val_every`` > 0 and the split has no validation cases; a case that
+            cannot be read or checked (one line naming the case and the file), before any step.
+        TrainingInterrupted: a stop signal came; the checkpoint of the last finished step is written.
     """
     from tqdm.auto import tqdm
 
@@ -289,10 +340,14 @@ def train(
     splits = split_cases(cfg, load_cases(cfg) if cases is None else cases)
     if cfg.val_every and not splits["val"]:
         raise ValueError(f"val_every={cfg.val_every} needs validation cases, the split has none (val_fraction={cfg.val_fraction})")
+    for case in splits["test"] + ([] if cfg.val_every else splits["val"]):  # the others are read and checked by the cache
+        check_case_files(case)
     ckpt = prepare_run_dir(cfg, out, resume, overwrite)
+    if rank == 0:
+        remove_stale_files(out)
     device = resolve_device(device, local_rank)
     quiet = [GRAD_STRIDES] if world > 1 and preferred_layout(device) == torch.channels_last_3d else []
-    with process_settings(cfg.threads, cfg.deterministic, device, quiet):
+    with process_settings(cfg.threads, cfg.deterministic, device, quiet), stop_signals() as stop:
         seed_everything(cfg.seed)
         cache, tail, val_cases = _cache(cfg, splits, progress and rank == 0)
         trainer = _Trainer(cfg, out, build_model(cfg).to(device, memory_format=preferred_layout(device)), device, rank, world)
@@ -303,19 +358,21 @@ def train(
         loader = patch_loader(cache, tail, len(splits["train"]), trainer.start, last, cfg, rank, world, device.type == "cuda")
         trainer.log_rows = read_log(out / LOG, trainer.start) if resume else []
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
             save_splits({k: [c["case_id"] for c in v] for k, v in splits.items()}, out / "splits.json")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         bar = tqdm(total=cfg.steps, initial=trainer.start, desc=f"train {cfg.model}", unit="step", disable=not progress or rank != 0)
         batches = iter(loader)
         try:
-            trainer.loop(batches, last, val_cases, bar, on_step)
+            stopped_at = trainer.loop(batches, last, val_cases, bar, on_step, stop)
         finally:
             del batches  # stops the loader's worker processes
             bar.close()
     if world > 1:  # every rank has written what it had to; rank 0 evaluates alone
         dist.barrier()
         dist.destroy_process_group()
+    if stopped_at is not None:
+        saved = out / CHECKPOINT
+        raise TrainingInterrupted(stop.signum, stopped_at, cfg.steps, saved if saved.is_file() else None)
     return trainer.result(splits)

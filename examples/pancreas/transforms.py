@@ -45,7 +45,7 @@ from monai.transforms import (
 )
 
 from .cases import is_nifti
-from .volumes import AFFINE_TOL, check_series, grid_disagreement
+from .volumes import AFFINE_TOL, LABEL_VALUES, check_series, grid_disagreement, nifti_problem, unexpected_values
 
 __all__ = [
     "train_transforms",
@@ -85,7 +85,8 @@ class LoadCased(MapTransform):
     with a channel dimension added to ``[X, Y, Z]`` arrays.
 
     Raises:
-        ValueError: a path that is neither NIfTI nor DICOM, a file the reader cannot read, or
+        ValueError: a path that is neither NIfTI nor DICOM, a NIfTI name on a file that is not
+            one (:func:`~examples.pancreas.volumes.nifti_problem`), a file the reader cannot read, or
             a DICOM series folder with fewer than 2 slices, mixed series, or unevenly spaced
             slices (a missing slice); the message names the case and the file.
         FileNotFoundError: a path that does not exist.
@@ -115,6 +116,9 @@ class LoadCased(MapTransform):
         if not path.exists():
             raise FileNotFoundError(f"case {case}: {key} {path} does not exist")
         if is_nifti(path):
+            why = None if path.is_dir() else nifti_problem(path)
+            if why is not None:
+                raise ValueError(f"case {case}: {key} {path} is not a NIfTI file: {why}")
             loader, kind = self._nifti, "NIfTI"
         elif path.is_dir() or path.suffix.lower() == ".dcm":
             loader, kind = self._dicom, "DICOM"
@@ -144,18 +148,16 @@ class CheckLabeld(MapTransform):
         ValueError: naming the case, the label's source and the unexpected values.
     """
 
-    def __init__(self, keys="label", allowed: Sequence[int] = (0, 1, 2)):
+    def __init__(self, keys="label", allowed: Sequence[int] = LABEL_VALUES):
         super().__init__(keys)
         self.allowed = sorted(allowed)
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            values = torch.unique(torch.as_tensor(d[key])).tolist()
-            bad = [v for v in values if v not in self.allowed]
+            bad = unexpected_values(torch.unique(torch.as_tensor(d[key])).tolist(), self.allowed)
             if bad:
-                shown = ", ".join(f"{v:g}" for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
-                raise ValueError(f"case {_case(d)}: label {_source(d[key])} has values {shown}; expected only {self.allowed}")
+                raise ValueError(f"case {_case(d)}: label {_source(d[key])} {bad}")
         return d
 
 
