@@ -134,7 +134,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .arguments import check_out
     from .compare import run
 
-    check_out(args.out)
+    if args.resume:  # its config.json is read from --out: check that first
+        check_out(args.out)
     cfg = _config(args, args.resume)
     device = _check_run(cfg, args, gates=cfg.model == "attention", training=True)
     run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=device, progress=not args.no_progress)
