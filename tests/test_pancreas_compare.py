@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("monai")
 pytest.importorskip("scipy")
 
+from examples.pancreas.cases import PHANTOM_TEST_SEED, held_out_phantom_seeds, load_cases  # noqa: E402
 from examples.pancreas.config import preset  # noqa: E402
-from examples.pancreas.data import PHANTOM_TEST_SEED, held_out_phantom_seeds  # noqa: E402
 from examples.pancreas.phantom import phantom_id  # noqa: E402
-from examples.pancreas.train import load_cases, split_cases  # noqa: E402
+from examples.pancreas.splits import split_cases  # noqa: E402
 
 SMALL = dict(phantom_shape=(24, 24, 16), phantom_spacing=(4.0, 4.0, 5.0))
 

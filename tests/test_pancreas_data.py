@@ -19,15 +19,9 @@ nib = pytest.importorskip("nibabel")
 pydicom = pytest.importorskip("pydicom")
 
 from monai.transforms import Invertd  # noqa: E402
-from examples.pancreas.data import (  # noqa: E402
-    eval_transforms,
-    find_cases,
-    load_splits,
-    make_splits,
-    phantom_cases,
-    save_splits,
-    train_transforms,
-)
+from examples.pancreas.cases import find_cases, phantom_cases  # noqa: E402
+from examples.pancreas.splits import load_splits, make_splits, save_splits  # noqa: E402
+from examples.pancreas.transforms import eval_transforms, train_transforms  # noqa: E402
 from examples.pancreas.phantom import generate_phantom, threshold_baseline  # noqa: E402
 from pancreas_folders import SHAPE, cube_label, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 
@@ -285,10 +279,16 @@ def test_label_with_unexpected_values_is_refused(tmp_path):
 
 def test_files_that_are_not_nifti_or_dicom(tmp_path):
     root = write_msd(tmp_path / "msd", n=1)
-    (root / "imagesTr" / "pancreas_001.nii.gz").write_text("not an image")
+    image = root / "imagesTr" / "pancreas_001.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[:-20])  # cut short after its header
     (case,) = find_cases(root)
     with pytest.raises(ValueError, match=r"pancreas_001.*could not read image .*imagesTr.*as NIfTI"):
         eval_transforms(cfg())(case)
+    image.write_text("not an image")  # a text file named .nii.gz: named as such, not a reader's install advice
+    with pytest.raises(ValueError, match=r"case pancreas_001: image .*pancreas_001\.nii\.gz is not a NIfTI file: it is not gzip-compressed") as info:
+        eval_transforms(cfg())(case)
+    assert "reader" not in str(info.value)
     with pytest.raises(ValueError, match=r"neither NIfTI .* nor DICOM"):
         eval_transforms(cfg())({"image": str(root / "dataset.json"), "label": case["label"], "case_id": "x"})
     listed = json.loads((root / "dataset.json").read_text())
@@ -458,3 +458,58 @@ def test_no_warnings_from_a_clean_msd_folder(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eval_transforms(cfg(spacing=(1.5, 1.5, 2.0)))(case)
+
+
+# ----------------------------------------------------------------------------- checks without the transforms
+
+
+def test_case_files_check_passes_what_the_transforms_accept(tmp_path):
+    """Headers and labels only: the MSD cases, NIH series numbered top down with labels stored
+    flipped (the same world grid), an in-memory phantom; each also passes the transforms."""
+    from examples.pancreas.volumes import check_case_files
+
+    cases = find_cases(write_msd(tmp_path / "msd", n=1)) + find_cases(write_nih(tmp_path / "nih", numbers=(1,), reverse=True))
+    cases += phantom_cases(1, seed=0, shape=SMALL, spacing=(4.0, 4.0, 5.0))
+    for case in cases:
+        check_case_files(case)
+        assert eval_transforms(cfg())(case)["image"].shape == eval_transforms(cfg())(case)["label"].shape
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("shift", r"geometries disagree after orientation to RAS \(voxels 5 mm apart, tolerance 0\.1 mm\): image shape \(12, 10, 8\)"),
+        ("shape", r"geometries disagree .*\(different shapes.*label shape \(12, 10, 7\)"),
+        ("values", r"label .*label0005\.nii\.gz has values 3; expected only \[0, 1, 2\]"),
+        ("cut short", r"could not read label .*label0005\.nii\.gz as NIfTI"),
+        ("text", r"label .*label0005\.nii\.gz is not a NIfTI file: it is not gzip-compressed"),
+        ("missing slice", r"image .*Pancreas-99667 is not a readable DICOM series: slices 1-004\.dcm and 1-006\.dcm are 4 mm apart"),
+        ("missing", r"label .*label0005\.nii\.gz does not exist"),
+    ],
+)
+def test_case_files_check_names_the_case_the_file_and_the_fault_in_one_line(tmp_path, fault, message):
+    from examples.pancreas.volumes import check_case_files
+
+    root = write_nih(tmp_path, numbers=(5,), flip_label=False)
+    label_path = root / "TCIA_pancreas_labels" / "label0005.nii.gz"
+    img = nib.load(str(label_path))
+    affine, data = img.affine.copy(), np.asarray(img.dataobj).copy()
+    if fault == "shift":
+        affine[0, 3] += 5.0
+    elif fault == "shape":
+        data = data[:, :, :-1]
+    elif fault == "values":
+        data[0, 0, 0] = 3
+    write_nifti(label_path, data, affine)
+    if fault == "cut short":
+        label_path.write_bytes(label_path.read_bytes()[:-20])
+    elif fault == "text":
+        label_path.write_text("label notes")
+    elif fault == "missing slice":
+        next(p for p in series_folder(root, 5).iterdir() if p.name == "1-005.dcm").unlink()
+    (case,) = find_cases(root)
+    if fault == "missing":
+        label_path.unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"^case PANCREAS_0005: .*{message}") as info:
+        check_case_files(case)
+    assert "\n" not in str(info.value)

@@ -12,6 +12,10 @@ reading and writing shows up voxel for voxel.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +29,9 @@ pytest.importorskip("pydicom")
 from attention_gates.finetune import checkpoint_config  # noqa: E402
 from examples.pancreas import predict as predict_module  # noqa: E402
 from examples.pancreas.__main__ import main  # noqa: E402
+from examples.pancreas.checkpoints import build_model, save_checkpoint  # noqa: E402
 from examples.pancreas.config import preset  # noqa: E402
 from examples.pancreas.predict import find_inputs, predict  # noqa: E402
-from examples.pancreas.train import build_model, save_checkpoint  # noqa: E402
 from pancreas_folders import SHAPE, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 
 MM = (2.0, 2.0, 2.0)
@@ -142,10 +146,10 @@ def test_find_inputs_errors(msd, tmp_path):
 
 
 def test_predict_msd_folder_writes_the_good_volumes_and_names_the_bad_one(checkpoint, msd, tmp_path):
-    written, failed = predict(checkpoint, msd, tmp_path / "seg", device="cpu")
+    written, failed, _, _ = predict(checkpoint, msd, tmp_path / "seg", device="cpu")
     assert [p.name for p in written] == ["pancreas_001_seg.nii.gz", "pancreas_003_seg.nii.gz", "pancreas_010_seg.nii.gz"]
     assert len(failed) == 1 and "\n" not in failed[0]
-    assert str(msd / "imagesTr" / "pancreas_002.nii.gz") in failed[0] and "could not read image" in failed[0]
+    assert str(msd / "imagesTr" / "pancreas_002.nii.gz") in failed[0] and "not a NIfTI file: its gzip stream is cut short" in failed[0]
     for path in written:
         name = path.name.replace("_seg", "")
         _check_nifti_output(path, msd / ("imagesTs" if "010" in name else "imagesTr") / name)
@@ -153,7 +157,7 @@ def test_predict_msd_folder_writes_the_good_volumes_and_names_the_bad_one(checkp
 
 
 def test_predict_nih_folder_keeps_the_series_geometry_and_names_the_bad_series(checkpoint, nih, tmp_path):
-    written, failed = predict(checkpoint, nih, tmp_path / "seg", device="cpu")
+    written, failed, _, _ = predict(checkpoint, nih, tmp_path / "seg", device="cpu")
     assert [p.name for p in written] == ["PANCREAS_0001_seg.nii.gz"]
     _check_dicom_output(written[0], series_folder(nih, 1))
     assert len(failed) == 2 and not any("\n" in line for line in failed)
@@ -164,12 +168,12 @@ def test_predict_nih_folder_keeps_the_series_geometry_and_names_the_bad_series(c
 
 def test_predict_one_file_a_nifti_folder_and_a_series_folder(checkpoint, msd, nih, tmp_path):
     source = msd / "imagesTr" / "pancreas_003.nii.gz"
-    written, failed = predict(checkpoint, source, tmp_path / "one", device="cpu")
+    written, failed, _, _ = predict(checkpoint, source, tmp_path / "one", device="cpu")
     assert failed == [] and [p.name for p in written] == ["pancreas_003_seg.nii.gz"]
     _check_nifti_output(written[0], source)
-    written, failed = predict(checkpoint, msd / "imagesTr", tmp_path / "folder", device="cpu")
+    written, failed, _, _ = predict(checkpoint, msd / "imagesTr", tmp_path / "folder", device="cpu")
     assert [p.name for p in written] == ["pancreas_001_seg.nii.gz", "pancreas_003_seg.nii.gz"] and len(failed) == 1
-    written, failed = predict(checkpoint, series_folder(nih, 1), tmp_path / "series", device="cpu")
+    written, failed, _, _ = predict(checkpoint, series_folder(nih, 1), tmp_path / "series", device="cpu")
     assert failed == [] and [p.name for p in written] == ["Pancreas-99667_seg.nii.gz"]
     _check_dicom_output(written[0], series_folder(nih, 1))
 
@@ -181,9 +185,113 @@ def test_cli_predict_reports_failures_by_name_and_exits_non_zero(checkpoint, msd
     errors = captured.err.strip().splitlines()
     assert len(errors) == 3 and errors[0].startswith("error: ") and "1-003.dcm and 1-005.dcm" in errors[0]
     assert errors[1].startswith("error: ") and "PANCREAS_0003" in errors[1]
-    assert errors[2] == f"2 of 3 volumes failed; the others are in {tmp_path / 'nih'}"
+    assert errors[2] == f"1 of 3 volumes written to {tmp_path / 'nih'}; 2 failed"
     clean = msd / "imagesTr" / "pancreas_001.nii.gz"
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(clean), "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- nothing clobbered
+
+
+def _predict(*args: str) -> int:
+    return main(["predict", *map(str, args), "--no-progress"])
+
+
+def test_predict_keeps_existing_files_and_never_segments_a_segmentation(checkpoint, tmp_path, capsys):
+    """Predicting into the input folder, which holds a manual label ``a_seg.nii.gz``: the label is
+    neither replaced nor taken for a CT; ``--overwrite`` replaces it, and a second run takes its
+    own output for no input either."""
+    folder = tmp_path / "scans"
+    affine = np.diag([*MM, 1.0])
+    write_nifti(folder / "a.nii.gz", ct_volume(), affine)
+    write_nifti(folder / "b.nii.gz", ct_volume(), affine)
+    write_nifti(folder / "a_seg.nii.gz", np.full(SHAPE, 7, dtype=np.uint8), affine)  # the user's own label
+    label = (folder / "a_seg.nii.gz").read_bytes()
+    assert _predict("--checkpoint", checkpoint, "--input", folder, "--out", folder) == 1
+    out, err = capsys.readouterr()
+    assert out.split() == [str(folder / "b_seg.nii.gz")]
+    assert err.strip().splitlines() == [
+        f"skipped: {folder / 'a.nii.gz'}: its output {folder / 'a_seg.nii.gz'} exists (--overwrite replaces it)",
+        f"skipped: {folder / 'a_seg.nii.gz'}: a segmentation (its name ends in _seg), not a CT",
+        f"1 of 3 volumes written to {folder}; 2 skipped",
+    ]
+    assert (folder / "a_seg.nii.gz").read_bytes() == label
+    assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "a_seg.nii.gz", "b.nii.gz", "b_seg.nii.gz"]  # no a_seg_seg
+    assert _predict("--checkpoint", checkpoint, "--input", folder, "--out", folder, "--overwrite") == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(folder / "a_seg.nii.gz"), str(folder / "b_seg.nii.gz")]
+    assert f"skipped: {folder / 'a_seg.nii.gz'}: a segmentation" in err and f"skipped: {folder / 'b_seg.nii.gz'}: a segmentation" in err
+    _check_nifti_output(folder / "a_seg.nii.gz", folder / "a.nii.gz")  # replaced, as asked
+    assert sorted(p.name for p in folder.iterdir()) == ["a.nii.gz", "a_seg.nii.gz", "b.nii.gz", "b_seg.nii.gz"]
+    done = predict(checkpoint, folder / "a_seg.nii.gz", tmp_path / "o", device="cpu")
+    assert done.written == [] and done.skipped == [f"{folder / 'a_seg.nii.gz'}: a segmentation (its name ends in _seg), not a CT"]
+
+
+def test_predict_names_a_text_file_that_is_not_nifti(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    write_nifti(folder / "good.nii.gz", ct_volume(), np.diag([*MM, 1.0]))
+    (folder / "x.nii.gz").write_text("patient notes, not an image")
+    assert _predict("--checkpoint", checkpoint, "--input", folder, "--out", tmp_path / "seg") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"error: case x: image {folder / 'x.nii.gz'} is not a NIfTI file: it is not gzip-compressed, as its .gz name says"
+    assert "reader" not in err[0] and err[1] == f"1 of 2 volumes written to {tmp_path / 'seg'}; 1 failed"
+
+
+def test_predict_refuses_an_explicit_backend_that_cannot_run_before_reading_inputs(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert _predict("--checkpoint", checkpoint, "--input", tmp_path / "not read", "--out", tmp_path / "o", "--backend", "triton",
+                    "--device", "cpu") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: --backend triton: expected a backend that can run the gates on cpu; the library says: "
+        "x is on the CPU: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_explicit_backend_is_used_on_the_cpu_not_folded_away(checkpoint):
+    """optimize_for_inference folds the gates, which then ignore any backend: with an explicit
+    backend the CPU model keeps its gates, and they run with it."""
+    from attention_gates import GridAttentionGate
+    from attention_gates.cpu import FoldedMultiAttentionGate
+    from examples.pancreas.checkpoints import model_from_checkpoint
+    from examples.pancreas.evaluate import inference_model
+
+    folded = inference_model(model_from_checkpoint(checkpoint), "cpu")
+    assert any(isinstance(m, FoldedMultiAttentionGate) for m in folded.modules())
+    kept = inference_model(model_from_checkpoint(checkpoint, backend="reference"), "cpu")
+    assert not any(isinstance(m, FoldedMultiAttentionGate) for m in kept.modules())
+    assert {m.backend for m in kept.modules() if isinstance(m, GridAttentionGate)} == {"reference"}
+
+
+def _unprivileged() -> list[str]:
+    """A command prefix under which permission bits hold: none for a normal user; for root,
+    setpriv without the capabilities that override them."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permission bits do not hold for root")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_predict_into_a_read_only_folder_is_refused_first(checkpoint, msd, tmp_path):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [*_unprivileged(), sys.executable, "-m", "examples.pancreas", "predict", "--checkpoint", str(checkpoint),
+           "--input", str(msd), "--out", str(out), "--no-progress"]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=170)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"error: --out: expected a folder this process can write in; got {out}: {out} is not writable by this user"]
+    assert proc.stdout == "" and list(out.iterdir()) == []

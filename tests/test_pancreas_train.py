@@ -25,20 +25,12 @@ from examples.pancreas.__main__ import main  # noqa: E402
 from examples.pancreas.config import Config, preset  # noqa: E402
 from examples.pancreas.evaluate import summarize  # noqa: E402
 from examples.pancreas.metrics import case_metrics, slicewise_surface_distance, surface_metrics  # noqa: E402
-from examples.pancreas.train import (  # noqa: E402
-    CheckpointError,
-    _read_log,
-    PatchDraws,
-    StepSampler,
-    _collate,
-    _loss_fn,
-    _split_transforms,
-    load_cases,
-    load_checkpoint,
-    model_from_checkpoint,
-    split_cases,
-    train,
-)
+from examples.pancreas.cases import load_cases  # noqa: E402
+from examples.pancreas.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
+from examples.pancreas.sampling import PatchDraws, StepSampler, collate_draws  # noqa: E402
+from examples.pancreas.splits import split_cases  # noqa: E402
+from examples.pancreas.train import loss_function, train  # noqa: E402
+from examples.pancreas.transforms import split_at_first_random  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +147,69 @@ def test_config_checks_and_round_trip():
     assert paper.filters == (16, 32, 64, 128, 256) and paper.spacing == (2.0, 2.0, 2.0) and paper.batch_size == 2
 
 
+def test_config_default_is_the_demo_preset():
+    """``Config()`` is what ``demo`` runs; the other presets change some of its fields, and a
+    flat config.json of an earlier run still reads."""
+    assert Config() == preset("demo")
+    assert (Config().patch_size, Config().hu_window, Config().lr, Config().val_every) == ((48, 48, 48), (-160.0, 240.0), 3e-3, 100)
+    tiny = preset("tiny")
+    assert (tiny.hu_window, tiny.warmup_steps, tiny.phantom_test_cases) == ((-100.0, 240.0), 0, 0)
+    flat = {**preset("paper").to_dict()}
+    assert Config.from_dict(flat) == preset("paper")
+
+
+def _process_settings():
+    import warnings
+
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"), list(warnings.filters))  # fmt: skip
+
+
+def test_process_settings_are_restored_on_exit_and_on_error():
+    from examples.pancreas.runtime import process_settings
+
+    before = _process_settings()
+    torch.backends.cudnn.benchmark = True
+    try:
+        before = _process_settings()
+        with process_settings(threads=1, deterministic=True, ignore_warnings=["some note"]):
+            inside = _process_settings()
+            assert inside[:5] == (1, True, False, False, ":4096:8") and inside[5] != before[5]
+        assert _process_settings() == before
+        with pytest.raises(_Interrupt), process_settings(threads=1, deterministic=True, device="cuda"):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()  # CUDA: warn-only
+            raise _Interrupt
+        assert _process_settings() == before
+    finally:
+        torch.backends.cudnn.benchmark = False
+
+
+def test_train_gives_back_every_process_setting(tmp_path, tiny_cases):
+    """train() sets the thread count, deterministic algorithms, cuDNN's benchmark flag and
+    CUBLAS_WORKSPACE_CONFIG for the run; afterwards, and after a run that raised, every one is
+    as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.backends.cudnn.benchmark = True
+    try:
+        before = _process_settings()
+        cfg = preset("tiny", steps=2, threads=1, deterministic=True, val_every=0)
+        seen = []
+        train(cfg, tmp_path / "a", progress=False, cases=tiny_cases, on_step=lambda step, loss: seen.append(_process_settings()))
+        assert seen[0][:5] == (1, True, False, False, ":4096:8")
+        assert _process_settings() == before
+
+        def fail(step, loss):
+            raise _Interrupt
+
+        with pytest.raises(_Interrupt):
+            train(cfg, tmp_path / "b", progress=False, cases=tiny_cases, on_step=fail)
+        assert _process_settings() == before
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = False
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -230,8 +285,8 @@ def test_init_from_unet_trains_only_the_gates(tmp_path, tiny_cases):
 
 def test_per_scale_loss_weights_downsampled_labels():
     cfg = preset("tiny", deep_supervision="per_scale")
-    loss = _loss_fn(cfg)
-    base = _loss_fn(preset("tiny"))
+    loss = loss_function(cfg)
+    base = loss_function(preset("tiny"))
     torch.manual_seed(0)
     label = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
     outs = [torch.randn(2, 2, 8, 8, 8), torch.randn(2, 2, 4, 4, 4)]
@@ -247,11 +302,11 @@ def test_patch_draws_depend_only_on_seed_step_rank(tiny_cases):
     from monai.data import CacheDataset
     from torch.utils.data import DataLoader
 
-    from examples.pancreas import data
+    from examples.pancreas.transforms import train_transforms
 
     cfg = preset("tiny")
     train_cases = split_cases(cfg, tiny_cases)["train"]
-    head, tail = _split_transforms(data.train_transforms(cfg))
+    head, tail = split_at_first_random(train_transforms(cfg))
     cache = CacheDataset(train_cases, head, progress=False)
     before = cache[0]["image"].clone()
     draws = PatchDraws(cache, tail)
@@ -259,7 +314,7 @@ def test_patch_draws_depend_only_on_seed_step_rank(tiny_cases):
 
     def batch(step, rank=0, world=1):
         (keys,) = StepSampler(list(range(n)), step, step + 1, draws=2, seed=3, rank=rank, world=world)
-        return _collate([draws[k] for k in keys], batch_size=2)
+        return collate_draws([draws[k] for k in keys], batch_size=2)
 
     x5, y5 = batch(5)
     batch(1)
@@ -270,7 +325,7 @@ def test_patch_draws_depend_only_on_seed_step_rank(tiny_cases):
     torch.testing.assert_close(cache[0]["image"], before, rtol=0, atol=0)  # drawing left the cache as it was
     # worker processes draw the same batches as the training process, in order, from any start step
     loader = DataLoader(draws, batch_sampler=StepSampler(list(range(n)), 3, 7, 2, seed=3), num_workers=2,
-                        collate_fn=partial(_collate, batch_size=2))  # fmt: skip
+                        collate_fn=partial(collate_draws, batch_size=2))  # fmt: skip
     for step, (x, y) in enumerate(loader, start=3):
         assert torch.equal(x, batch(step)[0]) and torch.equal(y, batch(step)[1]), step
     # a pass over the cases visits each once; the ranks of a pass share them (MONAI's DistributedSampler)
@@ -310,7 +365,7 @@ def test_resume_with_validation_repeats_the_uninterrupted_run(tmp_path, tiny_cas
         assert a["step"] == b["step"] and a.get("validation") == b.get("validation"), name
         for k, v in a["model"].items():
             assert torch.equal(v, b["model"][k]), (name, k)
-    logs = [_read_log(tmp_path / run / "log.csv", 6) for run in ("full", "cut")]
+    logs = [read_log(tmp_path / run / "log.csv", 6) for run in ("full", "cut")]
     strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in rows] for rows in logs]
     assert str(strip[0]) == str(strip[1])  # str: NaN == NaN
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
@@ -349,7 +404,7 @@ def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, tiny_cas
     assert isinstance(model_from_checkpoint(tmp_path / "best.pt"), AttentionUNet)
     last = load_checkpoint(tmp_path / "checkpoint.pt")
     assert last["step"] == 8 and last["validation"] == {"best": {"step": 4, "val_dice": 0.5}, "since_best": 2, "stopped": True}
-    rows = _read_log(tmp_path / "log.csv", 100)
+    rows = read_log(tmp_path / "log.csv", 100)
     assert [r["val_dice"] for r in rows if not math.isnan(r["val_dice"])] == [0.2, 0.5, 0.3, 0.4]
     assert [r["step"] for r in rows if math.isnan(r["val_dice"])] == [1, 3, 5, 7]
     again = train(cfg, tmp_path, resume=True, progress=False, cases=tiny_cases)  # a stopped run stays stopped
@@ -395,13 +450,13 @@ def test_validation_needs_validation_cases(tmp_path, tiny_cases):
 
 
 def test_validation_dice_is_that_of_the_best_checkpoint(tmp_path, tiny_cases):
-    from examples.pancreas import data
     from examples.pancreas.evaluate import validation_dice
+    from examples.pancreas.transforms import eval_transforms
 
     cfg = preset("tiny", steps=4, val_every=2)
     result = train(cfg, tmp_path, progress=False, cases=tiny_cases)
     assert result["best"]["step"] in (2, 4) and max(d for _, d in result["val_dice"]) == result["best"]["val_dice"]
-    val = [data.eval_transforms(cfg)(dict(c)) for c in split_cases(cfg, tiny_cases)["val"]]
+    val = [eval_transforms(cfg)(dict(c)) for c in split_cases(cfg, tiny_cases)["val"]]
     again = validation_dice(model_from_checkpoint(tmp_path / "best.pt"), val, cfg)
     assert 0.0 <= again <= 1.0 and again == pytest.approx(result["best"]["val_dice"], abs=1e-6)
 
@@ -413,7 +468,7 @@ def test_evaluation_scores_in_each_cases_original_geometry(tmp_path, monkeypatch
     from pancreas_folders import CUBE, write_msd
 
     from examples.pancreas import evaluate as evaluate_module
-    from examples.pancreas.data import find_cases
+    from examples.pancreas.cases import find_cases
     from examples.pancreas.metrics import overlap_metrics
 
     def threshold(model, image, cfg, device="cpu"):
@@ -446,7 +501,7 @@ def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     nib.save(nib.Nifti1Image(case["image"].astype(np.int16), affine), str(inputs / "ct.nii.gz"))
-    written, failed = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
+    written, failed, _, _ = predict(out / "checkpoint.pt", inputs, tmp_path / "seg", device="cpu")
     assert [p.name for p in written] == ["ct_seg.nii.gz"] and failed == []
     seg = nib.load(str(written[0]))
     assert seg.shape == (36, 30, 20)
@@ -455,12 +510,12 @@ def test_predict_keeps_the_input_geometry(tiny_run, tmp_path):
 
 
 def test_predict_preprocessing_matches_evaluation(tiny_cases):
-    from examples.pancreas import data
+    from examples.pancreas.transforms import eval_transforms, image_transforms
 
     cfg = preset("tiny")
     case = tiny_cases[0]
-    a = data.eval_transforms(cfg)(dict(case))["image"]
-    b = data.image_transforms(cfg)({"image": case["image"]})["image"]
+    a = eval_transforms(cfg)(dict(case))["image"]
+    b = image_transforms(cfg)({"image": case["image"]})["image"]
     assert a.shape == b.shape
     torch.testing.assert_close(a.as_tensor(), b.as_tensor())
     np.testing.assert_allclose(np.asarray(a.affine), np.asarray(b.affine))
@@ -570,7 +625,7 @@ def test_compare_with_the_attention_unet_made_from_the_unet(tmp_path, capsys):
     import torch
 
     from examples.pancreas.compare import compare
-    from examples.pancreas.train import CHECKPOINT
+    from examples.pancreas.checkpoints import CHECKPOINT
 
     doc = compare(preset("tiny", steps=2), tmp_path, device="cpu", progress=False, isolate=False, finetune="gates")
     f, u = doc["results"]["finetuned"], doc["results"]["unet"]
@@ -599,13 +654,13 @@ def test_cpu_inference_runs_the_transformed_model_and_leaves_the_model_as_it_was
     gates); infer() with it gives the probabilities of the model as trained, which stays trainable
     and contiguous. Off the CPU the model itself is used."""
     from attention_gates.cpu import FoldedMultiAttentionGate
-    from examples.pancreas import data as pdata
     from examples.pancreas.evaluate import infer, inference_model
+    from examples.pancreas.transforms import eval_transforms
 
     cfg, out, _ = tiny_run
     model = model_from_checkpoint(out / "checkpoint.pt")
     conv = next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2:].numel() > 1)
-    image = pdata.eval_transforms(cfg)(dict(tiny_cases[0]))["image"]
+    image = eval_transforms(cfg)(dict(tiny_cases[0]))["image"]
     net = inference_model(model, "cpu")
     assert net is not model and any(isinstance(m, FoldedMultiAttentionGate) for m in net.modules())
     seen = []

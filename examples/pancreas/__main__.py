@@ -7,11 +7,20 @@ Commands:
 - ``train``: train one model (``--model attention|unet``) into a run folder, validating it every
   ``--val-every`` steps (the best checkpoint is kept as ``best.pt``), evaluate it on the
   held-out cases and write its report; ``--resume`` continues an interrupted run. Runs under
-  ``torchrun`` for several processes, GPUs or nodes.
+  ``torchrun`` for several processes, GPUs or nodes. Ctrl-C or SIGTERM: the step in progress
+  finishes, its checkpoint is written, one line gives the command that resumes, and the exit
+  status is 130 (SIGINT) or 143 (SIGTERM).
 - ``evaluate``: evaluate a checkpoint on its run's held-out cases, in their original geometry.
 - ``predict``: segment NIfTI files, DICOM series or a whole MSD / NIH data folder with a
-  checkpoint, each in its own geometry; exits with status 1 when some volume failed (each named
-  on its own line) and the others were written.
+  checkpoint, each in its own geometry; existing ``<name>_seg.nii.gz`` files are kept unless
+  ``--overwrite``, and never taken as inputs; exits with status 1 when some volume failed or an
+  existing output was kept (each named on its own line) and the others were written.
+
+``--checkpoint`` takes a checkpoint file or a run folder (its ``best.pt``, else its
+``checkpoint.pt``). Arguments that cannot work (an ``--out`` that is a file or cannot be
+written, a ``--device`` the machine lacks, a ``--backend`` that cannot run the gates there, a
+checkpoint that is not there) are refused before any data is read or file written, with one
+line naming the argument, and exit status 2.
 - ``compare``: ``demo`` for any preset and data, or for given checkpoints.
 
 ``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,6 +44,8 @@ from typing import Any, Optional, Sequence
 # training by up to ten times (measured on 2 shared cores), so they wait passively unless the
 # user chose otherwise. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from attention_gates.ops.dispatch import BACKENDS  # noqa: E402
 
@@ -100,48 +112,83 @@ def _config(args: argparse.Namespace, resume: bool = False) -> Config:
     return preset(args.preset or "demo", **overrides)
 
 
+def _check_run(cfg: Config, args: argparse.Namespace, gates: bool, training: bool) -> torch.device:
+    """The checks of the commands that train or evaluate, before any data is read or file
+    written: ``--out``, ``--device``, and an explicit backend on that device (``gates``: the
+    run has an Attention U-Net). Returns the device."""
+    from .arguments import check_backend, check_device, check_out
+    from .checkpoints import build_model
+    from .runtime import process_settings
+
+    check_out(args.out)
+    device = check_device(args.device)
+    if gates and cfg.backend not in (None, "auto"):
+        flag = "--backend" if getattr(args, "backend", None) is not None else "backend (the run's config)"
+        model = build_model(cfg.replace(model="attention", init_from=None, train_params="all"))
+        with process_settings(deterministic=cfg.deterministic and training, device=device):
+            check_backend(model, device, cfg.backend, training, flag=flag)
+    return device
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    from .arguments import check_out
     from .compare import run
 
+    if args.resume:  # its config.json is read from --out: check that first
+        check_out(args.out)
     cfg = _config(args, args.resume)
-    run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+    device = _check_run(cfg, args, gates=cfg.model == "attention", training=True)
+    run(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=device, progress=not args.no_progress)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .arguments import resolve_checkpoint
+    from .checkpoints import load_checkpoint
     from .compare import run
-    from .train import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     cfg = Config.from_dict(ckpt["args"])
     if args.data is not None:
         cfg = cfg.replace(data=args.data)
-    out = args.out or str(Path(args.checkpoint).parent / "eval")
-    results = run(cfg, out, checkpoint=args.checkpoint, device=args.device, report=False)
+    args.out = args.out or str(checkpoint.parent / "eval")
+    device = _check_run(cfg, args, gates=cfg.model == "attention", training=False)
+    results = run(cfg, args.out, checkpoint=checkpoint, device=device, report=False)
     for m, stat in results["summary"].items():
         if isinstance(stat, dict):
             print(f"{m:>18}: {stat['mean']:.4f} ± {stat['std']:.4f} (n={stat['n']}, inf={stat['n_inf']})")
-    print(f"per-case results in {Path(out) / 'metrics_test.csv'} and .json")
+    print(f"per-case results in {Path(args.out) / 'metrics_test.csv'} and .json")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
-    written, failed = predict(args.checkpoint, args.input, args.out, device=args.device, backend=args.backend, progress=not args.no_progress)
-    for path in written:
+    done = predict(args.checkpoint, args.input, args.out, device=args.device, backend=args.backend, progress=not args.no_progress,
+                   overwrite=args.overwrite)  # fmt: skip
+    for path in done.written:
         print(path)
-    for line in failed:
+    for line in done.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    for line in done.failed:
         print(f"error: {line}", file=sys.stderr)
-    if failed:
-        print(f"{len(failed)} of {len(written) + len(failed)} volumes failed; the others are in {args.out}", file=sys.stderr)
-    return 1 if failed else 0
+    if done.skipped or done.failed:
+        total = len(done.written) + len(done.skipped) + len(done.failed)
+        parts = [f"{len(done.written)} of {total} volumes written to {args.out}"]
+        parts += [f"{len(done.skipped)} skipped"] if done.skipped else []
+        parts += [f"{len(done.failed)} failed"] if done.failed else []
+        print("; ".join(parts), file=sys.stderr)
+    return 1 if done.failed or done.kept else 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from .arguments import resolve_checkpoint
     from .compare import compare
 
     cfg = preset(args.preset or "demo", **_overrides(args))
-    checkpoints = {k: v for k, v in (("attention", args.attention_checkpoint), ("unet", args.unet_checkpoint)) if v}
-    compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+    given = (("attention", args.attention_checkpoint, "--attention-checkpoint"), ("unet", args.unet_checkpoint, "--unet-checkpoint"))
+    checkpoints = {k: resolve_checkpoint(v, flag) for k, v, flag in given if v}
+    device = _check_run(cfg, args, gates=True, training=True)
+    compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=device, progress=not args.no_progress,
             finetune=args.finetune, seeds=args.seeds)  # fmt: skip
 
 
@@ -149,8 +196,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from .compare import compare
 
     cfg = preset("demo", **_overrides(args))
-    compare(cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+    device = _check_run(cfg, args, gates=True, training=True)
+    compare(cfg, args.out, overwrite=args.overwrite, device=device, progress=not args.no_progress,
             title="Demo: Attention U-Net vs U-Net on the phantom pancreas", seeds=args.seeds)  # fmt: skip
+
+
+def _resume_line(args: argparse.Namespace, stop: Any) -> str:
+    """The one line printed when a stop signal ended training: what was saved and the exact command that resumes."""
+    if stop.checkpoint is None:
+        return f"{stop}; run the same command again to start over"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc_per_node={world} -m examples.pancreas" if world > 1 else "python -m examples.pancreas"
+    extra = [f"--device {shlex.quote(args.device)}"] * (args.device is not None) + ["--no-progress"] * args.no_progress
+    return f"{stop}; resume with: {launcher} train --out {shlex.quote(str(stop.checkpoint.parent))} --resume" + "".join(f" {e}" for e in extra)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -186,16 +244,17 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_train)
 
     q = sub.add_parser("evaluate", help="evaluate a checkpoint on its held-out cases")
-    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its best.pt, else its checkpoint.pt)")
     q.add_argument("--data", help="dataset folder, if it moved since training")
     q.add_argument("--out", help="where to write the metrics and figures (default: eval/ beside the checkpoint)")
     common(q)
     q.set_defaults(func=_cmd_evaluate)
 
     q = sub.add_parser("predict", help="segment NIfTI volumes or DICOM series with a checkpoint")
-    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its best.pt, else its checkpoint.pt)")
     q.add_argument("--input", required=True, help="a NIfTI file, a folder of them, a DICOM series folder, or an MSD or NIH data folder")
     q.add_argument("--out", required=True, help="folder for the <name>_seg.nii.gz files")
+    q.add_argument("--overwrite", action="store_true", help="replace <name>_seg.nii.gz files already in --out (default: keep them)")
     q.add_argument("--backend", choices=BACKENDS, help="the gates' backend")
     common(q)
     q.set_defaults(func=_cmd_predict)
@@ -216,13 +275,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a command; bad input (flags, folders, checkpoints) prints ``error: ...`` and returns 2;
-    ``predict`` returns 1 when some volumes failed and the others were written."""
+    ``predict`` returns 1 when some volumes failed or an existing output was kept. A stop
+    signal during training (Ctrl-C, SIGTERM) prints one line, what was saved and the command
+    that resumes, and returns 128 + the signal's number (130, 143); a second Ctrl-C stops at
+    once, returning 130."""
+    from .train import TrainingInterrupted
+
     args = parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(_resume_line(args, stop), file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("error: interrupted (the last checkpoint written is kept)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

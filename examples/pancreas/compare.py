@@ -25,8 +25,10 @@ import torch
 
 from attention_gates.files import atomic_write
 
+from .cases import load_cases
+from .checkpoints import CHECKPOINT, LOG, CheckpointError, model_from_checkpoint, read_log
 from .config import Config
-from .evaluate import DISTANCES, METRICS, _jsonable, evaluate, summarize, write_results
+from .evaluate import DISTANCES, METRICS, evaluate, jsonable, summarize, write_results
 from .plots import attention_maps, plot_attention, plot_prediction, plot_training_curves
 from .report import (
     LABELS,
@@ -37,8 +39,10 @@ from .report import (
     spread_sentence,
     write_report,
 )
+from .runtime import process_settings
+from .splits import split_cases
 from .stats import paired_comparison, seed_spread
-from .train import CHECKPOINT, LOG, CheckpointError, _read_log, load_cases, model_from_checkpoint, split_cases, train
+from .train import TrainingInterrupted, train
 
 __all__ = ["run", "compare", "compare_results"]
 
@@ -82,23 +86,35 @@ def run(
         trained = {"seconds_per_step": math.nan, "peak_memory_mb": math.nan}
         out.mkdir(parents=True, exist_ok=True)
     train_seconds = time.perf_counter() - t0
-    model = model_from_checkpoint(checkpoint, cfg.backend).to(device)
-    test_cases = split_cases(cfg, cases)["test"]
-    t0 = time.perf_counter()
-    rows, kept = evaluate(model, test_cases, cfg, device, keep=3)
-    eval_seconds = time.perf_counter() - t0
-    summary = summarize(rows)
-    results = {
-        "model": cfg.model, "summary": summary, "cases": rows, "test_cases": [c["case_id"] for c in test_cases],
-        "params": sum(p.numel() for p in model.parameters()), "seconds_per_step": trained["seconds_per_step"],
-        "peak_memory_mb": trained["peak_memory_mb"], "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "checkpoint": str(checkpoint),
-    }  # fmt: skip
-    write_results(rows, summary, out, "test", extra={k: v for k, v in results.items() if k not in ("summary", "cases")})
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=2))
+    # the evaluation after training runs on the training's threads
+    with process_settings(threads=cfg.threads if "losses" in trained else 0):
+        model = model_from_checkpoint(checkpoint, cfg.backend).to(device)
+        test_cases = split_cases(cfg, cases)["test"]
+        t0 = time.perf_counter()
+        rows, kept = evaluate(model, test_cases, cfg, device, keep=3)
+        eval_seconds = time.perf_counter() - t0
+        summary = summarize(rows)
+        results = {
+            "model": cfg.model, "summary": summary, "cases": rows, "test_cases": [c["case_id"] for c in test_cases],
+            "params": sum(p.numel() for p in model.parameters()), "seconds_per_step": trained["seconds_per_step"],
+            "peak_memory_mb": trained["peak_memory_mb"], "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "checkpoint": str(checkpoint),
+        }  # fmt: skip
+        write_results(rows, summary, out, "test", extra={k: v for k, v in results.items() if k not in ("summary", "cases")})
+        atomic_write(out / "results.json", json.dumps(jsonable(results), indent=2))
+        figures = _run_figures(cfg, out, model, kept, device)
+    if report:
+        write_report(out / "report.md", f"{NAMES[cfg.model]} on the pancreas ({cfg.preset} preset)", cfg.to_dict(), {cfg.model: results},
+                     figures=figures, notes=[f"training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s on {device}"])  # fmt: skip
+    return results
+
+
+def _run_figures(cfg: Config, out: Path, model: torch.nn.Module, kept: list[dict[str, Any]], device: torch.device) -> list[tuple[str, str]]:
+    """Draw one run's figures in ``out`` (training curves, predictions on ``kept`` cases,
+    attention maps); returns their ``(caption, file name)``."""
     name = NAMES[cfg.model]
     figures = []
-    log = _read_log(out / LOG, cfg.steps)
+    log = read_log(out / LOG, cfg.steps)
     if log:
         plot_training_curves({name: log}, out / "training_curves.png")
         figures.append(("Training loss and learning rate", "training_curves.png"))
@@ -107,15 +123,19 @@ def run(
     if cfg.model == "attention" and kept:
         plot_attention(attention_maps(model, kept[0]["image"], kept[0]["label"], cfg.patch_size, device), out / "attention.png", title=name)
         figures.append(("Attention coefficients of every gate head", "attention.png"))
-    if report:
-        write_report(out / "report.md", f"{name} on the pancreas ({cfg.preset} preset)", cfg.to_dict(), {cfg.model: results}, figures=figures,
-                     notes=[f"training {train_seconds:.0f} s, evaluation {eval_seconds:.0f} s on {device}"])  # fmt: skip
-    return results
+    return figures
+
+
+def _run_here(cfg, out, cases, checkpoint, overwrite, device, progress) -> dict[str, Any]:
+    """:func:`run` in this process (the arguments of :func:`_run_in_child`)."""
+    return run(cfg, out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)
 
 
 def _child(queue, cfg, out, cases, checkpoint, overwrite, device, progress) -> None:
     try:
         queue.put(("ok", run(cfg, out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)))
+    except TrainingInterrupted as stop:  # the checkpoint is written: no traceback
+        queue.put(("interrupted", (stop.signum, stop.step, stop.steps, stop.checkpoint)))
     except Exception as e:  # hand the error to the parent as text (exceptions need not pickle)
         bad_input = isinstance(e, (ValueError, FileNotFoundError))
         queue.put(("bad input", str(e)) if bad_input else ("error", f"{type(e).__name__}: {e}"))
@@ -138,6 +158,8 @@ def _run_in_child(cfg, out, cases, checkpoint, overwrite, device, progress) -> d
                     raise RuntimeError(f"the {cfg.model} run died (exit code {child.exitcode}) without a result") from None
     finally:
         child.join()
+    if status == "interrupted":
+        raise TrainingInterrupted(*value)
     if status == "bad input":
         raise ValueError(value)
     if status == "error":
@@ -171,6 +193,66 @@ def compare_results(results: Mapping[int, Mapping[str, Mapping[str, Any]]], a: s
                for k in METRICS}  # fmt: skip
     spread = {k: seed_spread(values[a][k], values[b][k]) for k in METRICS} if len(results) > 1 else None
     return {"a": a, "b": b, "metrics": metrics, "spread": spread}
+
+
+def _plan(cfg: Config, out: Path, checkpoints: dict[str, Any], overwrite: bool, finetune: Optional[str], seeds: int
+          ) -> tuple[dict[int, dict[str, Config]], dict[int, Path]]:  # fmt: skip
+    """``(runs, folders)``: per training seed, the config of every model, and the seed's folder;
+    refuses bad arguments and run folders that hold a run already (unless ``overwrite``)."""
+    if finetune not in (None, "gates", "all"):
+        raise ValueError(f"finetune must be None, 'gates' or 'all', got {finetune!r}")
+    unknown = sorted(set(checkpoints) - set(NAMES))
+    if unknown:
+        raise ValueError(f"checkpoints keys must be in {tuple(NAMES)}, got {unknown}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    if seeds > 1 and checkpoints:
+        raise ValueError(f"a checkpoint is one trained model: give checkpoints or seeds > 1, not both (got seeds={seeds})")
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    folders = {s: out if seeds == 1 else out / f"seed{s}" for s in seed_list}
+    runs = {}
+    for s in seed_list:
+        base = cfg.replace(seed=s)
+        runs[s] = {"attention": base.replace(model="attention"), "unet": base.replace(model="unet")}
+        if finetune is not None:  # after the U-Net: it starts from the U-Net's checkpoint
+            unet_ckpt = checkpoints.get("unet", folders[s] / "unet" / CHECKPOINT)
+            runs[s]["finetuned"] = base.replace(model="attention", init_from=str(unet_ckpt), train_params=finetune)
+    for s, by_model in runs.items():
+        for model in by_model:
+            run_dir = folders[s] / model
+            if model not in checkpoints and not overwrite and (run_dir / CHECKPOINT).exists():
+                raise CheckpointError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
+    return runs, folders
+
+
+def _figures(logs: dict[str, list], out: Path, seed: int, seeds: int, finetune: Optional[str]) -> list[tuple[str, str]]:
+    """The report's figures, ``(caption, path relative to out)``; draws the training curves of the first seed."""
+    prefix = "" if seeds == 1 else f"seed{seed}/"
+    figures = []
+    if any(logs.values()):
+        plot_training_curves(logs, out / "training_curves.png")
+        figures.append(("Training loss of both models" + ("" if seeds == 1 else f", seed {seed}"), "training_curves.png"))
+    figures += [("Attention U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}attention/prediction.png"),
+                ("U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}unet/prediction.png"),
+                ("Attention coefficients of every gate head of the Attention U-Net", f"{prefix}attention/attention.png")]  # fmt: skip
+    if finetune is not None:
+        figures += [(f"{NAMES['finetuned']} ({finetune}) on held-out cases", f"{prefix}finetuned/prediction.png"),
+                    (f"Attention coefficients of the {NAMES['finetuned']}", f"{prefix}finetuned/attention.png")]  # fmt: skip
+    return figures
+
+
+def _print_summary(first: Mapping[str, Any], named: list[dict[str, Any]], baseline: Optional[Mapping[str, Any]], out: Path, seconds: float) -> None:
+    """The results and comparison tables and sentences, on the terminal."""
+    print(plain_table(results_table({NAMES[m]: r for m, r in first.items()})))
+    for comp in named:
+        print(f"\nA = {comp['a']}, B = {comp['b']}, paired on the test cases:")
+        print(plain_table(comparison_table(comp["metrics"], comp["a"], comp["b"], comp["spread"])))
+        print(comparison_sentence(comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
+        if comp["spread"] is not None:
+            print(spread_sentence(comp["spread"]["dice"], comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
+    if baseline is not None:
+        print(f"threshold baseline Dice {baseline['dice']:.3f}")
+    print(f"report: {out / 'report.md'} ({seconds:.0f} s in all)")
 
 
 def compare(
@@ -210,30 +292,9 @@ def compare(
     ``comparison.json``."""
     out = Path(out)
     checkpoints = dict(checkpoints or {})
-    if finetune not in (None, "gates", "all"):
-        raise ValueError(f"finetune must be None, 'gates' or 'all', got {finetune!r}")
-    unknown = sorted(set(checkpoints) - set(NAMES))
-    if unknown:
-        raise ValueError(f"checkpoints keys must be in {tuple(NAMES)}, got {unknown}")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
-    if seeds > 1 and checkpoints:
-        raise ValueError(f"a checkpoint is one trained model: give checkpoints or seeds > 1, not both (got seeds={seeds})")
+    runs, folders = _plan(cfg, out, checkpoints, overwrite, finetune, seeds)
+    seed_list = list(runs)
     out.mkdir(parents=True, exist_ok=True)
-    seed_list = [cfg.seed + k for k in range(seeds)]
-    folders = {s: out if seeds == 1 else out / f"seed{s}" for s in seed_list}
-    runs = {}
-    for s in seed_list:
-        base = cfg.replace(seed=s)
-        runs[s] = {"attention": base.replace(model="attention"), "unet": base.replace(model="unet")}
-        if finetune is not None:  # after the U-Net: it starts from the U-Net's checkpoint
-            unet_ckpt = checkpoints.get("unet", folders[s] / "unet" / CHECKPOINT)
-            runs[s]["finetuned"] = base.replace(model="attention", init_from=str(unet_ckpt), train_params=finetune)
-    for s, by_model in runs.items():
-        for model in by_model:
-            run_dir = folders[s] / model
-            if model not in checkpoints and not overwrite and (run_dir / CHECKPOINT).exists():
-                raise CheckpointError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
     start, load0 = time.perf_counter(), os.getloadavg()
     cases = load_cases(cfg)
     load_seconds = time.perf_counter() - start
@@ -241,12 +302,8 @@ def compare(
     for s, by_model in runs.items():
         results[s] = {}
         for model, model_cfg in by_model.items():
-            model_out, checkpoint = folders[s] / model, checkpoints.get(model)
-            if isolate:
-                results[s][model] = _run_in_child(model_cfg, model_out, cases, checkpoint, overwrite, device, progress)
-            else:
-                results[s][model] = run(model_cfg, model_out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device,
-                                        progress=progress)  # fmt: skip
+            how = _run_in_child if isolate else _run_here
+            results[s][model] = how(model_cfg, folders[s] / model, cases, checkpoints.get(model), overwrite, device, progress)
     comparisons = [compare_results(results, "attention", "unet")]
     if finetune is not None:
         comparisons.append(compare_results(results, "finetuned", "unet"))
@@ -258,18 +315,9 @@ def compare(
         baseline = threshold_baseline(
             [{"image": np.asarray(c["image"])[0], "label": np.asarray(c["label"])[0], "case_id": c["case_id"]} for c in test_cases]
         )
-    first, prefix = results[seed_list[0]], "" if seeds == 1 else f"seed{seed_list[0]}/"
-    logs = {NAMES[m]: _read_log(folders[seed_list[0]] / m / LOG, cfg.steps) for m in first}
-    figures = []
-    if any(logs.values()):
-        plot_training_curves(logs, out / "training_curves.png")
-        figures.append(("Training loss of both models" + ("" if seeds == 1 else f", seed {seed_list[0]}"), "training_curves.png"))
-    figures += [("Attention U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}attention/prediction.png"),
-                ("U-Net on held-out cases: ground truth (green), prediction (red)", f"{prefix}unet/prediction.png"),
-                ("Attention coefficients of every gate head of the Attention U-Net", f"{prefix}attention/attention.png")]  # fmt: skip
-    if finetune is not None:
-        figures += [(f"{NAMES['finetuned']} ({finetune}) on held-out cases", f"{prefix}finetuned/prediction.png"),
-                    (f"Attention coefficients of the {NAMES['finetuned']}", f"{prefix}finetuned/attention.png")]  # fmt: skip
+    first = results[seed_list[0]]
+    logs = {NAMES[m]: read_log(folders[seed_list[0]] / m / LOG, cfg.steps) for m in first}
+    figures = _figures(logs, out, seed_list[0], seeds, finetune)
     seconds = time.perf_counter() - start
     load1 = os.getloadavg()
     notes = [
@@ -289,15 +337,6 @@ def compare(
            "config": cfg.to_dict()}  # fmt: skip
     if seeds > 1:
         doc["results_by_seed"] = {str(s): r for s, r in results.items()}
-    atomic_write(out / "comparison.json", json.dumps(_jsonable(doc), indent=2))
-    print(plain_table(results_table({NAMES[m]: r for m, r in first.items()})))
-    for comp in named:
-        print(f"\nA = {comp['a']}, B = {comp['b']}, paired on the test cases:")
-        print(plain_table(comparison_table(comp["metrics"], comp["a"], comp["b"], comp["spread"])))
-        print(comparison_sentence(comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
-        if comp["spread"] is not None:
-            print(spread_sentence(comp["spread"]["dice"], comp["metrics"]["dice"], comp["a"], comp["b"], LABELS["dice"]))
-    if baseline is not None:
-        print(f"threshold baseline Dice {baseline['dice']:.3f}")
-    print(f"report: {out / 'report.md'} ({seconds:.0f} s in all)")
+    atomic_write(out / "comparison.json", json.dumps(jsonable(doc), indent=2))
+    _print_summary(first, named, baseline, out, seconds)
     return doc

@@ -13,6 +13,7 @@ ranks checkpoints, and it is cheaper there.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -22,10 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from attention_gates.files import atomic_write
+
 from .config import Config
 from .metrics import case_metrics
 
-__all__ = ["inference_model", "infer", "preferred_layout", "validation_dice", "evaluate", "summarize", "write_results", "METRICS"]
+__all__ = ["inference_model", "infer", "preferred_layout", "validation_dice", "evaluate", "summarize", "write_results", "jsonable", "METRICS"]
 
 #: Metric columns of the per-case rows, in table order.
 METRICS = ("dice", "precision", "recall", "assd", "hd95", "surface_distance")
@@ -35,12 +38,15 @@ DISTANCES = ("assd", "hd95", "surface_distance")
 def inference_model(model: nn.Module, device: Union[str, torch.device]) -> nn.Module:
     """The model to segment with on ``device``, in evaluation mode: on the CPU a copy made by
     :func:`attention_gates.cpu.optimize_for_inference` (oneDNN for single windows, channels-last,
-    the gated skips folded; ``model`` itself is left as it was, trainable), elsewhere ``model``.
-    Make it once per evaluation, not per volume."""
+    and the gated skips folded, unless a gate was given an explicit backend, which folded gates
+    would not use; ``model`` itself is left as it was, trainable), elsewhere ``model``. Make it
+    once per evaluation, not per volume."""
     if torch.device(device).type == "cpu":
+        from attention_gates import GridAttentionGate
         from attention_gates.cpu import optimize_for_inference
 
-        return optimize_for_inference(model)
+        explicit = any(isinstance(m, GridAttentionGate) and m.backend not in (None, "auto") for m in model.modules())
+        return optimize_for_inference(model, fold=not explicit)
     return model.eval()
 
 
@@ -133,9 +139,9 @@ def evaluate(
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
-    from . import data
+    from .transforms import eval_transforms
 
-    transform = data.eval_transforms(cfg)
+    transform = eval_transforms(cfg)
     to_native = ResampleToMatch(mode="nearest")
     rows, kept, net = [], [], inference_model(model, device)
     for i, case in enumerate(cases):
@@ -183,19 +189,22 @@ def write_results(rows: Sequence[dict[str, Any]], summary: dict[str, Any], out: 
     json_path, csv_path = out / f"metrics_{name}.json", out / f"metrics_{name}.csv"
     doc = {"summary": summary, "cases": list(rows), **(extra or {})}
     # JSON has no infinity: write it as the string "inf"
-    json_path.write_text(json.dumps(_jsonable(doc), indent=2))
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    atomic_write(json_path, json.dumps(jsonable(doc), indent=2))
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=list(rows[0].keys()))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(csv_path, table.getvalue())
     return json_path, csv_path
 
 
-def _jsonable(x):
+def jsonable(x: Any) -> Any:
+    """``x`` (nested dicts, lists, tuples, numbers, strings) with every non-finite float as the
+    string ``"inf"``, ``"-inf"`` or ``"nan"`` (JSON has none of them) and tuples as lists."""
     if isinstance(x, float) and not math.isfinite(x):
         return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     return x

@@ -149,6 +149,170 @@ def _bowel(grid, vol, cavity, dist, index, radius, lumen_hu, wall_mm, air_level)
     vol[air] = HU["air"]
 
 
+def _body_wall(rng: np.random.Generator, g: _Grid, vol: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    """Skin and subcutaneous fat, the muscle wall, and the abdominal cavity filled with fat; returns the cavity."""
+    u = rng.uniform
+    body_c = (0.0, -4.0 + u(-3, 3), 0.0)
+    body_s = np.array([u(84, 92), u(68, 76)])
+    fat_t, muscle_t = u(7, 13), u(4, 6)
+    vol[g.ellipsoid(body_c, (*body_s, np.inf), warp)] = HU["subcutaneous_fat"]
+    vol[g.ellipsoid(body_c, (*(body_s - fat_t), np.inf), warp)] = HU["muscle"]
+    cavity = g.ellipsoid(body_c, (*(body_s - fat_t - muscle_t), np.inf), warp)
+    vol[cavity] = HU["fat"]
+    vol[cavity] += 8.0 * _smooth_field(rng, g.shape, cell=2)[cavity]
+    return cavity
+
+
+def _spine(rng: np.random.Generator, g: _Grid, vol: np.ndarray, warp: np.ndarray, s: np.ndarray) -> None:
+    """Vertebral bodies with discs, the spinal canal and arch, the psoas and paraspinal muscles."""
+    for side in (-1, 1):
+        vol[g.ellipsoid((side * 22, -64, 0), (14, 9, np.inf), warp)] = HU["muscle"]
+        psoas = g.ellipsoid((side * 25 + s[0], -40, 0), (8.0, 10.0, np.inf), warp) & (g.z < 25 + s[2])
+        vol[psoas] = HU["muscle"]
+    vertebra = g.ellipsoid((0, -46, 0), (13, 12, np.inf))
+    vol[vertebra] = HU["cortical_bone"]
+    vol[g.ellipsoid((0, -46, 0), (10.5, 9.5, np.inf))] = HU["cancellous_bone"]
+    phase = rng.uniform(0, 32)
+    disc = vertebra & (np.abs(((g.z - phase) % 32.0) - 16.0) < 3.5)
+    vol[disc] = HU["disc"]
+    arch = g.ellipsoid((0, -64, 0), (10, 9, np.inf))
+    vol[arch] = HU["cortical_bone"]
+    vol[g.ellipsoid((0, -64, 0), (6, 5.5, np.inf))] = HU["csf"]
+
+
+def _solid_organs(rng: np.random.Generator, g: _Grid, vol: np.ndarray, warp: np.ndarray, cavity: np.ndarray, s: np.ndarray) -> None:
+    """Kidneys (cortex and medulla), liver, spleen, and the stomach (wall, fluid, an air level on top)."""
+    u = rng.uniform
+    for side, z0 in ((-1, -4.0), (1, -12.0)):
+        c = (side * 48 + s[0], -40 + s[1], z0 + s[2] + u(-5, 5))
+        semi = np.array([15, 19, 40]) * u(0.9, 1.1)
+        vol[g.ellipsoid(c, semi, warp) & cavity] = HU["kidney_cortex"]
+        vol[g.ellipsoid(c, semi * 0.62, warp) & cavity] = HU["kidney_medulla"]
+    liver = g.ellipsoid((46 + s[0], 8 + s[1], 44 + s[2]), np.array([44, 56, 62]) * u(0.92, 1.08), warp) & cavity
+    vol[liver] = HU["liver"] + 6.0 * _smooth_field(rng, g.shape, cell=2)[liver]
+    spleen = g.ellipsoid((-60 + s[0], -18 + s[1], 36 + s[2]), np.array([18, 28, 40]) * u(0.85, 1.15), warp) & cavity
+    vol[spleen] = HU["spleen"]
+    st_c = np.array([-28 + s[0], 32 + s[1], 40 + s[2]])
+    st_s = np.array([26, 21, 32]) * u(0.85, 1.1)
+    stomach = g.ellipsoid(st_c, st_s, warp) & cavity
+    vol[stomach] = HU["bowel_wall"]
+    lumen = g.ellipsoid(st_c, st_s - 4.0, warp) & cavity
+    vol[lumen] = HU["fluid"] + 10.0 * _smooth_field(rng, g.shape, cell=2)[lumen]
+    vol[lumen & (g.y > st_c[1] + u(-4, 10))] = HU["air"]
+
+
+def _pancreas_line(rng: np.random.Generator, s: np.ndarray) -> dict[str, np.ndarray]:
+    """The pancreas centre line, head (t=0), neck, body, tail (t=1), and the uncinate process:
+    ``{"main": points[240, 3], "t", "r_main": radius per point, "r_knots", "points", "radius"}``
+    (``points``/``radius``: main line and uncinate process together)."""
+    u = rng.uniform
+    ctrl = np.array([[24, -2, -18], [6, 3, -8], [-14, 0, 0], [-34, -6, 8], [-50, -10, 14]], dtype=float)
+    ctrl += s + rng.normal(0.0, [4.0, 3.0, 4.0], size=ctrl.shape)
+    main, t = _curve(ctrl, 240)
+    r_knots = np.array([12.5, 7.5, 9.0, 8.0, 6.0]) * u(0.85, 1.15) * rng.uniform(0.9, 1.1, 5)
+    r_main = np.interp(t, np.linspace(0, 1, 5), r_knots)
+    head = main[0]
+    unc, tu = _curve(np.array([head, head + [-4, -5, -8], head + [-10, -8, -14]]), 40)
+    r_unc = np.interp(tu, [0, 1], [r_knots[0] * 0.8, 5.0])
+    return {"main": main, "t": t, "r_main": r_main, "r_knots": r_knots,
+            "points": np.concatenate([main, unc]), "radius": np.concatenate([r_main, r_unc])}  # fmt: skip
+
+
+def _bowel_loops(rng: np.random.Generator, g: _Grid, vol: np.ndarray, cavity: np.ndarray, s: np.ndarray) -> None:
+    """Ascending, transverse and descending colon (stool and gas pockets) and small-bowel loops below the pancreas."""
+    u = rng.uniform
+    colon_ctrl = np.array([[58, 2, -80], [58, 4, -30], [48, 30, -14], [0, 48, -18], [-46, 30, -10], [-60, -2, -2], [-60, 0, -80]], dtype=float)
+    colon_ctrl += s + rng.normal(0.0, 3.0, size=colon_ctrl.shape)
+    colon, _ = _curve(colon_ctrl, 300)
+    tubes, radii, content, level = [colon], [np.full(len(colon), u(11, 14))], [], []
+    gas = ndimage.gaussian_filter1d(rng.standard_normal(len(colon)), 8.0)
+    content.append(np.where(gas > 0.1 * gas.std(), HU["air"], HU["fluid"] + 20))  # stool and gas pockets
+    for _ in range(int(rng.integers(5, 9))):
+        start = np.array([u(-40, 40), u(5, 45), u(-74, -48)])
+        pts = start + np.cumsum(rng.normal(0.0, [14.0, 10.0, 8.0], size=(5, 3)), axis=0)
+        pts[:, 2] = np.clip(pts[:, 2], -78, -44)
+        pts[:, 1] = np.clip(pts[:, 1], -5, 55)
+        loop, _ = _curve(pts, 120)
+        tubes.append(loop)
+        radii.append(np.full(len(loop), u(7, 10)))
+        content.append(np.full(len(loop), HU["fluid"] + u(-5, 25)))
+    for tube in tubes:
+        has_air = rng.random() < 0.5  # an air-fluid level in about half the loops
+        level.append(tube[:, 1] + (u(2.0, 6.0) if has_air else np.inf))
+    d, i = g.tube(np.concatenate(tubes), np.concatenate(radii))
+    _bowel(g, vol, cavity, d, i, np.concatenate(radii), np.concatenate(content), 2.5, np.concatenate(level))
+
+
+def _duodenum(rng: np.random.Generator, g: _Grid, vol: np.ndarray, cavity: np.ndarray, head: np.ndarray, rh: float) -> None:
+    """The duodenum: a C loop around the pancreatic head (centre ``head``, radius ``rh``), from the pylorus to the third part."""
+    u = rng.uniform
+    duo_ctrl = np.array(
+        [
+            head + [-4, rh + 14, 24],
+            head + [rh + 10, 10, 14],
+            head + [rh + 13, 0, 0],
+            head + [rh + 11, -2, -18],
+            head + [2, -4, -rh - 15],
+            head + [-30, -6, -rh - 16],
+        ]
+    )
+    duo, _ = _curve(duo_ctrl, 160)
+    duo_r = np.full(len(duo), u(8.5, 10.5))
+    d, i = g.tube(duo, duo_r)
+    _bowel(g, vol, cavity, d, i, duo_r, np.full(len(duo), HU["fluid"] + u(0, 20)), 3.0, duo[:, 1] + u(3, 8))
+
+
+def _pancreas(rng: np.random.Generator, g: _Grid, vol: np.ndarray, cavity: np.ndarray, line: dict[str, np.ndarray]) -> np.ndarray:
+    """The pancreas in its rim of fat, with a lobulated texture (fat clefts between lobules); returns its mask."""
+    d, i = g.tube(line["points"], line["radius"])
+    edge = 1.0 + 0.12 * _smooth_field(rng, g.shape, cell=2)
+    rad = np.where(i >= 0, line["radius"][np.maximum(i, 0)], 0.0) * edge
+    vol[(d < rad + 2.0) & cavity] = HU["fat"]
+    pancreas = (d < rad) & cavity
+    lobules = ndimage.gaussian_filter(rng.standard_normal(g.shape).astype(np.float32), 0.8)
+    cleft = lobules > np.quantile(lobules[pancreas], 0.82) if pancreas.any() else np.zeros(g.shape, bool)
+    vol[pancreas] = HU["pancreas"] + 8.0 * lobules[pancreas] / (lobules.std() + 1e-6)
+    vol[pancreas & cleft] = HU["pancreas_cleft"]
+    return pancreas
+
+
+def _vessels(rng: np.random.Generator, g: _Grid, vol: np.ndarray, cavity: np.ndarray, s: np.ndarray, line: dict[str, np.ndarray]) -> np.ndarray:
+    """Aorta, SMA, IVC, SMV - portal vein and the splenic vein along the pancreas' back, painted last; returns their mask."""
+    main, t, r_main = line["main"], line["t"], line["r_main"]
+    aorta_c = (-10 + s[0], -24 + s[1])
+    aorta = g.ellipsoid((*aorta_c, 0), (10, 10, np.inf))
+    ivc = g.ellipsoid((16 + s[0], -22 + s[1], 0), (11, 8, np.inf)) & (g.z < 50)
+    neck = main[np.argmin(np.abs(t - 0.25))]
+    r_neck = r_main[np.argmin(np.abs(t - 0.25))]
+    sma_pts, _ = _curve(np.array([[*aorta_c, 2.0], [aorta_c[0] + 3, aorta_c[1] + 13, -12], [neck[0] - 4, aorta_c[1] + 16, -80]]), 80)
+    sma_d, _ = g.tube(sma_pts, np.array([3.5]))
+    vessels = aorta | ivc | (sma_d < 3.5)
+    vol[aorta | (sma_d < 3.5)] = HU["artery"]
+    vol[ivc] = HU["ivc"]
+    confluence = neck + [0, -r_neck - 3.5, 0]
+    smv = np.array([confluence + [2, 2, -70], confluence + [1, 0, -30], confluence])
+    portal = np.array([confluence, confluence + [14, 2, 14], confluence + [30, 6, 30]])
+    sel = t >= 0.25
+    splenic = main[sel] - np.stack([np.zeros(sel.sum()), r_main[sel] + 2.0, np.zeros(sel.sum())], axis=1)
+    splenic = np.concatenate([splenic, _curve(np.array([splenic[-1], splenic[-1] + [-8, -4, 4], splenic[-1] + [-16, -6, 8]]), 30)[0]])
+    v_pts = np.concatenate([_curve(smv, 60)[0], _curve(portal, 60)[0], splenic])
+    v_rad = np.concatenate([np.full(60, 5.5), np.full(60, 6.0), np.full(len(splenic), rng.uniform(3.8, 4.8))])
+    d, i = g.tube(v_pts, v_rad)
+    veins = (d < np.where(i >= 0, v_rad[np.maximum(i, 0)], 0.0)) & cavity
+    vol[veins] = HU["portal_vein"]
+    return vessels | veins
+
+
+def _one_gland(vol: np.ndarray, gland: np.ndarray) -> np.ndarray:
+    """The label (uint8): the largest connected part of ``gland``; the crumbs the veins cut off become fat."""
+    parts, n_parts = ndimage.label(gland)
+    if n_parts > 1:
+        largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+        vol[(parts > 0) & (parts != largest)] = HU["fat"]
+        parts = parts == largest
+    return (parts > 0).astype(np.uint8)
+
+
 def generate_phantom(
     seed: int,
     shape: Sequence[int] = (96, 96, 64),
@@ -181,155 +345,21 @@ def generate_phantom(
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive sizes in mm (x, y, z), got {spacing}")
 
+    # every step draws from one generator, in this order: the same seed, the same case
     rng = np.random.default_rng(int(seed))
     g = _Grid(shape)
     vol = np.full(shape, HU["air"], dtype=np.float32)
     warp = 0.08 * _smooth_field(rng, shape)
-    u = rng.uniform
-
-    # body wall: skin/subcutaneous fat, muscle, then the abdominal cavity filled with fat
-    body_c = (0.0, -4.0 + u(-3, 3), 0.0)
-    body_s = np.array([u(84, 92), u(68, 76)])
-    fat_t, muscle_t = u(7, 13), u(4, 6)
-    vol[g.ellipsoid(body_c, (*body_s, np.inf), warp)] = HU["subcutaneous_fat"]
-    vol[g.ellipsoid(body_c, (*(body_s - fat_t), np.inf), warp)] = HU["muscle"]
-    cavity = g.ellipsoid(body_c, (*(body_s - fat_t - muscle_t), np.inf), warp)
-    vol[cavity] = HU["fat"]
-    vol[cavity] += 8.0 * _smooth_field(rng, shape, cell=2)[cavity]
-
-    # shift of the organs inside the cavity
-    s = np.array([u(-5, 5), u(-4, 4), u(-6, 6)])
-
-    # spine, spinal canal and arch, psoas and paraspinal muscles
-    for side in (-1, 1):
-        vol[g.ellipsoid((side * 22, -64, 0), (14, 9, np.inf), warp)] = HU["muscle"]
-        psoas = g.ellipsoid((side * 25 + s[0], -40, 0), (8.0, 10.0, np.inf), warp) & (g.z < 25 + s[2])
-        vol[psoas] = HU["muscle"]
-    vertebra = g.ellipsoid((0, -46, 0), (13, 12, np.inf))
-    vol[vertebra] = HU["cortical_bone"]
-    vol[g.ellipsoid((0, -46, 0), (10.5, 9.5, np.inf))] = HU["cancellous_bone"]
-    phase = u(0, 32)
-    disc = vertebra & (np.abs(((g.z - phase) % 32.0) - 16.0) < 3.5)
-    vol[disc] = HU["disc"]
-    arch = g.ellipsoid((0, -64, 0), (10, 9, np.inf))
-    vol[arch] = HU["cortical_bone"]
-    vol[g.ellipsoid((0, -64, 0), (6, 5.5, np.inf))] = HU["csf"]
-
-    # kidneys (cortex and medulla), liver, spleen
-    for side, z0 in ((-1, -4.0), (1, -12.0)):
-        c = (side * 48 + s[0], -40 + s[1], z0 + s[2] + u(-5, 5))
-        semi = np.array([15, 19, 40]) * u(0.9, 1.1)
-        vol[g.ellipsoid(c, semi, warp) & cavity] = HU["kidney_cortex"]
-        vol[g.ellipsoid(c, semi * 0.62, warp) & cavity] = HU["kidney_medulla"]
-    liver = g.ellipsoid((46 + s[0], 8 + s[1], 44 + s[2]), np.array([44, 56, 62]) * u(0.92, 1.08), warp) & cavity
-    vol[liver] = HU["liver"] + 6.0 * _smooth_field(rng, shape, cell=2)[liver]
-    spleen = g.ellipsoid((-60 + s[0], -18 + s[1], 36 + s[2]), np.array([18, 28, 40]) * u(0.85, 1.15), warp) & cavity
-    vol[spleen] = HU["spleen"]
-
-    # stomach: wall, fluid with an air level on top (anterior)
-    st_c = np.array([-28 + s[0], 32 + s[1], 40 + s[2]])
-    st_s = np.array([26, 21, 32]) * u(0.85, 1.1)
-    stomach = g.ellipsoid(st_c, st_s, warp) & cavity
-    vol[stomach] = HU["bowel_wall"]
-    lumen = g.ellipsoid(st_c, st_s - 4.0, warp) & cavity
-    vol[lumen] = HU["fluid"] + 10.0 * _smooth_field(rng, shape, cell=2)[lumen]
-    vol[lumen & (g.y > st_c[1] + u(-4, 10))] = HU["air"]
-
-    # pancreas centre line: head (t=0), neck, body, tail (t=1), and the uncinate process
-    ctrl = np.array([[24, -2, -18], [6, 3, -8], [-14, 0, 0], [-34, -6, 8], [-50, -10, 14]], dtype=float)
-    ctrl += s + rng.normal(0.0, [4.0, 3.0, 4.0], size=ctrl.shape)
-    main, t = _curve(ctrl, 240)
-    r_knots = np.array([12.5, 7.5, 9.0, 8.0, 6.0]) * u(0.85, 1.15) * rng.uniform(0.9, 1.1, 5)
-    r_main = np.interp(t, np.linspace(0, 1, 5), r_knots)
-    head = main[0]
-    unc_ctrl = np.array([head, head + [-4, -5, -8], head + [-10, -8, -14]])
-    unc, tu = _curve(unc_ctrl, 40)
-    r_unc = np.interp(tu, [0, 1], [r_knots[0] * 0.8, 5.0])
-    p_pts = np.concatenate([main, unc])
-    p_rad = np.concatenate([r_main, r_unc])
-
-    # bowel: ascending/transverse/descending colon and small-bowel loops below the pancreas
-    colon_ctrl = np.array([[58, 2, -80], [58, 4, -30], [48, 30, -14], [0, 48, -18], [-46, 30, -10], [-60, -2, -2], [-60, 0, -80]], dtype=float)
-    colon_ctrl += s + rng.normal(0.0, 3.0, size=colon_ctrl.shape)
-    colon, _ = _curve(colon_ctrl, 300)
-    tubes, radii, content, level = [colon], [np.full(len(colon), u(11, 14))], [], []
-    gas = ndimage.gaussian_filter1d(rng.standard_normal(len(colon)), 8.0)
-    content.append(np.where(gas > 0.1 * gas.std(), HU["air"], HU["fluid"] + 20))  # stool and gas pockets
-    for _ in range(int(rng.integers(5, 9))):
-        start = np.array([u(-40, 40), u(5, 45), u(-74, -48)])
-        pts = start + np.cumsum(rng.normal(0.0, [14.0, 10.0, 8.0], size=(5, 3)), axis=0)
-        pts[:, 2] = np.clip(pts[:, 2], -78, -44)
-        pts[:, 1] = np.clip(pts[:, 1], -5, 55)
-        loop, _ = _curve(pts, 120)
-        tubes.append(loop)
-        radii.append(np.full(len(loop), u(7, 10)))
-        content.append(np.full(len(loop), HU["fluid"] + u(-5, 25)))
-    for tube in tubes:
-        has_air = rng.random() < 0.5  # an air-fluid level in about half the loops
-        level.append(tube[:, 1] + (u(2.0, 6.0) if has_air else np.inf))
-    b_pts = np.concatenate(tubes)
-    d, i = g.tube(b_pts, np.concatenate(radii))
-    _bowel(g, vol, cavity, d, i, np.concatenate(radii), np.concatenate(content), 2.5, np.concatenate(level))
-
-    # duodenum: a C loop around the pancreatic head, from the pylorus to the third part
-    rh = r_knots[0]
-    duo_ctrl = np.array(
-        [
-            head + [-4, rh + 14, 24],
-            head + [rh + 10, 10, 14],
-            head + [rh + 13, 0, 0],
-            head + [rh + 11, -2, -18],
-            head + [2, -4, -rh - 15],
-            head + [-30, -6, -rh - 16],
-        ]
-    )
-    duo, _ = _curve(duo_ctrl, 160)
-    duo_r = np.full(len(duo), u(8.5, 10.5))
-    d, i = g.tube(duo, duo_r)
-    _bowel(g, vol, cavity, d, i, duo_r, np.full(len(duo), HU["fluid"] + u(0, 20)), 3.0, duo[:, 1] + u(3, 8))
-
-    # pancreas in its rim of fat, with a lobulated texture (fat clefts between lobules)
-    d, i = g.tube(p_pts, p_rad)
-    edge = 1.0 + 0.12 * _smooth_field(rng, shape, cell=2)
-    rad = np.where(i >= 0, p_rad[np.maximum(i, 0)], 0.0) * edge
-    vol[(d < rad + 2.0) & cavity] = HU["fat"]
-    pancreas = (d < rad) & cavity
-    lobules = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 0.8)
-    cleft = lobules > np.quantile(lobules[pancreas], 0.82) if pancreas.any() else np.zeros(shape, bool)
-    vol[pancreas] = HU["pancreas"] + 8.0 * lobules[pancreas] / (lobules.std() + 1e-6)
-    vol[pancreas & cleft] = HU["pancreas_cleft"]
-
-    # vessels, painted last: aorta, SMA, IVC, SMV - portal vein, splenic vein
-    aorta_c = (-10 + s[0], -24 + s[1])
-    vessels = np.zeros(shape, dtype=bool)
-    aorta = g.ellipsoid((*aorta_c, 0), (10, 10, np.inf))
-    ivc = g.ellipsoid((16 + s[0], -22 + s[1], 0), (11, 8, np.inf)) & (g.z < 50)
-    neck = main[np.argmin(np.abs(t - 0.25))]
-    r_neck = r_main[np.argmin(np.abs(t - 0.25))]
-    sma_pts, _ = _curve(np.array([[*aorta_c, 2.0], [aorta_c[0] + 3, aorta_c[1] + 13, -12], [neck[0] - 4, aorta_c[1] + 16, -80]]), 80)
-    sma_d, _ = g.tube(sma_pts, np.array([3.5]))
-    vessels |= aorta | ivc | (sma_d < 3.5)
-    vol[aorta | (sma_d < 3.5)] = HU["artery"]
-    vol[ivc] = HU["ivc"]
-    confluence = neck + [0, -r_neck - 3.5, 0]
-    smv = np.array([confluence + [2, 2, -70], confluence + [1, 0, -30], confluence])
-    portal = np.array([confluence, confluence + [14, 2, 14], confluence + [30, 6, 30]])
-    sel = t >= 0.25
-    splenic = main[sel] - np.stack([np.zeros(sel.sum()), r_main[sel] + 2.0, np.zeros(sel.sum())], axis=1)
-    splenic = np.concatenate([splenic, _curve(np.array([splenic[-1], splenic[-1] + [-8, -4, 4], splenic[-1] + [-16, -6, 8]]), 30)[0]])
-    v_pts = np.concatenate([_curve(smv, 60)[0], _curve(portal, 60)[0], splenic])
-    v_rad = np.concatenate([np.full(60, 5.5), np.full(60, 6.0), np.full(len(splenic), u(3.8, 4.8))])
-    d, i = g.tube(v_pts, v_rad)
-    veins = (d < np.where(i >= 0, v_rad[np.maximum(i, 0)], 0.0)) & cavity
-    vessels |= veins
-    vol[veins] = HU["portal_vein"]
-    # the veins may cut off a crumb of the tail: keep one connected gland, the crumbs become fat
-    parts, n_parts = ndimage.label(pancreas & ~vessels)
-    if n_parts > 1:
-        largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-        vol[(parts > 0) & (parts != largest)] = HU["fat"]
-        parts = parts == largest
-    label = (parts > 0).astype(np.uint8)
+    cavity = _body_wall(rng, g, vol, warp)
+    s = np.array([rng.uniform(-5, 5), rng.uniform(-4, 4), rng.uniform(-6, 6)])  # shift of the organs inside the cavity
+    _spine(rng, g, vol, warp, s)
+    _solid_organs(rng, g, vol, warp, cavity, s)
+    line = _pancreas_line(rng, s)
+    _bowel_loops(rng, g, vol, cavity, s)
+    _duodenum(rng, g, vol, cavity, line["main"][0], line["r_knots"][0])
+    pancreas = _pancreas(rng, g, vol, cavity, line)
+    vessels = _vessels(rng, g, vol, cavity, s, line)
+    label = _one_gland(vol, pancreas & ~vessels)
 
     # partial-volume blur and correlated CT noise
     vol = ndimage.gaussian_filter(vol, _BLUR_SIGMA)

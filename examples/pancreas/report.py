@@ -4,7 +4,6 @@ of two models (table and sentences) from :mod:`examples.pancreas.stats`."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -12,8 +11,18 @@ from attention_gates.files import atomic_write
 
 from .evaluate import METRICS
 
-__all__ = ["format_metric", "results_table", "comparison_table", "comparison_sentence", "spread_sentence", "write_report"]
+__all__ = [
+    "LABELS",
+    "format_metric",
+    "results_table",
+    "comparison_table",
+    "comparison_sentence",
+    "spread_sentence",
+    "plain_table",
+    "write_report",
+]
 
+#: Row labels of the metrics in the tables and sentences.
 LABELS = {
     "dice": "DSC",
     "precision": "precision",
