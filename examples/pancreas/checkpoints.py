@@ -92,7 +92,7 @@ def build_model(cfg: Config) -> UNet:
     unet = model_from_checkpoint(cfg.init_from)
     if isinstance(unet, AttentionUNet):
         raise CheckpointError(f"init_from must be a UNet checkpoint, got an AttentionUNet from {cfg.init_from}")
-    model = AttentionUNet3D.from_unet(unet, heads=cfg.heads)
+    model, _ = AttentionUNet3D.from_unet(unet, heads=cfg.heads)
     if tuple(model.filters) != tuple(cfg.filters):
         raise ValueError(f"init_from has filters {list(model.filters)}, the run asks for {list(cfg.filters)}")
     if cfg.backend is not None:
