@@ -38,6 +38,7 @@ from attention_gates.integrations.nnunet import (
     trainer_dir,
     write_attention_plans,
 )
+from attention_gates.integrations.nnunet import trainer as trainer_module
 from attention_gates.integrations.nnunet.__main__ import main as cli
 from attention_gates.integrations.nnunet.network import CLASS_NAME, PLAIN_CLASS_NAME, _resolve_arch_kwargs
 from attention_gates.ops import use_backend
@@ -444,36 +445,92 @@ def test_trainer_builds_the_gated_network_from_default_plans():
         nnUNetTrainerAttentionGates.build_network_architecture(pm, pm.get_configuration("2d"), 2, 3, True)
 
 
-def test_nnunet_finds_the_trainer_by_name_through_nnUNet_extTrainer(monkeypatch):
-    """nnU-Net's own lookup (as ``-tr`` at training and prediction): not found without the variable,
-    the library's class itself with it (see tests/nnunet_cli.py for the Primus module)."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
+def nnunet_can_look_up_trainers(monkeypatch, ext_trainer: str | None) -> None:
+    """Set ``nnUNet_extTrainer`` (unset for None) for nnU-Net's trainer lookup in this process, and where
+    ``import torchvision`` fails, stand in an empty module for nnU-Net's Primus trainers (tests/nnunet_cli.py says why)."""
     monkeypatch.syspath_prepend(str(HERE))
     import nnunet_cli
 
     if nnunet_cli.torchvision_is_broken():
         monkeypatch.setitem(sys.modules, nnunet_cli.PRIMUS, types.ModuleType(nnunet_cli.PRIMUS))
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    if ext_trainer is None:
+        monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_extTrainer", ext_trainer)
+
+
+def test_nnunet_finds_the_trainer_by_name_through_nnUNet_extTrainer(monkeypatch):
+    """nnU-Net's own lookup (as ``-tr`` at training and prediction): not found without the variable,
+    the library's class itself with it."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, None)
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer nnUNetTrainerAttentionGates"):
         recursive_find_trainer_class_by_name("nnUNetTrainerAttentionGates")
-    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join(["/no/such/folder", str(trainer_dir())]))
+    nnunet_can_look_up_trainers(monkeypatch, os.pathsep.join(["/no/such/folder", str(trainer_dir())]))
     assert recursive_find_trainer_class_by_name("nnUNetTrainerAttentionGates") is nnUNetTrainerAttentionGates
+
+
+# nnU-Net's own epoch variants (nnunetv2/training/nnUNetTrainer/variants/training_length), each with ours
+EPOCH_VARIANTS = {"1epoch": 1, **{f"{n}epochs": n for n in (5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)}}
+DATASET_JSON = {"channel_names": {"0": "MR", "1": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
+                "file_ending": ".nii.gz"}  # fmt: skip
+
+
+def test_short_variants_are_found_by_name_and_train_their_epochs(tmp_path, monkeypatch):
+    """Every ``nnUNetTrainerAttentionGates_<n>epochs`` through nnU-Net's lookup with ``nnUNet_extTrainer``
+    (the library's class itself), constructed as nnUNetv2_train constructs it: ``num_epochs`` is n,
+    the constructor's arguments are recorded by name (nnU-Net stores them in its checkpoints), and
+    the network built from a plans variant is the gated one with the variant's gate options."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, str(trainer_dir()))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    variant, _ = attention_plans(plans_dict(), gate_heads=2)
+    for suffix, epochs in EPOCH_VARIANTS.items():
+        name = f"nnUNetTrainerAttentionGates_{suffix}"
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls is getattr(trainer_module, name) and issubclass(cls, nnUNetTrainerAttentionGates)
+        trainer = cls({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+        assert trainer.num_epochs == epochs
+        assert trainer.my_init_kwargs["configuration"] == "3d_fullres" and trainer.my_init_kwargs["fold"] == 0
+        pm = PlansManager(variant)
+        net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 2, 3, True)
+        assert type(net) is AttentionPlainConvUNet and net.decoder.heads == 2
+    assert trainer_module.__all__ == ["nnUNetTrainerAttentionGates"] + [f"nnUNetTrainerAttentionGates_{s}" for s in EPOCH_VARIANTS]
+    default = nnUNetTrainerAttentionGates({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    assert default.num_epochs == nnUNetTrainer({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON,
+                                               torch.device("cpu")).num_epochs == 1000  # fmt: skip
+
+
+def test_nnunets_own_short_variants_train_the_gated_network_of_a_plans_variant(monkeypatch):
+    """The plans-variant route needs no trainer of ours: nnU-Net's own ``nnUNetTrainer_<n>epochs``, found
+    by nnU-Net in its own package, builds the gated network the variant names."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, None)
+    pm = PlansManager(attention_plans(plans_dict(), gate_heads=2)[0])
+    for suffix in ("1epoch", "5epochs", "10epochs"):
+        cls = recursive_find_trainer_class_by_name(f"nnUNetTrainer_{suffix}")
+        assert cls.__module__ == "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs"
+        net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 2, 3, True)
+        assert type(net) is AttentionPlainConvUNet and net.decoder.heads == 2
 
 
 # --------------------------------------------------------------------------- nnU-Net's commands, end to end
 
 TINY_TRAINER = '''
 import torch
-from attention_gates.integrations.nnunet import nnUNetTrainerAttentionGates
+from attention_gates.integrations.nnunet.trainer import nnUNetTrainerAttentionGates_1epoch
 
 
-class nnUNetTrainerAttentionGatesTiny(nnUNetTrainerAttentionGates):
-    """One epoch of two iterations, no test-time mirroring."""
+class nnUNetTrainerAttentionGatesTiny(nnUNetTrainerAttentionGates_1epoch):
+    """The one-epoch variant with two iterations, no test-time mirroring."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 1
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -513,20 +570,22 @@ def write_raw_dataset(raw: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_nnunet_plans_trains_and_predicts_with_the_trainer(tmp_path):
-    """nnUNetv2_plan_and_preprocess, nnUNetv2_train -tr <a subclass of nnUNetTrainerAttentionGates>
-    and nnUNetv2_predict, each in its own process through nnU-Net's entry points (tests/nnunet_cli.py),
-    on the CPU, without data-augmentation workers."""
-    raw = write_raw_dataset(tmp_path / "raw")
-    ext = tmp_path / "ext_trainers"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> types.SimpleNamespace:
+    """Dataset901_Tiny through nnUNetv2_plan_and_preprocess and nnUNetv2_train -tr <a subclass of
+    nnUNetTrainerAttentionGates_1epoch>, each in its own process through nnU-Net's entry points
+    (tests/nnunet_cli.py), on the CPU, without data-augmentation workers: the folders, the
+    environment, the architecture trained, the training's output and a runner of nnU-Net's commands."""
+    tmp = tmp_path_factory.mktemp("nnunet_e2e")
+    raw = write_raw_dataset(tmp / "raw")
+    ext = tmp / "ext_trainers"
     ext.mkdir()
     (ext / "tiny_trainers.py").write_text(TINY_TRAINER)
     env = {
         **os.environ,
-        "nnUNet_raw": str(tmp_path / "raw"),
-        "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
-        "nnUNet_results": str(tmp_path / "results"),
+        "nnUNet_raw": str(tmp / "raw"),
+        "nnUNet_preprocessed": str(tmp / "preprocessed"),
+        "nnUNet_results": str(tmp / "results"),
         "nnUNet_extTrainer": os.pathsep.join([str(trainer_dir()), str(ext)]),
         "nnUNet_def_n_proc": "1",
         "nnUNet_compile": "f",
@@ -539,30 +598,37 @@ def test_nnunet_plans_trains_and_predicts_with_the_trainer(tmp_path):
         return proc.stdout
 
     nnunet("nnUNetv2_plan_and_preprocess", "-d", "901", "-c", "3d_fullres", "-np", "1", nnUNet_n_proc_DA="1")
-    plans_file = tmp_path / "preprocessed" / "Dataset901_Tiny" / "nnUNetPlans.json"
+    plans_file = tmp / "preprocessed" / "Dataset901_Tiny" / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]
-    assert arch["network_class_name"] == PLAIN_CLASS_NAME and [1, 2, 2] in arch["arch_kwargs"]["strides"]
     arch["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64][: arch["arch_kwargs"]["n_stages"]]  # nnU-Net's 32.. is slow on a CPU
     plans_file.write_text(json.dumps(plans))
-
     log = nnunet("nnUNetv2_train", "901", "3d_fullres", "0", "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu",
                  nnUNet_n_proc_DA="0")  # fmt: skip
-    assert "Training done." in log
-    fold = tmp_path / "results" / "Dataset901_Tiny" / "nnUNetTrainerAttentionGatesTiny__nnUNetPlans__3d_fullres" / "fold_0"
-    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    model = tmp / "results" / "Dataset901_Tiny" / "nnUNetTrainerAttentionGatesTiny__nnUNetPlans__3d_fullres"
+    return types.SimpleNamespace(raw=raw, env=env, arch=arch, log=log, model=model, fold=model / "fold_0", nnunet=nnunet)
+
+
+@pytest.mark.slow
+def test_nnunet_plans_trains_and_predicts_with_the_trainer(trained, tmp_path):
+    """The training (one epoch: the 1-epoch variant's), nnU-Net's validation and nnUNetv2_predict, with the gated network."""
+    arch = trained.arch
+    assert arch["network_class_name"] == PLAIN_CLASS_NAME and [1, 2, 2] in arch["arch_kwargs"]["strides"]
+    assert "Training done." in trained.log and "Epoch 0" in trained.log and "Epoch 1" not in trained.log
+    checkpoint = torch.load(trained.fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainerAttentionGatesTiny"
     gated = {k.split(".")[2] for k in checkpoint["network_weights"] if k.startswith("decoder.gates.")}
     assert gated == {str(i) for i in range(1, arch["arch_kwargs"]["n_stages"] - 1)}
-    assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with the gated network
+    assert (trained.fold / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with the gated network
 
     out = tmp_path / "predictions"
-    nnunet("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", "901", "-c", "3d_fullres", "-f", "0",
-           "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar")  # fmt: skip
+    trained.nnunet("nnUNetv2_predict", "-i", str(trained.raw / "imagesTs"), "-o", str(out), "-d", "901", "-c", "3d_fullres",
+                   "-f", "0", "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu", "-npp", "1", "-nps", "1",
+                   "--disable_progress_bar")  # fmt: skip
     import SimpleITK as sitk
 
     prediction = sitk.ReadImage(str(out / "tiny_900.nii.gz"))
-    image = sitk.ReadImage(str(raw / "imagesTs" / "tiny_900_0000.nii.gz"))
+    image = sitk.ReadImage(str(trained.raw / "imagesTs" / "tiny_900_0000.nii.gz"))
     assert prediction.GetSize() == image.GetSize() and prediction.GetSpacing() == pytest.approx(SPACING_XYZ)
     assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
 
