@@ -7,8 +7,11 @@ Its own suite (``-m nnunet``, the ``nnunet`` step of scripts/test.sh); needs the
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import types
@@ -38,7 +41,10 @@ from attention_gates.integrations.nnunet import (
     trainer_dir,
     write_attention_plans,
 )
+from attention_gates.integrations.nnunet import trainer as trainer_module
 from attention_gates.integrations.nnunet.__main__ import main as cli
+from attention_gates.integrations.nnunet import export as export_module
+from attention_gates.integrations.nnunet.export import export_onnx, size_multiples
 from attention_gates.integrations.nnunet.network import CLASS_NAME, PLAIN_CLASS_NAME, _resolve_arch_kwargs
 from attention_gates.ops import use_backend
 
@@ -255,12 +261,12 @@ def test_passthrough_from_plain_gives_its_logits(case, deep_supervision):
 
 def plans_dict(features=(4, 8, 16, 32)) -> dict:
     """A plans file as nnU-Net writes it: 2d, an anisotropic 3d_fullres and a cascade stage that inherits."""
-    conf = {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2, "patch_size": [8, 32, 16]}
+    conf = {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 2, "patch_size": [8, 32, 16], "spacing": [4.0, 1.0, 1.0]}
     return {
         "dataset_name": "Dataset901_Tiny",
         "plans_name": "nnUNetPlans",
         "configurations": {
-            "2d": {**conf, "data_identifier": "nnUNetPlans_2d", "patch_size": [24, 16],
+            "2d": {**conf, "data_identifier": "nnUNetPlans_2d", "patch_size": [24, 16], "spacing": [1.0, 1.0],
                    "architecture": {"network_class_name": PLAIN_CLASS_NAME, "arch_kwargs": arch_kwargs(2, CASES["2d"][1], features),
                                     "_kw_requires_import": REQUIRES_IMPORT}},
             "3d_fullres": {**conf, "architecture": {"network_class_name": PLAIN_CLASS_NAME,
@@ -271,14 +277,14 @@ def plans_dict(features=(4, 8, 16, 32)) -> dict:
     }  # fmt: skip
 
 
-def nnunet_checkpoint(plain: nn.Module, plans: dict) -> dict:
+def nnunet_checkpoint(plain: nn.Module, plans: dict, configuration: str = "3d_fullres", trainer: str = "nnUNetTrainer") -> dict:
     """What nnU-Net's save_checkpoint writes (the entries read here)."""
     return {
         "network_weights": plain.state_dict(),
         "optimizer_state": {"state": {}, "param_groups": []},
         "grad_scaler_state": None,
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": {}},
-        "trainer_name": "nnUNetTrainer",
+        "init_args": {"plans": plans, "configuration": configuration, "fold": 0, "dataset_json": {}},
+        "trainer_name": trainer,
         "inference_allowed_mirroring_axes": (0, 1, 2),
     }
 
@@ -444,36 +450,92 @@ def test_trainer_builds_the_gated_network_from_default_plans():
         nnUNetTrainerAttentionGates.build_network_architecture(pm, pm.get_configuration("2d"), 2, 3, True)
 
 
-def test_nnunet_finds_the_trainer_by_name_through_nnUNet_extTrainer(monkeypatch):
-    """nnU-Net's own lookup (as ``-tr`` at training and prediction): not found without the variable,
-    the library's class itself with it (see tests/nnunet_cli.py for the Primus module)."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
+def nnunet_can_look_up_trainers(monkeypatch, ext_trainer: str | None) -> None:
+    """Set ``nnUNet_extTrainer`` (unset for None) for nnU-Net's trainer lookup in this process, and where
+    ``import torchvision`` fails, stand in an empty module for nnU-Net's Primus trainers (tests/nnunet_cli.py says why)."""
     monkeypatch.syspath_prepend(str(HERE))
     import nnunet_cli
 
     if nnunet_cli.torchvision_is_broken():
         monkeypatch.setitem(sys.modules, nnunet_cli.PRIMUS, types.ModuleType(nnunet_cli.PRIMUS))
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    if ext_trainer is None:
+        monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_extTrainer", ext_trainer)
+
+
+def test_nnunet_finds_the_trainer_by_name_through_nnUNet_extTrainer(monkeypatch):
+    """nnU-Net's own lookup (as ``-tr`` at training and prediction): not found without the variable,
+    the library's class itself with it."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, None)
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer nnUNetTrainerAttentionGates"):
         recursive_find_trainer_class_by_name("nnUNetTrainerAttentionGates")
-    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join(["/no/such/folder", str(trainer_dir())]))
+    nnunet_can_look_up_trainers(monkeypatch, os.pathsep.join(["/no/such/folder", str(trainer_dir())]))
     assert recursive_find_trainer_class_by_name("nnUNetTrainerAttentionGates") is nnUNetTrainerAttentionGates
+
+
+# nnU-Net's own epoch variants (nnunetv2/training/nnUNetTrainer/variants/training_length), each with ours
+EPOCH_VARIANTS = {"1epoch": 1, **{f"{n}epochs": n for n in (5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)}}
+DATASET_JSON = {"channel_names": {"0": "MR", "1": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1,
+                "file_ending": ".nii.gz"}  # fmt: skip
+
+
+def test_short_variants_are_found_by_name_and_train_their_epochs(tmp_path, monkeypatch):
+    """Every ``nnUNetTrainerAttentionGates_<n>epochs`` through nnU-Net's lookup with ``nnUNet_extTrainer``
+    (the library's class itself), constructed as nnUNetv2_train constructs it: ``num_epochs`` is n,
+    the constructor's arguments are recorded by name (nnU-Net stores them in its checkpoints), and
+    the network built from a plans variant is the gated one with the variant's gate options."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, str(trainer_dir()))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    variant, _ = attention_plans(plans_dict(), gate_heads=2)
+    for suffix, epochs in EPOCH_VARIANTS.items():
+        name = f"nnUNetTrainerAttentionGates_{suffix}"
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls is getattr(trainer_module, name) and issubclass(cls, nnUNetTrainerAttentionGates)
+        trainer = cls({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+        assert trainer.num_epochs == epochs
+        assert trainer.my_init_kwargs["configuration"] == "3d_fullres" and trainer.my_init_kwargs["fold"] == 0
+        pm = PlansManager(variant)
+        net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 2, 3, True)
+        assert type(net) is AttentionPlainConvUNet and net.decoder.heads == 2
+    assert trainer_module.__all__ == ["nnUNetTrainerAttentionGates"] + [f"nnUNetTrainerAttentionGates_{s}" for s in EPOCH_VARIANTS]
+    default = nnUNetTrainerAttentionGates({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON, torch.device("cpu"))
+    assert default.num_epochs == nnUNetTrainer({**plans_dict(), "continue_training": False}, "3d_fullres", 0, DATASET_JSON,
+                                               torch.device("cpu")).num_epochs == 1000  # fmt: skip
+
+
+def test_nnunets_own_short_variants_train_the_gated_network_of_a_plans_variant(monkeypatch):
+    """The plans-variant route needs no trainer of ours: nnU-Net's own ``nnUNetTrainer_<n>epochs``, found
+    by nnU-Net in its own package, builds the gated network the variant names."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    nnunet_can_look_up_trainers(monkeypatch, None)
+    pm = PlansManager(attention_plans(plans_dict(), gate_heads=2)[0])
+    for suffix in ("1epoch", "5epochs", "10epochs"):
+        cls = recursive_find_trainer_class_by_name(f"nnUNetTrainer_{suffix}")
+        assert cls.__module__ == "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs"
+        net = cls.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 2, 3, True)
+        assert type(net) is AttentionPlainConvUNet and net.decoder.heads == 2
 
 
 # --------------------------------------------------------------------------- nnU-Net's commands, end to end
 
 TINY_TRAINER = '''
 import torch
-from attention_gates.integrations.nnunet import nnUNetTrainerAttentionGates
+from attention_gates.integrations.nnunet.trainer import nnUNetTrainerAttentionGates_1epoch
 
 
-class nnUNetTrainerAttentionGatesTiny(nnUNetTrainerAttentionGates):
-    """One epoch of two iterations, no test-time mirroring."""
+class nnUNetTrainerAttentionGatesTiny(nnUNetTrainerAttentionGates_1epoch):
+    """The one-epoch variant with two iterations, no test-time mirroring."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 2, 1
+        self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 1
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -513,20 +575,22 @@ def write_raw_dataset(raw: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_nnunet_plans_trains_and_predicts_with_the_trainer(tmp_path):
-    """nnUNetv2_plan_and_preprocess, nnUNetv2_train -tr <a subclass of nnUNetTrainerAttentionGates>
-    and nnUNetv2_predict, each in its own process through nnU-Net's entry points (tests/nnunet_cli.py),
-    on the CPU, without data-augmentation workers."""
-    raw = write_raw_dataset(tmp_path / "raw")
-    ext = tmp_path / "ext_trainers"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> types.SimpleNamespace:
+    """Dataset901_Tiny through nnUNetv2_plan_and_preprocess and nnUNetv2_train -tr <a subclass of
+    nnUNetTrainerAttentionGates_1epoch>, each in its own process through nnU-Net's entry points
+    (tests/nnunet_cli.py), on the CPU, without data-augmentation workers: the folders, the
+    environment, the architecture trained, the training's output and a runner of nnU-Net's commands."""
+    tmp = tmp_path_factory.mktemp("nnunet_e2e")
+    raw = write_raw_dataset(tmp / "raw")
+    ext = tmp / "ext_trainers"
     ext.mkdir()
     (ext / "tiny_trainers.py").write_text(TINY_TRAINER)
     env = {
         **os.environ,
-        "nnUNet_raw": str(tmp_path / "raw"),
-        "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
-        "nnUNet_results": str(tmp_path / "results"),
+        "nnUNet_raw": str(tmp / "raw"),
+        "nnUNet_preprocessed": str(tmp / "preprocessed"),
+        "nnUNet_results": str(tmp / "results"),
         "nnUNet_extTrainer": os.pathsep.join([str(trainer_dir()), str(ext)]),
         "nnUNet_def_n_proc": "1",
         "nnUNet_compile": "f",
@@ -539,32 +603,187 @@ def test_nnunet_plans_trains_and_predicts_with_the_trainer(tmp_path):
         return proc.stdout
 
     nnunet("nnUNetv2_plan_and_preprocess", "-d", "901", "-c", "3d_fullres", "-np", "1", nnUNet_n_proc_DA="1")
-    plans_file = tmp_path / "preprocessed" / "Dataset901_Tiny" / "nnUNetPlans.json"
+    plans_file = tmp / "preprocessed" / "Dataset901_Tiny" / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]
-    assert arch["network_class_name"] == PLAIN_CLASS_NAME and [1, 2, 2] in arch["arch_kwargs"]["strides"]
     arch["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64][: arch["arch_kwargs"]["n_stages"]]  # nnU-Net's 32.. is slow on a CPU
     plans_file.write_text(json.dumps(plans))
-
     log = nnunet("nnUNetv2_train", "901", "3d_fullres", "0", "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu",
                  nnUNet_n_proc_DA="0")  # fmt: skip
-    assert "Training done." in log
-    fold = tmp_path / "results" / "Dataset901_Tiny" / "nnUNetTrainerAttentionGatesTiny__nnUNetPlans__3d_fullres" / "fold_0"
-    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    model = tmp / "results" / "Dataset901_Tiny" / "nnUNetTrainerAttentionGatesTiny__nnUNetPlans__3d_fullres"
+    return types.SimpleNamespace(raw=raw, env=env, arch=arch, log=log, model=model, fold=model / "fold_0", nnunet=nnunet)
+
+
+@pytest.mark.slow
+def test_nnunet_plans_trains_and_predicts_with_the_trainer(trained, tmp_path):
+    """The training (one epoch: the 1-epoch variant's), nnU-Net's validation and nnUNetv2_predict, with the gated network."""
+    arch = trained.arch
+    assert arch["network_class_name"] == PLAIN_CLASS_NAME and [1, 2, 2] in arch["arch_kwargs"]["strides"]
+    assert "Training done." in trained.log and "Epoch 0" in trained.log and "Epoch 1" not in trained.log
+    checkpoint = torch.load(trained.fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainerAttentionGatesTiny"
     gated = {k.split(".")[2] for k in checkpoint["network_weights"] if k.startswith("decoder.gates.")}
     assert gated == {str(i) for i in range(1, arch["arch_kwargs"]["n_stages"] - 1)}
-    assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with the gated network
+    assert (trained.fold / "validation" / "summary.json").is_file()  # nnU-Net's validation ran with the gated network
 
     out = tmp_path / "predictions"
-    nnunet("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", "901", "-c", "3d_fullres", "-f", "0",
-           "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar")  # fmt: skip
+    trained.nnunet("nnUNetv2_predict", "-i", str(trained.raw / "imagesTs"), "-o", str(out), "-d", "901", "-c", "3d_fullres",
+                   "-f", "0", "-tr", "nnUNetTrainerAttentionGatesTiny", "-device", "cpu", "-npp", "1", "-nps", "1",
+                   "--disable_progress_bar")  # fmt: skip
     import SimpleITK as sitk
 
     prediction = sitk.ReadImage(str(out / "tiny_900.nii.gz"))
-    image = sitk.ReadImage(str(raw / "imagesTs" / "tiny_900_0000.nii.gz"))
+    image = sitk.ReadImage(str(trained.raw / "imagesTs" / "tiny_900_0000.nii.gz"))
     assert prediction.GetSize() == image.GetSize() and prediction.GetSpacing() == pytest.approx(SPACING_XYZ)
     assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- ONNX export
+
+
+def predictor_network(model: Path, fold: str) -> nn.Module:
+    """The network nnU-Net's predictor runs, with the fold's weights (what the export must match)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (fold,))
+    return predictor.network.eval()
+
+
+def onnx_runtime_difference(path: Path, net: nn.Module, shape: tuple[int, ...]) -> float:
+    """max |ONNX Runtime - net| on a random ``Tensor[shape]``, over the largest |logit| (at least 1)."""
+    import onnxruntime as ort
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": x.numpy()})
+    with torch.no_grad():
+        ref = net(x)
+    assert out.shape == tuple(ref.shape) and ref.shape[2:] == shape[2:]
+    return float(np.abs(out - ref.numpy()).max() / max(1.0, ref.abs().max().item()))
+
+
+def onnx_input_dims(path: Path) -> list:
+    import onnx
+
+    return [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+
+
+@pytest.mark.slow
+def test_export_of_the_trained_folder_runs_in_onnx_runtime_at_other_sizes(trained, monkeypatch, capsys):
+    """attention-gates-nnunet export on the trained folder: the gated network of the checkpoint's trainer,
+    dynamic batch and sizes, equal to nnU-Net's predictor network in ONNX Runtime at two sizes (odd
+    multiples of the strides' products) other than the export's and its own check's."""
+    import onnx
+
+    nnunet_can_look_up_trainers(monkeypatch, trained.env["nnUNet_extTrainer"])
+    cli(["export", str(trained.model)])
+    out = capsys.readouterr().out
+    path = trained.fold / "checkpoint_final.onnx"
+    multiples = size_multiples(trained.arch["arch_kwargs"]["strides"], 3)
+    assert multiples[0] < multiples[1] == multiples[2]  # the anisotropic plan: fewer strides along z
+    assert f"wrote {path} (" in out and "AttentionPlainConvUNet of nnUNetTrainerAttentionGatesTiny, fold 0, checkpoint_final.pth" in out
+    assert f"input 'image': Tensor[N, 1, D, H, W] float32, D, H, W multiples of {multiples[0]}, {multiples[1]}, {multiples[2]} (" in out
+    checked = re.search(r"on a random Tensor\[1, 1, (\d+), (\d+), (\d+)\]: max \|difference\| (\S+) \(tolerance (\S+)\)", out)
+    assert tuple(int(checked.group(i)) for i in (1, 2, 3)) == tuple(3 * m for m in multiples)
+    assert float(checked.group(4)) <= float(checked.group(5))
+    assert onnx_input_dims(path) == ["batch", 1, *[f"{m}*{a}_blocks" for m, a in zip(multiples, ("depth", "height", "width"))]]
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+    assert meta["nnunet.trainer"] == "nnUNetTrainerAttentionGatesTiny" and meta["nnunet.size_multiples"] == list(multiples)
+    assert meta["nnunet.model_folder"] == "nnUNetTrainerAttentionGatesTiny__nnUNetPlans__3d_fullres" and meta["nnunet.fold"] == "0"
+
+    net = predictor_network(trained.model, "0")
+    assert type(net) is AttentionPlainConvUNet and not net.decoder.deep_supervision
+    for blocks, n in (((5, 1, 3), 2), ((1, 5, 7), 1)):
+        assert onnx_runtime_difference(path, net, (n, 1, *(b * m for b, m in zip(blocks, multiples)))) < 1e-4
+
+    written = path.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_:
+        cli(["export", str(trained.model)])
+    assert exit_.value.code == 2 and path.stat().st_mtime_ns == written
+    assert capsys.readouterr().err.strip() == f"error: output {path} exists: pass overwrite=True (--overwrite) to replace it"
+
+
+def model_folder(root: Path, net: nn.Module, configuration: str, fold: str, trainer: str = "nnUNetTrainer") -> Path:
+    """A trained model folder as nnU-Net writes it, holding ``net``'s weights in ``fold_<fold>``."""
+    folder = root / f"{trainer}__nnUNetPlans__{configuration}"
+    (folder / f"fold_{fold}").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans_dict()))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    torch.save(nnunet_checkpoint(net, plans_dict(), configuration, trainer), folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder
+
+
+@pytest.mark.slow
+def test_export_of_a_plain_2d_network_from_fold_all(tmp_path, monkeypatch, capsys):
+    """nnU-Net's own PlainConvUNet (2D, trained with deep supervision) from the folder's only fold, 'all':
+    the model computes the saved weights' logits at other sizes; a check that fails writes nothing."""
+    plain = as_trained(build(PlainConvUNet, "2d", deep_supervision=True))
+    folder = model_folder(tmp_path, plain, "2d", fold="all")
+    result = export_onnx(folder, output=tmp_path / "out" / "plain.onnx", opset=20)
+    assert result.path == tmp_path / "out" / "plain.onnx" and result.fold == "all" and result.network == "PlainConvUNet"
+    assert (result.multiples, result.checked_shape, result.opset, result.classes) == ((4, 4), (1, 2, 12, 12), 20, 3)
+    assert 0 < result.max_difference <= result.tolerance
+    assert onnx_input_dims(result.path) == ["batch", 2, "4*height_blocks", "4*width_blocks"]
+    plain.eval().decoder.deep_supervision = False
+    for shape in ((3, 2, 20, 4), (1, 2, 28, 36)):
+        assert onnx_runtime_difference(result.path, plain, shape) < 1e-4
+    # a check that fails (no difference tolerated) is exit status 1 and writes nothing
+    monkeypatch.setattr(export_module, "TOLERANCE", 0.0)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["export", str(folder), "-o", str(tmp_path / "out" / "strict.onnx")])
+    assert exit_.value.code == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plain.onnx"]
+    assert re.fullmatch(r"error: ONNX Runtime's logits differ from the predictor network's by up to \S+ on a Tensor\[1, 2, 12, 12\] "
+                        r"\(tolerance 0\); nothing written\n", capsys.readouterr().err)  # fmt: skip
+
+
+def test_export_errors(tmp_path, monkeypatch, capsys):
+    """A wrong argument or set-up is one line naming it and exit status 2, and nothing is written; the
+    arguments are checked before anything is loaded."""
+    folder = model_folder(tmp_path, build(PlainConvUNet, "3d"), "3d_fullres", fold="0", trainer="nnUNetTrainerNoSuchThing")
+    (folder / "fold_1").mkdir()
+    torch.save({}, folder / "fold_1" / "checkpoint_best.pth")
+    (folder / "fold_0" / "taken.onnx").write_bytes(b"mine")
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli(["export", *args])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert error(str(tmp_path / "missing")) == f"error: model folder {tmp_path / 'missing'} does not exist or is not a folder"
+    assert error(str(tmp_path)).startswith(f"error: {tmp_path} is not a trained nnU-Net model folder: it has no plans.json and no dataset.json")
+    assert error(str(folder), "-f", "1") == (
+        f"error: fold_1 of {folder} has no checkpoint_final.pth; it has ['checkpoint_best.pth']. nnU-Net writes checkpoint_final.pth "
+        "when a training ends; while it runs, checkpoint_best.pth (at each new best EMA pseudo Dice) and checkpoint_latest.pth "
+        "(every 50 epochs): pass one of those as the checkpoint")  # fmt: skip
+    assert error(str(folder), "-f", "3") == f"error: {folder} has no fold_3 (its folds: ['0', '1'])"
+    assert error(str(folder), "-f", "first") == "error: fold must be a fold number or 'all', got 'first'"
+    assert error(str(folder), "--opset", "17") == "error: opset must be 18 or later (torch's ONNX exporter), got 17"
+    taken = folder / "fold_0" / "taken.onnx"
+    assert error(str(folder), "-o", str(taken)) == f"error: output {taken} exists: pass overwrite=True (--overwrite) to replace it"
+    assert error(str(folder), "-o", str(folder)) == f"error: output {folder} is a folder; expected the ONNX file to write"
+    nnunet_can_look_up_trainers(monkeypatch, str(trainer_dir()))
+    assert error(str(folder)).startswith(f"error: nnU-Net cannot find the trainer that {folder.name} was trained with: list the "
+                                         "folder that defines it in nnUNet_extTrainer")  # fmt: skip
+    assert taken.read_bytes() == b"mine" and sorted(p.name for p in (folder / "fold_0").iterdir()) == ["checkpoint_final.pth", "taken.onnx"]
+    import nnunet_cli  # on sys.path: nnunet_can_look_up_trainers put it there
+
+    class TorchvisionOfAnotherTorch(importlib.abc.MetaPathFinder):
+        """Importing nnU-Net's Primus trainers fails as it does beside a torchvision built for another torch."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name == nnunet_cli.PRIMUS:
+                raise RuntimeError("operator torchvision::nms does not exist")
+            return None
+
+    monkeypatch.delitem(sys.modules, nnunet_cli.PRIMUS, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [TorchvisionOfAnotherTorch(), *sys.meta_path])
+    assert error(str(folder)) == (
+        "error: nnU-Net's trainer lookup imports torchvision (through timm), and that import failed: operator torchvision::nms "
+        "does not exist. This is a torchvision built for another torch (a CUDA torchvision beside a CPU-only torch, or the "
+        "reverse): install the torchvision build that matches your torch")  # fmt: skip
+    shutil.rmtree(folder / "fold_0")
+    assert error(str(folder)) == f"error: {folder} has no fold_0 and no fold_all (its folds: ['1']): pass the fold"
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -1,10 +1,15 @@
-"""``attention-gates-nnunet``: the trainer folder for ``nnUNet_extTrainer``, plans variants, checkpoint conversion.
+"""``attention-gates-nnunet``: the trainer folder for ``nnUNet_extTrainer``, plans variants, checkpoint conversion, ONNX export.
 
 ::
 
     attention-gates-nnunet trainer-dir
     attention-gates-nnunet plans DATASET [-p nnUNetPlans] [-o nnUNetAttentionPlans] [-c 3d_fullres ...] [gate options]
     attention-gates-nnunet convert CHECKPOINT OUTPUT [-c CONFIGURATION] [--psi-bias 12] [gate options]
+    attention-gates-nnunet export MODEL_FOLDER [-f FOLD] [-c checkpoint_final.pth] [-o OUTPUT.onnx] [--opset 18] [--overwrite]
+
+A wrong argument (a missing file or folder, a bad value, an output that exists) is one line on
+standard error and exit status 2; an exported model that ONNX Runtime cannot run or that
+disagrees with nnU-Net's network, exit status 1.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ...layers import NORMS
+from .export import DEFAULT_OPSET, OnnxCheckError, export_onnx
 from .plans import DEFAULT_PLANS_NAME, convert_checkpoint, trainer_dir, write_attention_plans
 
 
@@ -49,10 +55,10 @@ def _plans_file(dataset: str, plans: str) -> Path:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="attention-gates-nnunet",
-        description="Attention gates in nnU-Net v2: the trainer folder for nnUNet_extTrainer, plans variants, checkpoint conversion.",
+        description="Attention gates in nnU-Net v2: the trainer folder for nnUNet_extTrainer, plans variants, checkpoint conversion, ONNX export.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("trainer-dir", help="print the folder to list in nnUNet_extTrainer (for -tr nnUNetTrainerAttentionGates)")
+    sub.add_parser("trainer-dir", help="print the folder to list in nnUNet_extTrainer (for -tr nnUNetTrainerAttentionGates and its _<n>epochs variants)")
     plans = sub.add_parser("plans", help="write a plans variant whose configurations name AttentionPlainConvUNet")
     plans.add_argument("dataset", help="dataset name or id, as for nnUNetv2_train (read from $nnUNet_preprocessed)")
     plans.add_argument("-p", "--plans", default="nnUNetPlans", help="source plans identifier (default nnUNetPlans)")
@@ -65,6 +71,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     conv.add_argument("-c", "--configuration", help="plans configuration of the network (default: the checkpoint's)")
     conv.add_argument("--psi-bias", type=float, default=12.0, help="psi's bias of the pass-through gates (default 12)")
     _add_gate_options(conv)
+    export = sub.add_parser("export", help="a trained model folder -> ONNX with dynamic batch and spatial sizes, checked in ONNX Runtime")
+    export.add_argument("model_folder", help="the trained model folder: $nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION")
+    export.add_argument("-f", "--fold", help="the fold whose weights are exported: a number or 'all' (default: 0, else all)")
+    export.add_argument("-c", "--checkpoint", default="checkpoint_final.pth", help="the fold's checkpoint file (default checkpoint_final.pth)")
+    export.add_argument("-o", "--output", help="the ONNX file to write (default: the checkpoint's path with .onnx)")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"the ONNX opset, {DEFAULT_OPSET} or later (default {DEFAULT_OPSET})")
+    export.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     return p.parse_args(argv)
 
 
@@ -75,15 +88,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     try:
         if args.command == "plans":
-            path = write_attention_plans(_plans_file(args.dataset, args.plans), args.output, args.configurations,
-                                         **_gate_options(args))  # fmt: skip
+            out = write_attention_plans(_plans_file(args.dataset, args.plans), args.output, args.configurations,
+                                        **_gate_options(args))  # fmt: skip
+        elif args.command == "convert":
+            out = convert_checkpoint(args.checkpoint, args.output, configuration=args.configuration,
+                                     psi_bias=args.psi_bias, **_gate_options(args))  # fmt: skip
         else:
-            path = convert_checkpoint(args.checkpoint, args.output, configuration=args.configuration,
-                                      psi_bias=args.psi_bias, **_gate_options(args))  # fmt: skip
-    except (FileNotFoundError, ValueError, TypeError) as e:
+            out = export_onnx(args.model_folder, args.fold, args.checkpoint, args.output, args.opset, args.overwrite).summary()
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(path)
+    except OnnxCheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(out)
 
 
 if __name__ == "__main__":

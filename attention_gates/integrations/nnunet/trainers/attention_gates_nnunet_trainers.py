@@ -1,4 +1,5 @@
 """Imported by nnU-Net as a top-level module when ``nnUNet_extTrainer`` lists this folder; it
-re-exports the trainers, so the classes nnU-Net finds are the library's own."""
+re-exports every trainer of :mod:`attention_gates.integrations.nnunet.trainer` (its ``__all__``),
+so the classes nnU-Net finds are the library's own."""
 
-from attention_gates.integrations.nnunet.trainer import nnUNetTrainerAttentionGates  # noqa: F401
+from attention_gates.integrations.nnunet.trainer import *  # noqa: F401,F403
