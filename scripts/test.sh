@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suites, each with its own time budget (pytest-timeout per test, `timeout` per suite),
 # then one closing line with the totals.
-EXTRAS=test,examples,docs,triton,nnunet source "$(dirname "$0")/_venv.sh"
+EXTRAS=test,examples,docs,triton,nnunet,export source "$(dirname "$0")/_venv.sh"
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}" PYTHONHASHSEED=0
 LOGS=$(mktemp -d)
 run() {  # run BUDGET_SECONDS NAME CMD...
@@ -12,7 +12,8 @@ run() {  # run BUDGET_SECONDS NAME CMD...
 # 1. library, examples and benchmark smoke tests (CPU; reference and cpu backends)
 run 1200 unit "$PY" -m pytest -q -p no:cacheprovider -m "not cuda and not interpret and not nnunet" --timeout=300 tests
 # 1b. the nnU-Net integration (the nnunet extra): its network, trainer and plans, and one run of nnU-Net's
-#     plan-and-preprocess, train and predict commands on a small synthetic dataset (about 3 minutes)
+#     plan-and-preprocess, train and predict commands on a small synthetic dataset, and the ONNX export of the
+#     trained model checked in ONNX Runtime (about 4-5 minutes on 2 shared cores)
 run 600 nnunet "$PY" -m pytest -q -p no:cacheprovider -m nnunet --timeout=400 tests/test_nnunet.py
 # 2. the documentation, warnings as errors, and the doctests of its pages
 run 600 docs bash scripts/docs.sh

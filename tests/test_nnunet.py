@@ -36,7 +36,6 @@ from attention_gates.integrations.nnunet import (
     AttentionPlainConvUNet,
     attention_plans,
     convert_checkpoint,
-    init_passthrough,
     nnUNetTrainerAttentionGates,
     trainer_dir,
     write_attention_plans,
@@ -45,7 +44,7 @@ from attention_gates.integrations.nnunet import trainer as trainer_module
 from attention_gates.integrations.nnunet.__main__ import main as cli
 from attention_gates.integrations.nnunet import export as export_module
 from attention_gates.integrations.nnunet.export import export_onnx, size_multiples
-from attention_gates.integrations.nnunet.network import CLASS_NAME, PLAIN_CLASS_NAME, _resolve_arch_kwargs
+from attention_gates.integrations.nnunet.network import CLASS_NAME, PLAIN_CLASS_NAME, resolve_arch_kwargs
 from attention_gates.ops import use_backend
 
 pytestmark = pytest.mark.nnunet
@@ -184,7 +183,7 @@ def test_gate_options_reach_the_gates():
 def _resolved(case: str, **extra) -> dict:
     """The constructor's arguments for ``case``, classes imported."""
     dims, strides, _ = CASES[case]
-    return {"input_channels": 1, "num_classes": 2, **_resolve_arch_kwargs(arch_kwargs(dims, strides)), **extra}
+    return {"input_channels": 1, "num_classes": 2, **resolve_arch_kwargs(arch_kwargs(dims, strides)), **extra}
 
 
 @pytest.mark.parametrize(
@@ -338,10 +337,8 @@ def test_from_plain_errors(tmp_path):
 
 
 def test_init_passthrough_errors():
-    with pytest.raises(TypeError, match="net must be an AttentionPlainConvUNet, got PlainConvUNet"):
-        init_passthrough(build(PlainConvUNet, "2d"))
     with pytest.raises(ValueError, match="gate_output_transform=True"):
-        init_passthrough(build(AttentionPlainConvUNet, "2d", gate_output_transform=True))
+        build(AttentionPlainConvUNet, "2d", gate_output_transform=True).init_passthrough()
 
 
 def test_convert_checkpoint_feeds_nnunets_pretrained_weights(tmp_path):

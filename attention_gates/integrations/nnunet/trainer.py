@@ -18,7 +18,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from .network import CLASS_NAME, PLAIN_CLASS_NAME, _gateable
+from .network import CLASS_NAME, PLAIN_CLASS_NAME, is_gateable
 
 __all__ = [
     "nnUNetTrainerAttentionGates",
@@ -74,7 +74,7 @@ class nnUNetTrainerAttentionGates(nnUNetTrainer):
                 ``arch_kwargs`` are not ``PlainConvUNet``'s.
         """
         name = configuration_manager.network_arch_class_name
-        if not _gateable(name):
+        if not is_gateable(name):
             raise ValueError(
                 f"nnUNetTrainerAttentionGates gates {PLAIN_CLASS_NAME!r}; these plans name {name!r}, whose "
                 f"arch_kwargs it cannot take: use plans with the default network (nnUNetPlans)"
