@@ -20,6 +20,7 @@ functions, not the interpreter's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -298,6 +299,17 @@ def test_host_work_per_call():
         assert counts[mode]["kernels"] == expected, mode
         assert counts[mode]["device_ops"] == 0, (mode, counts[mode]["ops"])
         assert counts[mode]["torch_ops"] <= TORCH_OPS[mode], (mode, counts[mode]["ops"])
+
+
+def test_empty_batch_launches_no_zero_grid():
+    """N = 0: the launchers make the same launches as for any batch, each with at least one
+    program (which finds no tile), as planned for an H100 and for the CPU's interpreter."""
+    for target in (H100, None):
+        for mode, call in mode_calls(*gate_tensors((0, 32, 16, 16, 12), (0, 64, 8, 8, 6), device="cpu")).items():
+            with launch.plan_for(*target) if target else contextlib.nullcontext(), recorded_launches() as log:
+                call()
+            assert [rec.kernel for rec in log] == KERNELS[mode], (target, mode)
+            assert all(len(rec.grid) == 1 and rec.grid[0] >= 1 for rec in log), (target, mode, [rec.grid for rec in log])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -238,14 +238,19 @@ def _as_3d(shape) -> tuple[int, int, int]:
 
 
 def _window(out: int, inp: int, align_corners: bool) -> int:
-    """How many fine indices along one axis one coarse index feeds (see ``kernels._adjoint_axis``)."""
+    """How many fine indices along one axis add their gradient into one coarse index in
+    ``F.interpolate``'s backward (the candidates ``kernels._adjoint_axis`` gathers): those whose
+    source index is the coarse one or the one before it, at most ``ceil(2 out / inp)``, and
+    without ``align_corners`` those whose source clamps to 0 (with weight 0, into index 1).
+    1: the axis is not resampled."""
     if out == inp:
         return 1
     if inp == 1:
         return out
     if align_corners:
         return min(out, -(-2 * (out - 1) // (inp - 1)))
-    return min(out, -(-2 * out // inp))
+    clamped = -(-(out - inp) // (2 * inp))  # f with (f + 1/2) inp / out - 1/2 < 0
+    return min(out, -(-2 * out // inp) + clamped)
 
 
 def _scale(inp: int, out: int, align_corners: bool) -> float:
@@ -298,7 +303,7 @@ class Plan:
     sd: float  # alpha's resampling per axis: F.interpolate's source scale
     sh: float
     sw: float
-    WD: int  # per axis: how many fine indices one coarse index feeds (the resampling's adjoint)
+    WD: int  # per axis: the resampling adjoint's candidates per coarse index (``_window``; 1: not resampled)
     WH: int
     WW: int
     BKW: int  # KW rounded up to a power of two: the register width of a patch row
@@ -420,7 +425,8 @@ def _batch_stats(p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform) -> 
         x, ac, transform.W_w, part,
         C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x),
-        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
         num_warps=p.fine.warps, num_stages=p.stages,
     )  # fmt: skip
     stats = NormStats(torch.empty(p.C, device=x.device, dtype=f32), torch.empty(p.C, device=x.device, dtype=f32))
@@ -448,7 +454,7 @@ def _fine_out(
         eps=eps, out_ptr=out, alpha_ptr=alpha,
         C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", out),
-        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, HAS_W=has_w, HAS_NORM=has_norm,
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, HAS_W=has_w, HAS_NORM=has_norm, WD=p.WD, WH=p.WH, WW=p.WW,
         ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
         num_warps=p.fine.warps, num_stages=p.stages,
     )  # fmt: skip
@@ -537,7 +543,8 @@ def _norm_sums(
         x, alpha_c, transform.W_w, dout, transform.W_b, stats.mean, stats.var, eps, part,
         C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", dout),
-        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
         num_warps=p.fine.warps, num_stages=p.stages,
     )  # fmt: skip
     sums = torch.empty(2 * p.C, device=x.device, dtype=f32)
@@ -563,7 +570,8 @@ def _fine_bwd(
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", dout), **_strides("sd", dx),
         BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, HAS_W=has_w, HAS_NORM=has_norm,
         BATCH_STATS=has_norm and flags.use_batch_stats, HAS_DALPHA=dalpha is not None,
-        HAS_REST=(DP, HP, WP) != (p.D, p.H, p.W), ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        HAS_REST=(DP, HP, WP) != (p.D, p.H, p.W), WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
         num_warps=p.fine.warps, num_stages=p.stages,
     )  # fmt: skip
 
@@ -612,7 +620,7 @@ def _patch_bwd(
         TPS=p.patch.per_sample, NT=p.patch.tiles, sd=p.sd, sh=p.sh, sw=p.sw,
         **_strides("sx", x), **_strides("so", dout), **_strides("sd", dx),
         KD=p.KD, KH=p.KH, KW=p.KW, BKW=p.BKW, BLOCK_P=p.patch.block, BLOCK_C=p.BLOCK_C, BLOCK_CI=p.BLOCK_CI,
-        HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and flags.use_batch_stats,
+        HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and flags.use_batch_stats, WD=p.WD, WH=p.WH, WW=p.WW,
         ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
         num_warps=p.patch.warps, num_stages=p.stages,
     )  # fmt: skip
