@@ -125,34 +125,43 @@ def launch_traffic(launches: list) -> int:
 
 
 def gate_tensors(x_shape, g_shape, dtype=torch.float32, device="meta", channels_last=False):
-    """A level's gate as the launchers see it: ``(x, g, weights, stats)`` with W + BatchNorm,
-    F_int = F_l, subsample factor 2 (tensors on ``device``: ``"meta"`` allocates nothing)."""
+    """A level's gate as the launchers see it: ``(x, g, coarse, transform, running)`` with W +
+    BatchNorm (``launch.CoarseWeights``, ``launch.OutputTransform``, the running statistics as
+    ``launch.NormStats``), F_int = F_l, subsample factor 2 (tensors on ``device``: ``"meta"``
+    allocates nothing)."""
+    from attention_gates.ops.triton.launch import CoarseWeights, NormStats, OutputTransform
+
     C, CG = x_shape[1], g_shape[1]
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     x = torch.empty(x_shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     g = torch.empty(g_shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    f32 = dict(device=device, dtype=torch.float32)
-    weights = (torch.empty(C, C, 2, 2, 2, **f32), torch.empty(C, CG, 1, 1, 1, **f32), torch.empty(C, **f32),
-               torch.empty(1, C, 1, 1, 1, **f32), torch.empty(1, **f32), torch.empty(C, C, 1, 1, 1, **f32),
-               torch.empty(C, **f32), torch.empty(C, **f32), torch.empty(C, **f32))  # fmt: skip
-    stats = (torch.empty(C, **f32), torch.empty(C, **f32))
-    return x, g, weights, stats
+
+    def f32(*shape):
+        return torch.empty(shape, device=device, dtype=torch.float32)
+
+    coarse = CoarseWeights(theta_w=f32(C, C, 2, 2, 2), phi_w=f32(C, CG, 1, 1, 1), phi_b=f32(C), psi_w=f32(1, C, 1, 1, 1), psi_b=f32(1))
+    transform = OutputTransform(W_w=f32(C, C, 1, 1, 1), W_b=f32(C), gamma=f32(C), beta=f32(C))
+    return x, g, coarse, transform, NormStats(mean=f32(C), var=f32(C))
 
 
-def mode_calls(x, g, weights, stats) -> dict:
+def mode_calls(x, g, coarse, transform, running) -> dict:
     """Per mode, a call of the launchers for one gate (W + BatchNorm): eval forward, training
     forward, training backward (with the forward's outputs of the right shapes)."""
-    from attention_gates.ops.triton import launch
+    from attention_gates.ops.triton.launch import GateFlags, NormStats, gate_backward, gate_forward
 
     N, C = x.shape[:2]
     f32 = dict(device=x.device, dtype=torch.float32)
     alpha_c = torch.empty((N, 1) + tuple(g.shape[2:]), **f32)
-    mean, var = torch.empty(C, **f32), torch.empty(C, **f32)
+    batch = NormStats(mean=torch.empty(C, **f32), var=torch.empty(C, **f32))
     dout = torch.empty_like(x)
+
+    def flags(training: bool) -> GateFlags:
+        return GateFlags(use_batch_stats=training, eps=1e-5, softplus=False, align_corners=False)
+
     return {
-        "eval_forward": lambda: launch.gate_forward(x, g, *weights, *stats, False, 1e-5, False, False),
-        "train_forward": lambda: launch.gate_forward(x, g, *weights, *stats, True, 1e-5, False, False),
-        "train_backward": lambda: launch.gate_backward(dout, None, x, g, *weights[:8], alpha_c, mean, var, True, 1e-5, False, False),
+        "eval_forward": lambda: gate_forward(x, g, coarse, transform, flags(False), running=running),
+        "train_forward": lambda: gate_forward(x, g, coarse, transform, flags(True)),
+        "train_backward": lambda: gate_backward(dout, None, x, g, coarse, transform._replace(beta=None), alpha_c, batch, flags(True)),
     }
 
 
@@ -165,11 +174,11 @@ def traffic(x_shape, g_shape, dtype=torch.float32, target=H100) -> dict:
     (``launch_traffic`` over the launches the launchers really make for ``target``, recorded)."""
     from attention_gates.ops.triton.launch import plan_for
 
-    x, g, weights, stats = gate_tensors(x_shape, g_shape, dtype)
+    x, g, *groups = gate_tensors(x_shape, g_shape, dtype)
     X, G, A = _nbytes(x), _nbytes(g), _nbytes(x) // x.shape[1]
     floor = {"eval_forward": X + G + X + A, "train_forward": X + G + X + A, "train_backward": X + X + G + X + G}
     moved = {}
-    for mode, call in mode_calls(x, g, weights, stats).items():
+    for mode, call in mode_calls(x, g, *groups).items():
         with plan_for(*target), recorded_launches() as log:
             call()
         moved[mode] = launch_traffic(log)

@@ -23,71 +23,73 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from attention_gates.functional import grid_attention  # noqa: E402
+from attention_gates.functional import GateWeights, grid_attention  # noqa: E402
+from gate_cases import GateShape, gate_shapes, random_gate  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.cuda)]
 # atol per dtype, relative to each quantity's magnitude: float32 reductions in another order
 # (atomics, blocked sums) differ by a few ulps times sqrt(terms); 16-bit storage is covered by
 # the 2|ref_dtype - ref64| term, and TF32 products (16-bit inputs on the GPU) by 1e-3.
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+STATISTICS = ("running_mean", "running_var")
 
 
-def make_case(d, N, C, CG, CI, S, k, Sg=None, W=True, seed=0, device="cpu", dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    rn = lambda *shape, s=1.0: torch.randn(*shape, generator=gen, dtype=torch.float64) * s  # noqa: E731
-    Sc = tuple(s // kk for s, kk in zip(S, k))
-    x = rn(N, C, *S)
-    g = rn(N, CG, *(Sc if Sg is None else Sg))
-    one = (1,) * d
-    params = [rn(CI, C, *k, s=0.3), rn(CI, CG, *one, s=0.3), rn(CI, s=0.1), rn(1, CI, *one, s=0.5), rn(1, s=0.1)]
-    params += [rn(C, C, *one, s=0.3), rn(C, s=0.1), 1 + rn(C, s=0.1), rn(C, s=0.1)] if W else [None] * 4
-    stats = [rn(C, s=0.1), torch.rand(C, generator=gen, dtype=torch.float64) + 0.5]
-    return dict(x=x, g=g, params=params, stats=stats, device=device, dtype=dtype)
-
-
-def run(case, backend, dtype, training, sigma1="relu", norm="batch", prepare=None, inputs_dtype=None, align_corners=False):
-    """Forward + backward with fixed upstream gradients for out and alpha; returns everything.
+def run(gate, backend, dtype, training, *, device="cpu", sigma1="relu", norm="batch", prepare=None,
+        inputs_dtype=None, align_corners=False) -> dict:  # fmt: skip
+    """Forward + backward of ``gate = (x, g, GateWeights)`` (``random_gate``'s, float64) with fixed
+    upstream gradients for out and alpha: ``{name: tensor}`` of the outputs, the running
+    statistics after the call and the gradients (``d`` + the input's name).
 
     ``inputs_dtype``: round the inputs through this dtype first (so that a float64 reference
     sees the same inputs as a 16-bit run)."""
-    dev = case["device"]
     rnd = (lambda t: t.to(inputs_dtype).to(dtype)) if inputs_dtype is not None else (lambda t: t.to(dtype))  # noqa: E731
-    x = rnd(case["x"]).to(dev)
-    g = rnd(case["g"]).to(dev)
+    x64, g64, w64 = gate
+    x, g = rnd(x64).to(device), rnd(g64).to(device)
     if prepare is not None:
         x, g = prepare(x), prepare(g)
     x.requires_grad_()
     g.requires_grad_()
-    params = [None if p is None else rnd(p).to(dev).requires_grad_() for p in case["params"]]
-    if norm == "none":
-        params[7] = params[8] = None  # W without a norm: no norm parameters
-    has_w = params[5] is not None
-    rm, rv = (rnd(s).to(dev).clone() for s in case["stats"])
-    out, alpha = grid_attention(
-        x, g, *params, rm if has_w else None, rv if has_w else None,
-        norm=norm if has_w else "none", training=training, sigma1=sigma1, align_corners=align_corners, backend=backend,
-    )  # fmt: skip
+    w = GateWeights(*(None if t is None else rnd(t).to(device).clone() for t in w64))
+    w = GateWeights(*(t if t is None or name in STATISTICS else t.requires_grad_() for name, t in zip(w._fields, w)))
+    norm = norm if w.W_weight is not None else "none"
+    out, alpha = grid_attention(x, g, *w, norm=norm, training=training, sigma1=sigma1, align_corners=align_corners, backend=backend)
     gen = torch.Generator().manual_seed(7)
-    do = rnd(torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(dev)
-    da = rnd(torch.randn(alpha.shape, generator=gen, dtype=torch.float64)).to(dev)
-    inputs = [x, g] + [p for p in params if p is not None]
-    grads = torch.autograd.grad([out, alpha], inputs, [do, da])
-    return [out, alpha, rm, rv, *grads]
+    do = rnd(torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(device)
+    da = rnd(torch.randn(alpha.shape, generator=gen, dtype=torch.float64)).to(device)
+    inputs = {"x": x, "g": g, **{name: t for name, t in zip(w._fields, w) if t is not None and name not in STATISTICS}}
+    grads = torch.autograd.grad([out, alpha], list(inputs.values()), [do, da])
+    stats = {name: getattr(w, name) for name in STATISTICS if getattr(w, name) is not None}
+    return {"out": out, "alpha": alpha, **stats, **{"d" + name: d for name, d in zip(inputs, grads)}}
 
 
-def assert_close_to_reference(case, dtype, training, tf32=False, **kw):
+def assert_close_to_reference(gate, dtype, training, tf32=False, **kw):
+    """Every output, statistic and gradient of the fused gate against the reference's: NaN and
+    each infinity exactly where the reference (in the tested dtype) has them, and the finite
+    values within the tolerance rule of the module docstring."""
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):  # float32 against IEEE float32 by default
-        fused = run(case, "triton", dtype, training, **kw)
-        ref = run(case, "reference", dtype, training, **kw)
-    ref64 = run(case, "reference", torch.float64, training, inputs_dtype=dtype, **kw)
-    names = ["out", "alpha", "running_mean", "running_var", "dx", "dg", "dtheta", "dphi_w", "dphi_b", "dpsi_w", "dpsi_b"]
-    names += ["dW_w", "dW_b", "dgamma", "dbeta"]
-    for name, f, r, r64 in zip(names, fused, ref, ref64):
-        f, r, r64 = f.double().cpu(), r.double().cpu(), r64.double().cpu()
-        assert f.shape == r64.shape, name
+        fused = run(gate, "triton", dtype, training, **kw)
+        ref = run(gate, "reference", dtype, training, **kw)
+    ref64 = run(gate, "reference", torch.float64, training, inputs_dtype=dtype, **kw)
+    assert fused.keys() == ref.keys()
+    for name in ref:
+        f, r, r64 = fused[name].double().cpu(), ref[name].double().cpu(), ref64[name].double().cpu()
+        assert f.shape == r.shape == r64.shape, name
+        for where in (torch.isnan, torch.isposinf, torch.isneginf):
+            differ = (where(f) != where(r)).nonzero().tolist()
+            assert not differ, f"{name}: {where.__name__} differs from the reference's at {len(differ)} positions, first {differ[:3]}"
+        finite = torch.isfinite(r) & torch.isfinite(r64)
+        if not finite.any():
+            continue
+        f, r, r64 = f[finite], r[finite], r64[finite]
         scale = max(r64.abs().max().item(), 1e-3)
         err, bound = (f - r64).abs().max().item(), 2 * (r - r64).abs().max().item() + ATOL[dtype] * scale
         assert err <= bound, f"{name}: max error {err:.3g} > bound {bound:.3g} (scale {scale:.3g})"
+
+
+def case(d, n, c_l, c_g, c_int, size, k, g_size=None, **kw):
+    """``random_gate`` of these sizes (float64); ``g_size=None``: g on theta's grid."""
+    g_size = tuple(s // f for s, f in zip(size, k)) if g_size is None else g_size
+    return random_gate(GateShape(d, n, c_l, c_g, c_int, tuple(k), tuple(size), tuple(g_size)), **kw)
 
 
 # (spatial_dims, N, F_l, F_g, F_int, S, subsample factor, g's size or None = theta's grid)
@@ -105,25 +107,23 @@ CASES = [
 @pytest.mark.parametrize("case_args", CASES, ids=lambda a: f"{a[0]}d-C{a[2]}-k{''.join(map(str, a[6]))}")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_reference(device, case_args, training):
-    d, N, C, CG, CI, S, k, Sg = case_args
-    assert_close_to_reference(make_case(d, N, C, CG, CI, S, k, Sg, device=device), torch.float32, training)
+    assert_close_to_reference(case(*case_args), torch.float32, training, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case_args", [CASES[1], CASES[4], CASES[5]], ids=["3d-odd", "2d-k32", "1d"])
 def test_align_corners(device, case_args):
     """alpha's resampling inside the fine kernels follows F.interpolate with align_corners=True too."""
-    d, N, C, CG, CI, S, k, Sg = case_args
-    case = make_case(d, N, C, CG, CI, S, k, Sg, device=device)
-    assert_close_to_reference(case, torch.float32, True, align_corners=True)
+    assert_close_to_reference(case(*case_args), torch.float32, True, device=device, align_corners=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["no_W", "softplus", "W_no_norm"])
 def test_variants(device, variant):
-    case = make_case(3, 2, 16, 24, 8, (6, 8, 6), (2, 2, 2), W=variant != "no_W", device=device)
-    kw = {"sigma1": "softplus"} if variant == "softplus" else {"norm": "none"} if variant == "W_no_norm" else {}
-    assert_close_to_reference(case, torch.float32, True, **kw)
+    norm = "none" if variant == "W_no_norm" else "batch"
+    gate = case(3, 2, 16, 24, 8, (6, 8, 6), (2, 2, 2), W=variant != "no_W", norm=norm)
+    sigma1 = "softplus" if variant == "softplus" else "relu"
+    assert_close_to_reference(gate, torch.float32, True, device=device, norm=norm, sigma1=sigma1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -135,8 +135,7 @@ def test_layouts(device, layout):
             return t.to(memory_format=torch.channels_last_3d)
         return t.transpose(2, 4).contiguous().transpose(2, 4)  # spatial axes not flattenable: copied
 
-    case = make_case(3, 2, 16, 24, 8, (6, 8, 6), (2, 2, 2), device=device)
-    assert_close_to_reference(case, torch.float32, True, prepare=prepare)
+    assert_close_to_reference(case(3, 2, 16, 24, 8, (6, 8, 6), (2, 2, 2)), torch.float32, True, device=device, prepare=prepare)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,36 +144,78 @@ def test_channels_last_in_channels_last_out(device, dims):
     """out, dx and dg keep the inputs' memory format (no copies into contiguous tensors)."""
     fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
     S, k = ((6, 8, 6), (2, 2, 2)) if dims == 3 else ((6, 8), (2, 2))
-    case = make_case(dims, 2, 16, 24, 8, S, k, device=device)
-    out, _, _, _, dx, dg, *_ = run(case, "triton", torch.float32, True, prepare=lambda t: t.contiguous(memory_format=fmt))
-    for name, t in (("out", out), ("dx", dx), ("dg", dg)):
-        assert t.is_contiguous(memory_format=fmt) and not t.is_contiguous(), name
+    result = run(case(dims, 2, 16, 24, 8, S, k), "triton", torch.float32, True, device=device,
+                 prepare=lambda t: t.contiguous(memory_format=fmt))  # fmt: skip
+    for name in ("out", "dx", "dg"):
+        assert result[name].is_contiguous(memory_format=fmt) and not result[name].is_contiguous(), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_bitwise_reproducible(device):
     """Two runs give bitwise-equal outputs and gradients: every sum has a fixed order (per-program
     partial rows reduced in row order, the resampling's adjoint a gather), no atomics."""
-    case = make_case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1), Sg=(2, 3, 4), device=device)
-    first = run(case, "triton", torch.float32, True)
-    second = run(case, "triton", torch.float32, True)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    gate = case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1), g_size=(2, 3, 4))
+    first = run(gate, "triton", torch.float32, True, device=device)
+    second = run(gate, "triton", torch.float32, True, device=device)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_batch(device):
     """The batch is not a grid axis: more samples than programs (and than any grid limit) loop."""
     n = 9 if device == "cpu" else 70_000  # past CUDA's 65,535 limit on a grid's second axis
-    case = make_case(2, n, 4, 6, 4, (4, 4), (2, 2), device=device)
-    assert_close_to_reference(case, torch.float32, True)
+    assert_close_to_reference(case(2, n, 4, 6, 4, (4, 4), (2, 2)), torch.float32, True, device=device)
+
+
+# variants of the output transform: (W, norm, training)
+EMPTY_BATCH = [(True, "batch", False), (True, "none", True), (False, "none", True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("W,norm,training", EMPTY_BATCH, ids=["W+BN-eval", "W-train", "no_W-train"])
+def test_empty_batch(device, W, norm, training):
+    """N = 0, which the reference takes (batch norm in training refuses it: no statistics):
+    empty outputs and dx, dg, zero weight gradients, running statistics untouched; the
+    launchers launch their usual grids of programs that find no tile (never a zero grid)."""
+    gate = case(3, 0, 5, 6, 3, (4, 5, 3), (2, 2, 1), g_size=(3, 2, 2), W=W, norm=norm)
+    assert_close_to_reference(gate, torch.float32, training, device=device, norm=norm)
+    result = run(gate, "triton", torch.float32, training, device=device, norm=norm)
+    assert result["out"].shape == (0, 5, 4, 5, 3) and result["alpha"].shape == (0, 1, 4, 5, 3)
+    assert all(not d.any() for name, d in result.items() if name.startswith("d") and name not in ("dx", "dg"))
+
+
+# the non-finite value's positions: a first index along every axis (where the resampling's source
+# clamps to 0 and its backward adds with weight 0 into coarse index 1) and an interior voxel
+NON_FINITE_AT = {"x": [(0, 1, 0, 0, 0), (1, 3, 5, 3, 1)], "g": [(0, 1, 0, 0, 0), (1, 4, 1, 1, 1)]}
+# the subsample factor: on the CPU with an axis that is not resampled, which F.interpolate copies
+# (no neighbour read); CUDA's trilinear kernels copy only when every axis keeps its size and
+# read the neighbour with weight 0 otherwise (a NaN there spreads one voxel further than on the
+# CPU), so on CUDA every axis is resampled
+NON_FINITE_FACTOR = {"cpu": (2, 2, 1), "cuda": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["x", "g"])
+@pytest.mark.parametrize("norm,training", [("batch", False), ("batch", True), ("none", True)], ids=["BN-eval", "BN-train", "train"])
+def test_non_finite_inputs(device, value, where, norm, training):
+    """NaN or inf in x or g: the fused gate's outputs, statistics and gradients are NaN (and
+    infinite) exactly where the reference's are, and agree elsewhere: a NaN voxel reaches the
+    neighbourhood the resampling reaches, and the whole batch only through batch statistics.
+    The case has padded channels (F_l, F_int not powers of two), g off theta's grid and, on the
+    CPU, an axis that is not resampled."""
+    x, g, w = case(3, 2, 5, 6, 3, (8, 7, 3), NON_FINITE_FACTOR[device], g_size=(3, 2, 2), norm=norm)
+    for index in NON_FINITE_AT[where]:
+        (x if where == "x" else g)[index] = value
+    assert_close_to_reference((x, g, w), torch.float32, training, device=device, norm=norm)
 
 
 @pytest.mark.cuda
 def test_tf32_by_default_cuda():
     """With PyTorch's default flags the float32 dots take TF32 (as the reference's cuDNN
     convolutions do): within the tolerance the reference's own TF32 error sets."""
-    assert_close_to_reference(make_case(3, 2, 32, 64, 32, (16, 16, 12), (2, 2, 2), device="cuda"), torch.float32, True, tf32=True)
+    assert_close_to_reference(case(3, 2, 32, 64, 32, (16, 16, 12), (2, 2, 2)), torch.float32, True, device="cuda", tf32=True)
 
 
 @pytest.mark.interpret
@@ -184,7 +225,7 @@ def test_64bit_offsets(monkeypatch):
     from attention_gates.ops.triton import launch
 
     monkeypatch.setattr(launch, "INT32_LIMIT", 1)
-    assert_close_to_reference(make_case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1)), torch.float32, True)
+    assert_close_to_reference(case(3, 2, 12, 20, 16, (7, 9, 5), (2, 2, 1)), torch.float32, True)
 
 
 @pytest.mark.parametrize(
@@ -196,20 +237,19 @@ def test_64bit_offsets(monkeypatch):
     ],
 )
 def test_half_dtypes(device, dtype):
-    assert_close_to_reference(make_case(3, 2, 16, 24, 8, (8, 6, 10), (2, 2, 2), device=device), dtype, True)
+    assert_close_to_reference(case(3, 2, 16, 24, 8, (8, 6, 10), (2, 2, 2)), dtype, True, device=device)
 
 
 @pytest.mark.interpret
 def test_gradcheck_float64():
     """The backward is the derivative of the forward (float64 runs only through the interpreter)."""
-    case = make_case(3, 1, 4, 6, 4, (4, 4, 2), (2, 2, 1))
-    x = case["x"].requires_grad_()
-    g = case["g"].requires_grad_()
-    params = [p.requires_grad_() for p in case["params"]]
+    x, g, w = case(3, 1, 4, 6, 4, (4, 4, 2), (2, 2, 1))
+    x.requires_grad_()
+    g.requires_grad_()
+    params = [t.requires_grad_() for name, t in zip(w._fields, w) if name not in STATISTICS]
 
     def fn(x, g, *params):
-        rm, rv = (s.clone() for s in case["stats"])
-        return grid_attention(x, g, *params, rm, rv, training=True, backend="triton")
+        return grid_attention(x, g, *params, w.running_mean.clone(), w.running_var.clone(), training=True, backend="triton")
 
     assert torch.autograd.gradcheck(fn, (x, g, *params), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
@@ -296,32 +336,26 @@ def test_opcheck(channels_last):
     from attention_gates.ops.triton.autograd import gate_bwd, gate_fwd
 
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    case = make_case(3, 1, 16, 16, 8, (4, 4, 4), (2, 2, 2))
-    x, g = (t.float().contiguous(memory_format=fmt) for t in (case["x"], case["g"]))
-    p = [t.float().requires_grad_() for t in case["params"]]
-    args = (x.requires_grad_(), g, *p, None, None, True, 1e-5, False, False)
-    torch.library.opcheck(gate_fwd, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    x, g, w = case(3, 1, 16, 16, 8, (4, 4, 4), (2, 2, 2))
+    x, g = (t.float().contiguous(memory_format=fmt) for t in (x, g))
+    w = GateWeights(*(t.float().requires_grad_() for t in w))
+    coarse = dict(theta_w=w.theta_weight, phi_w=w.phi_weight, phi_b=w.phi_bias, psi_w=w.psi_weight, psi_b=w.psi_bias)
+    transform = dict(W_w=w.W_weight, W_b=w.W_bias, gamma=w.norm_weight)
+    flags = dict(use_batch_stats=True, eps=1e-5, softplus=False, align_corners=False)
+    fwd = dict(x=x.requires_grad_(), g=g, **coarse, **transform, beta=w.norm_bias, mean_in=None, var_in=None, **flags)
+    torch.library.opcheck(gate_fwd, (), fwd, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
-        _, _, alpha_c, mean, var = gate_fwd(*args)
-    bwd_args = (torch.randn_like(x), None, x.detach(), g, *(t.detach() for t in p[:8]), alpha_c, mean, var, True, 1e-5, False, False)
-    torch.library.opcheck(gate_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+        _, _, alpha_c, mean, var = gate_fwd(**fwd)
+    detached = {name: t.detach() for name, t in {"x": x, **coarse, **transform}.items()}
+    bwd = dict(dout=torch.randn_like(x), dalpha=None, g=g, **detached, alpha_c=alpha_c, mean=mean, var=var, **flags)
+    torch.library.opcheck(gate_bwd, (), bwd, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.interpret
 @settings(max_examples=6)
-@given(
-    d=st.sampled_from([2, 3]),
-    n=st.integers(1, 2),
-    c=st.integers(1, 20),
-    cg=st.integers(1, 20),
-    ci=st.integers(1, 20),
-    sizes=st.lists(st.integers(2, 9), min_size=3, max_size=3),
-    factors=st.lists(st.integers(1, 2), min_size=3, max_size=3),
-    training=st.booleans(),
-)
-def test_hypothesis_shapes(d, n, c, cg, ci, sizes, factors, training):
-    S, k = tuple(sizes[:d]), tuple(factors[:d])
-    assert_close_to_reference(make_case(d, n, c, cg, ci, S, k, seed=c * 31 + ci), torch.float32, training)
+@given(shape=gate_shapes(c_l=(1, 20), c_g=(1, 20), c_int=(1, 20), k=(1, 3), extra=(0, 6)), training=st.booleans())
+def test_hypothesis_shapes(shape, training):
+    assert_close_to_reference(random_gate(shape, seed=shape.c_l * 31 + shape.c_int), torch.float32, training)
 
 
 @pytest.mark.cuda
@@ -330,8 +364,7 @@ def test_hypothesis_shapes(d, n, c, cg, ci, sizes, factors, training):
 def test_paper_gate_shapes_cuda(level, dtype):
     """The paper model's three gates at half its training patch (80x80x48 input), batch 2."""
     C, CG, S = level
-    case = make_case(3, 2, C, CG, C, S, (2, 2, 2), device="cuda")
-    assert_close_to_reference(case, dtype, True)
+    assert_close_to_reference(case(3, 2, C, CG, C, S, (2, 2, 2)), dtype, True, device="cuda")
 
 
 @pytest.mark.interpret
@@ -407,5 +440,5 @@ def test_traffic_declarations_match_the_kernels_accesses(monkeypatch):
             return run
 
     monkeypatch.setattr(launch, "K", SimpleNamespace(**{n: Watched(n, f) for n, f in vars(kernels).items() if hasattr(f, "arg_names")}))
-    run(make_case(3, 2, 16, 24, 8, (8, 8, 4), (2, 2, 2)), "triton", torch.float32, True)
+    run(case(3, 2, 16, 24, 8, (8, 8, 4), (2, 2, 2)), "triton", torch.float32, True)
     assert set(checked) == set(launch.PASSES)  # every kernel ran

@@ -20,6 +20,7 @@ functions, not the interpreter's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -136,7 +137,7 @@ def test_sm90_code(level, dtype, channels_last):
     no spills, and the occupancy its persistent grid assumes."""
     facts = kernel_facts(level, dtype, channels_last)
     assert {name for name, _ in facts} >= DOT_KERNELS | {"_sum_rows", "_stats_combine", "_alpha_adjoint_kernel"}
-    row = tiles.lookup("sm90", max(launch._p2(LEVELS[level][0][1]), launch._p2(LEVELS[level][0][1])))
+    row = tiles.lookup("sm90", launch.block_size(LEVELS[level][0][1]))  # F_int = F_l
     operand = {torch.float32: "tf32", torch.bfloat16: "bf16"}[dtype]
     for (name, _), (rec, f) in facts.items():
         where = f"{name} (level {level}, {dtype}, {'channels-last' if channels_last else 'contiguous'})"
@@ -216,8 +217,46 @@ def test_large_samples_take_64bit_offsets():
     big = torch.empty(1, 32, 1024, 1024, 64, device="meta")  # 2^31 elements in one sample
     small = torch.empty(64, 32, 64, 64, 64, device="meta")  # 2^29 per sample, 2^35 in all
     assert shape_reasons(big, big[:, :, ::2, ::2, ::2], theta) == []
-    assert launch._Plan(big, big[:, :, ::2, ::2, ::2], theta, False, False).args["I64"]
-    assert not launch._Plan(small, small[:, :, ::2, ::2, ::2], theta, False, False).args["I64"]
+    assert launch.make_plan(big, big[:, :, ::2, ::2, ::2], theta, False, False).I64
+    assert not launch.make_plan(small, small[:, :, ::2, ::2, ::2], theta, False, False).I64
+
+
+def test_plan_for_is_per_thread():
+    """``plan_for`` in one thread plans that thread's calls for the GPU it names and leaves
+    another thread's calls, made while it is open, planned for their own (CPU) tensors."""
+    import threading
+
+    x, g = (torch.empty(shape, device="meta") for shape in LEVELS[2])
+    theta = torch.empty(32, 32, 2, 2, 2, device="meta")
+    opened, looked = threading.Event(), threading.Event()
+    seen = {}
+
+    def plan(key: str) -> None:
+        p = launch.make_plan(x, g, theta, False, False)
+        seen[key] = (p.fine.programs, p.PREC, launch.dot_precision(torch.empty(1, 1, 1)))
+
+    def planning_thread() -> None:
+        with launch.plan_for(*H100):
+            plan("inside")
+            opened.set()
+            looked.wait(timeout=60)
+            plan("inside, after the other thread")
+        plan("after")
+
+    def other_thread() -> None:
+        opened.wait(timeout=60)
+        plan("other")
+        looked.set()
+
+    threads = [threading.Thread(target=planning_thread), threading.Thread(target=other_thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    tf32 = "tf32" if launch.cudnn_conv_tf32() else "tf32x3"  # PyTorch's flags (process-wide) decide which
+    gpu = (H100[1] * tiles.lookup("sm90", 32).fine_per_sm, tf32, tf32)
+    cpu = (tiles.INTERPRETER_PROGRAMS, "ieee", "ieee")
+    assert seen == {"inside": gpu, "inside, after the other thread": gpu, "other": cpu, "after": cpu}
 
 
 def test_plan_for_rejects_unknown_arch():
@@ -249,7 +288,7 @@ KERNELS = {
     "train_forward": ["_coarse_fwd", "_fine_stats", "_stats_combine", "_fine_out"],
     "train_backward": ["_fine_bwd_sums", "_sum_rows", "_fine_bwd", "_alpha_adjoint_kernel", "_coarse_bwd", "_patch_bwd", "_sum_rows"],
 }
-TORCH_OPS = {"eval_forward": 18, "train_forward": 19, "train_backward": 23}  # views, allocations, detach: no device work
+TORCH_OPS = {"eval_forward": 16, "train_forward": 17, "train_backward": 21}  # views, allocations, detach: no device work
 
 
 def test_host_work_per_call():
@@ -260,6 +299,17 @@ def test_host_work_per_call():
         assert counts[mode]["kernels"] == expected, mode
         assert counts[mode]["device_ops"] == 0, (mode, counts[mode]["ops"])
         assert counts[mode]["torch_ops"] <= TORCH_OPS[mode], (mode, counts[mode]["ops"])
+
+
+def test_empty_batch_launches_no_zero_grid():
+    """N = 0: the launchers make the same launches as for any batch, each with at least one
+    program (which finds no tile), as planned for an H100 and for the CPU's interpreter."""
+    for target in (H100, None):
+        for mode, call in mode_calls(*gate_tensors((0, 32, 16, 16, 12), (0, 64, 8, 8, 6), device="cpu")).items():
+            with launch.plan_for(*target) if target else contextlib.nullcontext(), recorded_launches() as log:
+                call()
+            assert [rec.kernel for rec in log] == KERNELS[mode], (target, mode)
+            assert all(len(rec.grid) == 1 and rec.grid[0] >= 1 for rec in log), (target, mode, [rec.grid for rec in log])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -279,9 +329,9 @@ def test_traffic_counts_what_launches_pass():
     pass over x in a kernel's declaration moves x's bytes more."""
     from benchmarks.gate_memory import launch_traffic
 
-    x, g, weights, stats = gate_tensors(*LEVELS[2])
+    x, g, *groups = gate_tensors(*LEVELS[2])
     with launch.plan_for(*H100), recorded_launches() as log:
-        mode_calls(x, g, weights, stats)["eval_forward"]()
+        mode_calls(x, g, *groups)["eval_forward"]()
     base = launch_traffic(log)
     reads, writes = launch.PASSES["_fine_out"]
     try:

@@ -25,7 +25,7 @@ Backward (recomputing from x, g, alpha_c and the norm statistics):
     ``_fine_bwd``       d alpha on x's grid, per-program partials of dW0 and db, and dx at the
                         positions no subsample patch covers
     ``_alpha_adjoint_kernel``  d alpha_c, the adjoint of alpha's resampling: a gather over the
-                        fine positions each coarse position feeds
+                        fine positions whose gradient each coarse position takes
     ``_coarse_bwd``     df = d(theta x + phi g) per coarse position (written), dg, and
                         per-program partials of dphi, dbp, dpsi, db_psi
     ``_patch_bwd``      per patch row: dx (theta path + recomputed W path, written once in x's
@@ -39,6 +39,14 @@ Arithmetic is float32 (``ACC``; float64 for float64 inputs). Dot products take t
 in ``DOT`` (x's dtype: 16-bit inputs are dotted in their own dtype) and accumulate in ``ACC``,
 with ``PREC`` (``"tf32"``, ``"tf32x3"`` or ``"ieee"``) for float32 operands. ``I64``: offsets
 within a sample in 64 bits (a sample of 2^31 elements or more).
+
+NaN and infinities go where the reference's go: sigma1 keeps NaN (as torch's relu and
+softplus), the relu's gradient is a select (0 where ``t <= 0`` whatever comes, as torch's),
+padded channels stay out of every sum that reaches an output, an axis that is not resampled
+reads no neighbour (``F.interpolate`` copies it), the resampling's adjoint adds the terms of
+weight 0 that ``F.interpolate``'s backward adds, the backward's dz leaves the normalised
+output out where it does not depend on it (no batch statistics), and the per-program means of
+the batch statistics are weighted sums (an infinite value keeps them infinite).
 """
 
 import triton
@@ -47,18 +55,21 @@ import triton.language as tl
 
 @triton.jit
 def _sigma1(t, SOFTPLUS: tl.constexpr):
+    """relu or softplus, NaN in NaN out (as torch's; ``tl.maximum``'s default would drop NaN)."""
     if SOFTPLUS:
-        return tl.where(t > 20.0, t, tl.log(1.0 + tl.exp(tl.minimum(t, 20.0))))
+        return tl.where(t > 20.0, t, tl.log(1.0 + tl.exp(tl.minimum(t, 20.0, propagate_nan=tl.PropagateNan.ALL))))
     else:
-        return tl.maximum(t, 0.0)
+        return tl.maximum(t, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _sigma1_grad(t, SOFTPLUS: tl.constexpr):
+def _sigma1_backward(t, grad, SOFTPLUS: tl.constexpr):
+    """The gradient through sigma1 at ``t``, as torch's: relu passes ``grad`` where ``t > 0`` or
+    NaN and gives 0 elsewhere, whatever ``grad`` is; softplus scales it by sigmoid(t)."""
     if SOFTPLUS:
-        return 1.0 / (1.0 + tl.exp(-t))
+        return grad * (1.0 / (1.0 + tl.exp(-t)))
     else:
-        return tl.where(t > 0.0, 1.0, 0.0).to(t.dtype)
+        return tl.where(t <= 0.0, 0.0, grad)
 
 
 # ---------------------------------------------------------------- geometry
@@ -123,10 +134,13 @@ def _theta_offsets(q, C, CI, K: tl.constexpr, KW: tl.constexpr, BKW: tl.constexp
 
 
 @triton.jit
-def _linear_src(dst, IN, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
+def _linear_src(dst, IN, scale, SAME: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
     """``F.interpolate``'s linear source along one axis for output indices ``dst``: the two input
     indices and the weight of the second (``scale``: input / output size, or (input - 1) /
-    (output - 1) with ``align_corners``)."""
+    (output - 1) with ``align_corners``). ``SAME``: the axis keeps its size, which
+    ``F.interpolate`` copies (both indices ``dst``: no neighbour read, not even with weight 0)."""
+    if SAME:
+        return dst, dst, tl.zeros(dst.shape, ACC)
     d = dst.to(ACC)
     if ALIGN:
         src = d * scale
@@ -138,12 +152,14 @@ def _linear_src(dst, IN, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _alpha_at(ac_ptr, n, d, h, w, mask, DC, HC, WC, sd, sh, sw, ALIGN: tl.constexpr, ACC: tl.constexpr):
+def _alpha_at(ac_ptr, n, d, h, w, mask, DC, HC, WC, sd, sh, sw, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+              ALIGN: tl.constexpr, ACC: tl.constexpr):
     """alpha at x's grid coordinates ``(d, h, w)``: alpha_c (``[N, DC, HC, WC]``, contiguous)
-    resampled (tri)linearly as ``F.interpolate`` does (1D and 2D: unit leading axes)."""
-    d0, d1, ld = _linear_src(d, DC, sd, ALIGN, ACC)
-    h0, h1, lh = _linear_src(h, HC, sh, ALIGN, ACC)
-    w0, w1, lw = _linear_src(w, WC, sw, ALIGN, ACC)
+    resampled (tri)linearly as ``F.interpolate`` does (1D and 2D: unit leading axes; ``WD``,
+    ``WH``, ``WW``: the adjoint's windows, 1 where an axis is not resampled)."""
+    d0, d1, ld = _linear_src(d, DC, sd, WD == 1, ALIGN, ACC)
+    h0, h1, lh = _linear_src(h, HC, sh, WH == 1, ALIGN, ACC)
+    w0, w1, lw = _linear_src(w, WC, sw, WW == 1, ALIGN, ACC)
     base = ac_ptr + n * DC * HC * WC
     r00, r01, r10, r11 = (d0 * HC + h0) * WC, (d0 * HC + h1) * WC, (d1 * HC + h0) * WC, (d1 * HC + h1) * WC
     a00 = (1.0 - lw) * tl.load(base + r00 + w0, mask=mask, other=0.0) + lw * tl.load(base + r00 + w1, mask=mask, other=0.0)
@@ -155,14 +171,18 @@ def _alpha_at(ac_ptr, n, d, h, w, mask, DC, HC, WC, sd, sh, sw, ALIGN: tl.conste
 
 @triton.jit
 def _adjoint_axis(c, i: tl.constexpr, OUT, IN, scale, WIN: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
-    """Candidate ``i`` of the fine indices (``OUT`` of them) that coarse index ``c`` (of ``IN``)
-    feeds along one axis, and its resampling weight (0 where it does not feed ``c``).
+    """Candidate ``i`` of the fine indices (``OUT`` of them) whose gradient ``F.interpolate``'s
+    backward adds into coarse index ``c`` (of ``IN``) along one axis: the index, its resampling
+    weight, and whether it is added at all (its weight may be 0 and still is: at ``lam = 0``,
+    and, without ``align_corners``, for the fine indices whose source clamps to 0, which index 1
+    takes with weight 0; a NaN gradient there reaches ``c`` as in the reference).
 
-    The fine indices whose source index ``i0`` is ``c - 1`` or ``c`` form one range, at most
-    ``WIN = ceil(2 OUT / IN)`` long (``OUT`` when ``IN == 1``); its start is computed exactly in
-    integers, the weights with ``_linear_src`` itself. ``WIN == 1``: the axis is not resampled."""
+    Those fine indices are the ones whose source index ``i0`` is ``c - 1`` or ``c`` (for ``c = 1``
+    also the clamped ones before them): one range, at most ``WIN`` long (``launch._window``); its
+    start is computed exactly in integers, the weights with ``_linear_src`` itself. ``WIN == 1``:
+    the axis is not resampled."""
     if WIN == 1:
-        return c, tl.full(c.shape, 1.0, ACC)
+        return c, tl.full(c.shape, 1.0, ACC), c == c
     else:
         if ALIGN:  # i0(f) = floor(f (IN - 1) / (OUT - 1)) >= c - 1
             num = (c - 1) * (OUT - 1)
@@ -171,28 +191,30 @@ def _adjoint_axis(c, i: tl.constexpr, OUT, IN, scale, WIN: tl.constexpr, ALIGN: 
             num = (2 * c - 1) * OUT - IN
             den = 2 * IN
         lo = (tl.maximum(num, 0) + den - 1) // den
+        if not ALIGN:  # index 1 starts at 0: the sources that clamp to 0 add into it with weight 0
+            lo = tl.where(c == 1, 0, lo)
         f = tl.minimum(lo, OUT - WIN) + i
-        i0, i1, lam = _linear_src(f, IN, scale, ALIGN, ACC)
-        return f, tl.where(i0 == c, 1.0 - lam, 0.0) + tl.where(i1 == c, lam, 0.0)
+        i0, i1, lam = _linear_src(f, IN, scale, False, ALIGN, ACC)
+        return f, tl.where(i0 == c, 1.0 - lam, 0.0) + tl.where(i1 == c, lam, 0.0), (i0 == c) | (i1 == c)
 
 
 @triton.jit
 def _alpha_adjoint(daf_ptr, n, dc, hc, wc, pmask, D, H, W, DC, HC, WC, sd, sh, sw,
                    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
     """d alpha_c at coarse coordinates ``(dc, hc, wc)``: the adjoint of ``_alpha_at``, gathered
-    from d alpha on x's grid (``[N, D, H, W]``, contiguous) over the fine positions each
-    coarse position feeds (``WD x WH x WW`` candidates, weights 0 outside), in a fixed order."""
+    from d alpha on x's grid (``[N, D, H, W]``, contiguous) over the fine positions whose
+    gradient ``F.interpolate``'s backward adds into each coarse position (``WD x WH x WW``
+    candidates; weights, 0 included, times the loaded gradients), in a fixed order."""
     acc = tl.zeros(dc.shape, dtype=ACC)
     base = daf_ptr + n * D * H * W
     for i in tl.static_range(WD):
-        fd, wd = _adjoint_axis(dc, i, D, DC, sd, WD, ALIGN, ACC)
+        fd, wd, md = _adjoint_axis(dc, i, D, DC, sd, WD, ALIGN, ACC)
         for j in tl.static_range(WH):
-            fh, wh = _adjoint_axis(hc, j, H, HC, sh, WH, ALIGN, ACC)
+            fh, wh, mh = _adjoint_axis(hc, j, H, HC, sh, WH, ALIGN, ACC)
             for k in tl.static_range(WW):
-                fw, ww = _adjoint_axis(wc, k, W, WC, sw, WW, ALIGN, ACC)
-                wgt = wd * wh * ww
-                v = tl.load(base + (fd * H + fh) * W + fw, mask=pmask & (wgt != 0.0), other=0.0)
-                acc += wgt * v
+                fw, ww, mw = _adjoint_axis(wc, k, W, WC, sw, WW, ALIGN, ACC)
+                v = tl.load(base + (fd * H + fh) * W + fw, mask=pmask & md & mh & mw, other=0.0)
+                acc += wd * wh * ww * v
     return acc
 
 
@@ -290,7 +312,7 @@ def _coarse_fwd(
             x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, t, TPS, C, CG, CI, H, W, HC, WC, SC, sxn, sxc, sxs, sgn, sgc, sgs,
             KD, KH, KW, BKW, BLOCK_P, BLOCK_C, BLOCK_CG, BLOCK_CI, I64, PREC, ACC, DOT,
         )
-        q = tl.sum(_sigma1(pre, SOFTPLUS) * wpsi[None, :], axis=1) + bpsi
+        q = tl.sum(tl.where((ci < CI)[None, :], _sigma1(pre, SOFTPLUS) * wpsi[None, :], 0.0), axis=1) + bpsi
         tl.store(ac_ptr + n * SC + p, 1.0 / (1.0 + tl.exp(-q)), mask=pmask)
 
 
@@ -322,6 +344,17 @@ def _norm_coefs(
         B = zero
         E = zero
     return r, h, A, B, E
+
+
+@triton.jit
+def _dz(do, a, u, r, h, A, B, E, BATCH_STATS: tl.constexpr):
+    """dz = A dout + B + E zhat (zhat = alpha u r + h), the gradient at W's conv output, for
+    rows of positions. Without batch statistics B = E = 0 and zhat is left out: a NaN in alpha or
+    x then stays out of dz, as out of the reference's."""
+    if BATCH_STATS:
+        return A[None, :] * do + B[None, :] + E[None, :] * (a[:, None] * u * r[None, :] + h[None, :])
+    else:
+        return A[None, :] * do
 
 
 @triton.jit
@@ -359,7 +392,7 @@ def _coarse_bwd(
         dq = tl.where(pmask, dac * a * (1.0 - a), 0.0)  # sigmoid'
         acc_bpsi += dq
         acc_psi += tl.sum(dq[:, None] * _sigma1(pre, SOFTPLUS), axis=0)
-        df = tl.where(pmask[:, None], dq[:, None] * wpsi[None, :] * _sigma1_grad(pre, SOFTPLUS), 0.0)
+        df = tl.where(pmask[:, None] & cimask[None, :], _sigma1_backward(pre, dq[:, None] * wpsi[None, :], SOFTPLUS), 0.0)
         acc_bp += tl.sum(df, axis=0)
         dfd = df.to(DOT)
         tl.store(df_ptr + (n * SC + p)[:, None] * CI + ci[None, :], dfd, mask=pmask[:, None] & cimask[None, :])
@@ -382,8 +415,8 @@ def _patch_bwd(
     dx_ptr, part_ptr, C, CI, H, W, DC, HC, WC, SC, TPS, NT, sd, sh, sw, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BKW: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
-    BATCH_STATS: tl.constexpr, ALIGN: tl.constexpr, I64: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BATCH_STATS: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ALIGN: tl.constexpr,
+    I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     """Per patch row ``q`` (outer loop) and coarse tile: dtheta_q += x_q^T df, summed over this
     program's tiles in registers and written once into its partial row of ``part`` (theta's
@@ -408,14 +441,14 @@ def _patch_bwd(
             acc = tl.dot(tl.trans(tl.reshape(xq.to(DOT), [BLOCK_P, BKW * BLOCK_C])), dfd, acc, input_precision=PREC)
             wq = tl.load(wt_ptr + woff, mask=wmask, other=0.0).to(DOT)
             dxq = tl.reshape(tl.dot(dfd, tl.trans(wq), input_precision=PREC, out_dtype=ACC), [BLOCK_P * BKW, BLOCK_C])
-            af = _alpha_at(ac_ptr, n, d0 + q // KH, h0 + q % KH, w, rmask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+            af = _alpha_at(ac_ptr, n, d0 + q // KH, h0 + q % KH, w, rmask, DC, HC, WC, sd, sh, sw, WD, WH, WW, ALIGN, ACC)
             do = tl.load(do_ptr + n * son + _row_offsets(s0, q, soc, sos, H, W, KH, BKW, BLOCK_C), mask=xmask, other=0.0).to(ACC)
             if HAS_W:
                 w0t, w0 = _w0_tiles(w0_ptr, C, BLOCK_C, DOT)
                 u = tl.dot(xq.to(DOT), w0t, input_precision=PREC, out_dtype=ACC)
             else:
                 u = xq.to(ACC)
-            dz = A[None, :] * do + B[None, :] + E[None, :] * (af[:, None] * u * r[None, :] + h[None, :])
+            dz = _dz(do, af, u, r, h, A, B, E, BATCH_STATS)
             adz = af[:, None] * dz
             if HAS_W:
                 dxq += tl.dot(adz.to(DOT), w0, input_precision=PREC, out_dtype=ACC)
@@ -430,7 +463,8 @@ def _patch_bwd(
 
 @triton.jit
 def _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
-            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, ALIGN: tl.constexpr,
+            BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
+            WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ALIGN: tl.constexpr,
             I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
     """Fine tile ``t``: ``_fine_tile``'s values, then u = x W0^T (x itself without W),
     ``Tensor[BLOCK_S, BLOCK_C]`` in ``ACC``, and alpha there, ``Tensor[BLOCK_S]``."""
@@ -442,14 +476,14 @@ def _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, s
         u = tl.dot(xt.to(DOT), w0t, input_precision=PREC, out_dtype=ACC)
     else:
         u = xt
-    return n, s, smask, u, _alpha_at(ac_ptr, n, d, h, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+    return n, s, smask, u, _alpha_at(ac_ptr, n, d, h, w, smask, DC, HC, WC, sd, sh, sw, WD, WH, WW, ALIGN, ACC)
 
 
 @triton.jit
 def _fine_stats(
     x_ptr, ac_ptr, w0_ptr, part_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, I64: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    ALIGN: tl.constexpr, I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     """This program's (mean, M2, count) of z = alpha * u over its tiles (Chan's merge per tile),
     as one row ``[mean (C) | M2 (C) | count]`` of ``part``."""
@@ -461,15 +495,15 @@ def _fine_stats(
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(pid, NT, tl.num_programs(0)):
         n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
-                                    BLOCK_S, BLOCK_C, True, ALIGN, I64, PREC, ACC, DOT)
+                                    BLOCK_S, BLOCK_C, True, WD, WH, WW, ALIGN, I64, PREC, ACC, DOT)
         z = a[:, None] * u
         nt = tl.sum(smask.to(ACC), axis=0)
         mt = tl.sum(z, axis=0) / nt
         dev = tl.where(smask[:, None], z - mt[None, :], 0.0)
         tot = cnt + nt
         delta = mt - mean
-        mean += delta * (nt / tot)
         m2 += tl.sum(dev * dev, axis=0) + delta * delta * (cnt * nt / tot)
+        mean = (mean * cnt + mt * nt) / tot  # weighted, not mean + delta nt / tot: an infinite z keeps it infinite
         cnt = tot
     row = part_ptr + pid * (2 * C + 1)
     tl.store(row + c, mean, mask=cmask)
@@ -540,7 +574,8 @@ def _fine_out(
     x_ptr, ac_ptr, w0_ptr, wb_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, out_ptr, alpha_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs, son, soc, sos,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
-    ALIGN: tl.constexpr, I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ALIGN: tl.constexpr, I64: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     """out = alpha * u * scale + shift, W's bias and norm folded per channel here:
     scale = gamma / sqrt(var + eps), shift = (b - mean) * scale + beta (mean: of alpha u + b);
@@ -558,7 +593,7 @@ def _fine_out(
             shift += tl.load(beta_ptr + c, mask=cmask, other=0.0).to(ACC)
     for t in range(tl.program_id(0), NT, tl.num_programs(0)):
         n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
-                                    BLOCK_S, BLOCK_C, HAS_W, ALIGN, I64, PREC, ACC, DOT)
+                                    BLOCK_S, BLOCK_C, HAS_W, WD, WH, WW, ALIGN, I64, PREC, ACC, DOT)
         tl.store(alpha_ptr + n * S + s, a.to(alpha_ptr.dtype.element_ty), mask=smask)
         out = a[:, None] * u * scale[None, :] + shift[None, :]
         tl.store(out_ptr + n * son + s[:, None] * sos + c[None, :] * soc, out.to(out_ptr.dtype.element_ty),
@@ -569,8 +604,8 @@ def _fine_out(
 def _fine_bwd_sums(
     x_ptr, ac_ptr, w0_ptr, do_ptr, wb_ptr, mean_ptr, var_ptr, eps, part_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs, son, soc, sos,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, I64: tl.constexpr,
-    PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    ALIGN: tl.constexpr, I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     """This program's sums of dout and dout * zhat (zhat = alpha * u * r + h) over its tiles,
     as one row ``[sum dout (C) | sum dout zhat (C)]`` of ``part``."""
@@ -582,7 +617,7 @@ def _fine_bwd_sums(
     s_doz = tl.zeros([BLOCK_C], dtype=ACC)
     for t in range(pid, NT, tl.num_programs(0)):
         n, s, smask, u, a = _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, sxn, sxc, sxs,
-                                    BLOCK_S, BLOCK_C, True, ALIGN, I64, PREC, ACC, DOT)
+                                    BLOCK_S, BLOCK_C, True, WD, WH, WW, ALIGN, I64, PREC, ACC, DOT)
         do = _fine_load(do_ptr, n, s, smask, C, son, soc, sos, BLOCK_C, ACC)
         zhat = a[:, None] * u * r[None, :] + h[None, :]
         s_do += tl.sum(do, axis=0)
@@ -597,7 +632,8 @@ def _fine_bwd(
     dx_ptr, daf_ptr, part_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, DP, HP, WP, TPS, NT, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
-    BATCH_STATS: tl.constexpr, HAS_DALPHA: tl.constexpr, HAS_REST: tl.constexpr, ALIGN: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_DALPHA: tl.constexpr, HAS_REST: tl.constexpr,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, ALIGN: tl.constexpr,
     I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
 ):
     """dz = A dout + B + E zhat (see ``_norm_coefs``); d alpha = sum_c dz u (+ the alpha output's
@@ -623,9 +659,9 @@ def _fine_bwd(
             u = tl.dot(xt.to(DOT), w0t, input_precision=PREC, out_dtype=ACC)
         else:
             u = xt
-        a = _alpha_at(ac_ptr, n, d, hh, w, smask, DC, HC, WC, sd, sh, sw, ALIGN, ACC)
+        a = _alpha_at(ac_ptr, n, d, hh, w, smask, DC, HC, WC, sd, sh, sw, WD, WH, WW, ALIGN, ACC)
         do = _fine_load(do_ptr, n, s, smask, C, son, soc, sos, BLOCK_C, ACC)
-        dz = A[None, :] * do + B[None, :] + E[None, :] * (a[:, None] * u * r[None, :] + h[None, :])
+        dz = _dz(do, a, u, r, h, A, B, E, BATCH_STATS)
         dz = tl.where(m2, dz, 0.0)
         da = tl.sum(dz * u, axis=1)
         if HAS_DALPHA:

@@ -20,20 +20,29 @@ Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statis
 6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
 
 No atomics and no zero-fills: every buffer is written once, and every sum has a fixed order
-(given the device's multiprocessor count), so two runs give bitwise-equal gradients.
+(given the device's multiprocessor count), so two runs give bitwise-equal gradients. Every grid
+has at least one program: an empty batch launches programs that loop over no tile (and write
+zero partial sums), never a zero grid.
 
-Tiles and grids come from ``tiles.TABLE`` (per architecture); the dot products' precision from
-PyTorch's flags (``dot_precision``). ``PASSES`` lists, per kernel, the big tensors a launch
-streams through memory (read or written in full, once), which is what the traffic model in
-``benchmarks/gate_memory.py`` adds up over the launches a call really makes (and what an
-interpreter test checks against the kernels' recorded loads and stores).
+The launchers take the gate's tensors in named groups (:class:`CoarseWeights`,
+:class:`OutputTransform`, :class:`NormStats`, :class:`GateFlags`); one call's sizes, tiles and
+compile-time constants are a :class:`Plan` (``make_plan``), and each kernel is launched by its
+own function with its arguments spelled out. Tiles and grids come from ``tiles.TABLE`` (per
+architecture); the dot products' precision from PyTorch's flags (``dot_precision``).
+``PASSES`` lists, per kernel, the big tensors a launch streams through memory (read or written
+in full, once), which is what the traffic model in ``benchmarks/gate_memory.py`` adds up over
+the launches a call really makes (and what an interpreter test checks against the kernels'
+recorded loads and stores).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
-from typing import Iterator, Optional
+import math
+from typing import Iterator, NamedTuple, Optional, TypeVar
 
 import torch
 import triton
@@ -44,7 +53,10 @@ from . import kernels as K
 from . import tiles
 from .support import interpreting
 
-__all__ = ["gate_forward", "gate_backward", "dot_precision", "plan_for", "weight_grad_sizes"]
+__all__ = [
+    "CoarseWeights", "OutputTransform", "NormStats", "GateFlags", "Plan", "Tiling",
+    "gate_forward", "gate_backward", "make_plan", "plan_for", "dot_precision", "block_size", "weight_grad_columns",
+]  # fmt: skip
 
 INT32_LIMIT = 2**31  # a sample with this many elements or more takes 64-bit offsets
 
@@ -64,13 +76,62 @@ PASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+# ---------------------------------------------------------------- the launchers' inputs, by name
+# Field names are the custom ops' argument names (``autograd.gate_fwd``/``gate_bwd``).
 
 
-def _as_3d(shape) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    return (1,) * (3 - len(shape)) + shape
+class CoarseWeights(NamedTuple):
+    """The weights of alpha on theta's grid (``d`` spatial dims, ``k`` the subsample factor)."""
+
+    theta_w: Tensor  #: ``Tensor[F_int, F_l, *k]``
+    phi_w: Tensor  #: ``Tensor[F_int, F_g, 1, ...]``
+    phi_b: Tensor  #: ``Tensor[F_int]`` (zeros for a gate without the bias)
+    psi_w: Tensor  #: ``Tensor[1, F_int, 1, ...]``
+    psi_b: Tensor  #: ``Tensor[1]`` (zeros for a gate without the bias)
+
+
+class OutputTransform(NamedTuple):
+    """W, the output transform: ``out = norm(W_w (alpha x) + W_b)``; ``W_w=None``: ``out = alpha x``."""
+
+    W_w: Optional[Tensor]  #: ``Tensor[F_l, F_l, 1, ...]``, or ``None``
+    W_b: Tensor  #: ``Tensor[F_l]`` (zeros without W or its bias)
+    gamma: Optional[Tensor] = None  #: batch norm's scale ``Tensor[F_l]``; ``None``: no norm
+    beta: Optional[Tensor] = None  #: batch norm's shift ``Tensor[F_l]`` (not needed by the backward)
+
+
+class NormStats(NamedTuple):
+    """Batch norm's per-channel statistics: ``Tensor[F_l]`` each (the variance biased)."""
+
+    mean: Tensor
+    var: Tensor
+
+
+class GateFlags(NamedTuple):
+    """What a call computes besides its tensors."""
+
+    use_batch_stats: bool  #: normalise with the batch's statistics (training), not the running ones
+    eps: float  #: batch norm's epsilon
+    softplus: bool  #: sigma1 is softplus (else relu)
+    align_corners: bool  #: of alpha's resampling, as ``F.interpolate``
+
+
+_Group = TypeVar("_Group", CoarseWeights, OutputTransform, NormStats)
+
+
+def _operands(group: _Group) -> _Group:
+    """The kernels' view of a group of parameters: each detached and contiguous (a no-op for
+    parameters), ``None`` kept."""
+    return type(group)(*(None if t is None else t.detach().contiguous() for t in group))
+
+
+def weight_grad_columns(C: int, CG: int, CI: int, K: int, has_w: bool) -> dict[str, int]:
+    """Per weight (by its field name), its column count in the flat weight gradient
+    ``gate_backward`` returns, in that vector's order: theta, phi, psi, then (with W) W's."""
+    columns = dict(theta_w=CI * C * K, phi_w=CI * CG, phi_b=CI, psi_w=CI, psi_b=1)
+    return {**columns, **(dict(W_w=C * C, W_b=C) if has_w else {})}
+
+
+# ---------------------------------------------------------------- layouts and precision
 
 
 def flat_strides(t: Tensor) -> Tensor:
@@ -84,10 +145,11 @@ def flat_strides(t: Tensor) -> Tensor:
     return t
 
 
-def _nsc(t: Tensor) -> tuple[int, int, int]:
-    """(batch, channel, flat spatial) strides of a tensor that passed ``flat_strides``."""
+def _strides(prefix: str, t: Tensor) -> dict[str, int]:
+    """``{prefix + "n", prefix + "c", prefix + "s"}``: the batch, channel and flat spatial strides
+    of a tensor that passed ``flat_strides`` (the kernels' names for them, e.g. ``sxn, sxc, sxs``)."""
     spatial = [st for s, st in zip(t.shape[2:], t.stride()[2:]) if s != 1]
-    return t.stride(0), t.stride(1), (spatial[-1] if spatial else 1)
+    return {prefix + "n": t.stride(0), prefix + "c": t.stride(1), prefix + "s": spatial[-1] if spatial else 1}
 
 
 def acc_dtype(x: Tensor) -> torch.dtype:
@@ -116,27 +178,32 @@ def dot_precision(x: Tensor) -> str:
     TF32 for the reference's convolutions, ``"tf32x3"`` (float32 accuracy on the tensor cores)
     where the user turned TF32 off, ``"ieee"`` in the interpreter and for other dtypes (16-bit
     operands are dotted in their own dtype; float64 in float64)."""
-    on_gpu = bool(_TARGET) or (x.device.type == "cuda" and not interpreting())
+    on_gpu = _TARGET.get() is not None or (x.device.type == "cuda" and not interpreting())
     if x.dtype != torch.float32 or not on_gpu:
         return "ieee"
     return "tf32" if cudnn_conv_tf32() else "tf32x3"
 
 
-_TARGET: list[tuple[str, int]] = []
+# ---------------------------------------------------------------- tiles and grids
+
+# the GPU that ``plan_for`` plans for, (arch, multiprocessors): per thread and task, as a
+# ``with`` block sets it (None: the tensors' own device)
+_TARGET: contextvars.ContextVar[Optional[tuple[str, int]]] = contextvars.ContextVar("attention_gates_triton_target", default=None)
 
 
 @contextlib.contextmanager
 def plan_for(arch: str, multiprocessors: int) -> Iterator[None]:
-    """Inside: calls are planned as on a GPU of ``arch`` (a key of ``tiles.TABLE``) with
-    ``multiprocessors`` (tiles, grid sizes, dot precision), whatever the tensors' device: for
-    recording the launches of a GPU call and compiling its kernels without a GPU."""
+    """Inside: this thread's (or task's) calls are planned as on a GPU of ``arch`` (a key of
+    ``tiles.TABLE``) with ``multiprocessors`` (tiles, grid sizes, dot precision), whatever the
+    tensors' device: for recording the launches of a GPU call and compiling its kernels without
+    a GPU. Other threads are not affected."""
     if arch not in tiles.TABLE:
         raise ValueError(f"arch must be one of {sorted(tiles.TABLE)}, got {arch!r}")
-    _TARGET.append((arch, int(multiprocessors)))
+    token = _TARGET.set((arch, int(multiprocessors)))
     try:
         yield
     finally:
-        _TARGET.pop()
+        _TARGET.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,11 +212,17 @@ def _device_programs(index: int) -> tuple[str, int]:
     return tiles.arch_key((props.major, props.minor)), props.multi_processor_count
 
 
+def block_size(n: int) -> int:
+    """A register tile's size for ``n`` channels or rows: the next power of two, at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
 def _tiles(x: Tensor, channels: int) -> tuple[tiles.Tiles, int, int]:
     """The tile row for ``channels`` on x's device, and the most programs a persistent grid of
     the coarse and of the fine kernels takes."""
-    if _TARGET:
-        arch, sms = _TARGET[-1]
+    target = _TARGET.get()
+    if target is not None:
+        arch, sms = target
     elif interpreting() or x.device.type != "cuda":
         return tiles.INTERPRETER, tiles.INTERPRETER_PROGRAMS, tiles.INTERPRETER_PROGRAMS
     else:
@@ -158,15 +231,26 @@ def _tiles(x: Tensor, channels: int) -> tuple[tiles.Tiles, int, int]:
     return row, sms * row.coarse_per_sm, sms * row.fine_per_sm
 
 
+def _as_3d(shape) -> tuple[int, int, int]:
+    """A 1D, 2D or 3D spatial shape as 3D, unit axes in front."""
+    shape = tuple(int(s) for s in shape)
+    return (1,) * (3 - len(shape)) + shape
+
+
 def _window(out: int, inp: int, align_corners: bool) -> int:
-    """How many fine indices along one axis one coarse index feeds (see ``kernels._adjoint_axis``)."""
+    """How many fine indices along one axis add their gradient into one coarse index in
+    ``F.interpolate``'s backward (the candidates ``kernels._adjoint_axis`` gathers): those whose
+    source index is the coarse one or the one before it, at most ``ceil(2 out / inp)``, and
+    without ``align_corners`` those whose source clamps to 0 (with weight 0, into index 1).
+    1: the axis is not resampled."""
     if out == inp:
         return 1
     if inp == 1:
         return out
     if align_corners:
         return min(out, -(-2 * (out - 1) // (inp - 1)))
-    return min(out, -(-2 * out // inp))
+    clamped = -(-(out - inp) // (2 * inp))  # f with (f + 1/2) inp / out - 1/2 < 0
+    return min(out, -(-2 * out // inp) + clamped)
 
 
 def _scale(inp: int, out: int, align_corners: bool) -> float:
@@ -176,197 +260,379 @@ def _scale(inp: int, out: int, align_corners: bool) -> float:
     return inp / out
 
 
-def _strides(prefix: str, t: Tensor) -> dict:
-    """``{prefix + "n": .., prefix + "c": .., prefix + "s": ..}``: a flat-strided tensor's strides."""
-    return dict(zip((prefix + "n", prefix + "c", prefix + "s"), _nsc(t)))
+class Tiling(NamedTuple):
+    """How the kernels of one family walk a call: tiles of ``block`` positions of one sample
+    (``per_sample`` tiles a sample, ``tiles`` in all), looped over by a persistent grid of
+    ``programs`` programs (at least one) of ``warps`` warps."""
+
+    block: int
+    per_sample: int
+    tiles: int
+    programs: int
+    warps: int
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.programs,)
+
+    @classmethod
+    def of(cls, N: int, positions: int, block: int, cap: int, warps: int) -> Tiling:
+        """``positions`` per sample in tiles of ``block``, on at most ``cap`` programs."""
+        per_sample = triton.cdiv(positions, block)
+        return cls(block, per_sample, N * per_sample, max(1, min(N * per_sample, cap)), warps)
 
 
-class _Plan:
-    """Sizes, tiles, grids and compile-time constants of one call, shared by all its launches."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One call's sizes, tilings and compile-time constants, shared by all its launches. Fields
+    are named as the kernel arguments they become; 1D and 2D inputs are 3D with unit leading axes."""
 
-    def __init__(self, x: Tensor, g: Tensor, theta_w: Tensor, softplus: bool, align_corners: bool) -> None:
-        N, C = x.shape[:2]
-        CI, CG = theta_w.shape[0], g.shape[1]
-        D, H, W = _as_3d(x.shape[2:])
-        KD, KH, KW = _as_3d(theta_w.shape[2:])
-        DC, HC, WC = D // KD, H // KH, W // KW
-        self.N, self.C, self.CI, self.CG = N, C, CI, CG
-        self.S, self.SC, self.K = D * H * W, DC * HC * WC, KD * KH * KW
-        bc, bci = _p2(C), _p2(CI)
-        row, self.coarse_cap, self.fine_cap = _tiles(x, max(bc, bci))
-        self.fine_tps, self.coarse_tps = triton.cdiv(self.S, row.fine_block), triton.cdiv(self.SC, row.coarse_block)
-        self.tiles_fine, self.tiles_coarse = N * self.fine_tps, N * self.coarse_tps
-        acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-        i64 = x[:1].numel() >= INT32_LIMIT or g[:1].numel() >= INT32_LIMIT
-        # everything any kernel takes by keyword; ``launch`` passes each kernel its own
-        self.args = dict(
-            C=C, CG=CG, CI=CI, S=self.S, SC=self.SC, D=D, H=H, W=W, DC=DC, HC=HC, WC=WC,
-            sd=_scale(DC, D, align_corners), sh=_scale(HC, H, align_corners), sw=_scale(WC, W, align_corners),
-            DP=DC * KD, HP=HC * KH, WP=WC * KW, HAS_REST=(DC * KD, HC * KH, WC * KW) != (D, H, W),
-            WD=_window(D, DC, align_corners), WH=_window(H, HC, align_corners), WW=_window(W, WC, align_corners),
-            KD=KD, KH=KH, KW=KW, BKW=triton.next_power_of_2(KW), BLOCK_C=bc, BLOCK_CG=_p2(CG), BLOCK_CI=bci,
-            SOFTPLUS=softplus, ALIGN=align_corners, I64=i64, PREC=dot_precision(x), ACC=acc, DOT=_TL[x.dtype],
-            num_stages=row.stages,
-        )  # fmt: skip
-        self.fine_args = dict(TPS=self.fine_tps, NT=self.tiles_fine, BLOCK_S=row.fine_block, num_warps=row.fine_warps)
-        self.coarse_args = dict(TPS=self.coarse_tps, NT=self.tiles_coarse, BLOCK_P=row.coarse_block, num_warps=row.coarse_warps)
-        self.fine_grid = (max(1, min(self.tiles_fine, self.fine_cap)),)
-        self.coarse_grid = (max(1, min(self.tiles_coarse, self.coarse_cap)),)
-        patch_tps = triton.cdiv(self.SC, row.patch_block)
-        self.patch_args = dict(TPS=patch_tps, NT=N * patch_tps, BLOCK_P=row.patch_block, num_warps=row.coarse_warps)
-        self.patch_grid = (max(1, min(N * patch_tps, self.coarse_cap)),)
-        self.x_bytes = x.numel() * x.element_size()
+    N: int  # the batch
+    C: int  # x's channels (F_l)
+    CG: int  # g's channels (F_g)
+    CI: int  # theta's output channels (F_int)
+    D: int  # x's grid, D x H x W
+    H: int
+    W: int
+    DC: int  # theta's grid, DC x HC x WC (x's grid floor-divided by the factor)
+    HC: int
+    WC: int
+    KD: int  # the subsample factor, KD x KH x KW
+    KH: int
+    KW: int
+    sd: float  # alpha's resampling per axis: F.interpolate's source scale
+    sh: float
+    sw: float
+    WD: int  # per axis: the resampling adjoint's candidates per coarse index (``_window``; 1: not resampled)
+    WH: int
+    WW: int
+    BKW: int  # KW rounded up to a power of two: the register width of a patch row
+    BLOCK_C: int  # channel register tiles (``block_size``)
+    BLOCK_CG: int
+    BLOCK_CI: int
+    SOFTPLUS: bool  # sigma1 is softplus, else relu
+    ALIGN: bool  # align_corners
+    I64: bool  # 64-bit offsets within a sample
+    PREC: str  # the dots' input precision for float32 operands (``dot_precision``)
+    ACC: object  # the compute dtype (tl.float32, or tl.float64 for float64 inputs)
+    DOT: object  # the dots' operand dtype: x's
+    stages: int  # num_stages of the tile loops
+    fine: Tiling  # x's grid
+    coarse: Tiling  # theta's grid
+    patch: Tiling  # theta's grid, ``_patch_bwd``'s own tiles
+    x_bytes: int
 
-    def capped(self, grid: tuple[int], row: int) -> tuple[int]:
-        """``grid`` for a kernel that writes one partial row of ``row`` floats per program: at most
-        as many programs as keep those rows within x's bytes (small gates with big weights: a
-        few programs, not one partial row per multiprocessor)."""
-        return (max(1, min(grid[0], self.x_bytes // (4 * row))),)
+    @property
+    def S(self) -> int:
+        """Positions of x's grid."""
+        return self.D * self.H * self.W
 
-    def fine(self, kernel, *args, grid=None, **kwargs) -> None:
-        """Launch a fine kernel (x's grid) on this plan's persistent grid (or ``grid``)."""
-        _launch(kernel, grid or self.fine_grid, args, {**self.args, **self.fine_args, **kwargs})
+    @property
+    def SC(self) -> int:
+        """Positions of theta's grid."""
+        return self.DC * self.HC * self.WC
 
-    def coarse(self, kernel, *args, grid=None, **kwargs) -> None:
-        """Launch a coarse kernel (theta's grid) on this plan's persistent grid (or ``grid``)."""
-        _launch(kernel, grid or self.coarse_grid, args, {**self.args, **self.coarse_args, **kwargs})
+    @property
+    def K(self) -> int:
+        """Positions of a subsample patch."""
+        return self.KD * self.KH * self.KW
 
-    def patch(self, kernel, *args, grid=None, **kwargs) -> None:
-        """Launch ``_patch_bwd`` (theta's grid, its own tiles) on its persistent grid (or ``grid``)."""
-        _launch(kernel, grid or self.patch_grid, args, {**self.args, **self.patch_args, **kwargs})
+    @property
+    def covered(self) -> tuple[int, int, int]:
+        """``(DP, HP, WP)``: the extent of x's grid that subsample patches cover."""
+        return self.DC * self.KD, self.HC * self.KH, self.WC * self.KW
 
-
-_OPTIONS = ("num_warps", "num_stages")
-
-
-def _launch(kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
-    """``kernel[grid](*args, **kwargs)`` with only the keywords ``kernel`` takes (plus launch options)."""
-    names = set(kernel.arg_names[len(args):])
-    kernel[grid](*args, **{k: v for k, v in kwargs.items() if k in names or k in _OPTIONS})
-
-
-def weight_grad_sizes(C: int, CG: int, CI: int, K: int, has_w: bool) -> list[int]:
-    """Column counts of the flat weight gradient ``gate_backward`` returns: dtheta, dphi_w,
-    dphi_b, dpsi_w, dpsi_b, then (with W) dW_w and dW_b."""
-    return [CI * C * K, CI * CG, CI, CI, 1] + ([C * C, C] if has_w else [])
+    def capped(self, tiling: Tiling, row: int) -> tuple[int]:
+        """The grid of a ``tiling`` kernel that writes one partial row of ``row`` floats per
+        program: at most as many programs as keep those rows within x's bytes (small gates with
+        big weights: a few programs, not one partial row per multiprocessor)."""
+        return (max(1, min(tiling.programs, self.x_bytes // (4 * row))),)
 
 
-def _weights(*ts: Optional[Tensor]) -> tuple:
-    """The kernels' view of parameters: detached, contiguous (a no-op for parameters)."""
-    return tuple(None if t is None else t.detach().contiguous() for t in ts)
+def make_plan(x: Tensor, g: Tensor, theta_w: Tensor, softplus: bool, align_corners: bool) -> Plan:
+    """The :class:`Plan` of a call on ``x: Tensor[N, F_l, *S]`` and ``g`` on theta's grid."""
+    N, C = x.shape[:2]
+    CI, CG = theta_w.shape[0], g.shape[1]
+    D, H, W = _as_3d(x.shape[2:])
+    KD, KH, KW = _as_3d(theta_w.shape[2:])
+    DC, HC, WC = D // KD, H // KH, W // KW
+    row, coarse_cap, fine_cap = _tiles(x, max(block_size(C), block_size(CI)))
+    return Plan(
+        N=N, C=C, CG=CG, CI=CI, D=D, H=H, W=W, DC=DC, HC=HC, WC=WC, KD=KD, KH=KH, KW=KW,
+        sd=_scale(DC, D, align_corners), sh=_scale(HC, H, align_corners), sw=_scale(WC, W, align_corners),
+        WD=_window(D, DC, align_corners), WH=_window(H, HC, align_corners), WW=_window(W, WC, align_corners),
+        BKW=triton.next_power_of_2(KW), BLOCK_C=block_size(C), BLOCK_CG=block_size(CG), BLOCK_CI=block_size(CI),
+        SOFTPLUS=softplus, ALIGN=align_corners,
+        I64=math.prod(x.shape[1:]) >= INT32_LIMIT or math.prod(g.shape[1:]) >= INT32_LIMIT,
+        PREC=dot_precision(x), ACC=_TL[acc_dtype(x)], DOT=_TL[x.dtype], stages=row.stages,
+        fine=Tiling.of(N, D * H * W, row.fine_block, fine_cap, row.fine_warps),
+        coarse=Tiling.of(N, DC * HC * WC, row.coarse_block, coarse_cap, row.coarse_warps),
+        patch=Tiling.of(N, DC * HC * WC, row.patch_block, coarse_cap, row.coarse_warps),
+        x_bytes=x.numel() * x.element_size(),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- forward
+
+
+def gate_forward(
+    x: Tensor, g: Tensor, coarse: CoarseWeights, transform: OutputTransform, flags: GateFlags,
+    running: Optional[NormStats] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(out, alpha, alpha_c, mean, var)`` of the gate on ``x: Tensor[N, F_l, *S]`` and ``g``
+    on theta's grid (``Tensor[N, F_g, *S_c]``), both passed through ``flat_strides``.
+
+    ``out`` has x's dtype and memory format, ``alpha: Tensor[N, 1, *S]`` x's dtype,
+    ``alpha_c: Tensor[N, 1, *S_c]`` the compute dtype. ``mean``, ``var`` are W's batch
+    statistics (``Tensor[F_l]``, compute dtype) when ``flags.use_batch_stats``, empty otherwise:
+    then ``running`` (the running statistics) applies, and the backward takes it.
+    """
+    p = make_plan(x, g, coarse.theta_w, flags.softplus, flags.align_corners)
+    f32 = acc_dtype(x)
+    coarse, transform = _operands(coarse), _operands(transform)
+    ac = torch.empty((p.N, 1) + tuple(g.shape[2:]), device=x.device, dtype=f32)
+    _coarse_fwd(p, x, g, coarse, ac)
+    # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
+    batch = NormStats(x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32))
+    if transform.gamma is not None and flags.use_batch_stats:
+        batch = _batch_stats(p, x, ac, transform)
+    applied = batch if flags.use_batch_stats else (None if running is None else _operands(running))
+    out = torch.empty_like(x)
+    alpha = torch.empty((p.N, 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
+    _fine_out(p, x, ac, transform, applied, float(flags.eps), out, alpha)
+    return out, alpha, ac, batch.mean, batch.var
+
+
+def _coarse_fwd(p: Plan, x: Tensor, g: Tensor, w: CoarseWeights, ac: Tensor) -> None:
+    """alpha_c = sigmoid(psi . sigma1(theta x + phi g) + b_psi) into ``ac: Tensor[N, 1, *S_c]``."""
+    K._coarse_fwd[p.coarse.grid](
+        x, g, w.theta_w, w.phi_w, w.phi_b, w.psi_w, w.psi_b, ac,
+        C=p.C, CG=p.CG, CI=p.CI, H=p.H, W=p.W, HC=p.HC, WC=p.WC, SC=p.SC,
+        TPS=p.coarse.per_sample, NT=p.coarse.tiles, **_strides("sx", x), **_strides("sg", g),
+        KD=p.KD, KH=p.KH, KW=p.KW, BKW=p.BKW, BLOCK_P=p.coarse.block,
+        BLOCK_C=p.BLOCK_C, BLOCK_CG=p.BLOCK_CG, BLOCK_CI=p.BLOCK_CI,
+        SOFTPLUS=p.SOFTPLUS, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.coarse.warps, num_stages=p.stages,
+    )  # fmt: skip
+
+
+def _batch_stats(p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform) -> NormStats:
+    """The batch statistics of ``alpha W0 x + W_b`` per channel: per-program (mean, M2, count)
+    rows (``_fine_stats``), combined in row order in float64 (``_stats_combine``)."""
+    f32 = acc_dtype(x)
+    part = torch.empty((p.fine.programs, 2 * p.C + 1), device=x.device, dtype=f32)
+    K._fine_stats[p.fine.grid](
+        x, ac, transform.W_w, part,
+        C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
+        TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x),
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.fine.warps, num_stages=p.stages,
+    )  # fmt: skip
+    stats = NormStats(torch.empty(p.C, device=x.device, dtype=f32), torch.empty(p.C, device=x.device, dtype=f32))
+    block_c = min(block_size(p.C), 64)
+    K._stats_combine[(triton.cdiv(p.C, block_c),)](
+        part, transform.W_b, stats.mean, stats.var, R=part.shape[0], C=p.C,
+        BLOCK_R=min(64, block_size(part.shape[0])), BLOCK_C=block_c,
+    )  # fmt: skip
+    return stats
+
+
+def _fine_out(
+    p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform, stats: Optional[NormStats], eps: float,
+    out: Tensor, alpha: Tensor,
+) -> None:  # fmt: skip
+    """out = alpha * (W0 x) * scale + shift (W's bias and norm folded per channel) into ``out``,
+    and alpha on x's grid into ``alpha``."""
+    has_w, has_norm = transform.W_w is not None, transform.gamma is not None
+    absent = ac  # a placeholder pointer for tensors the kernel does not read
+    K._fine_out[p.fine.grid](
+        x, ac,
+        w0_ptr=transform.W_w if has_w else absent, wb_ptr=transform.W_b if has_w else absent,
+        gamma_ptr=transform.gamma if has_norm else absent, beta_ptr=transform.beta if has_norm else absent,
+        mean_ptr=stats.mean if has_norm else absent, var_ptr=stats.var if has_norm else absent,
+        eps=eps, out_ptr=out, alpha_ptr=alpha,
+        C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
+        TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", out),
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, HAS_W=has_w, HAS_NORM=has_norm, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.fine.warps, num_stages=p.stages,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- backward
+
+
+class _NormOperands(NamedTuple):
+    """What the backward kernels read of W's norm: its tensors, or a placeholder for each without a norm."""
+
+    wb: Tensor  # W's bias
+    gamma: Tensor
+    mean: Tensor  # the statistics the forward applied
+    var: Tensor
+    sums: Tensor  # [sum dout | sum dout zhat] per channel (``_norm_sums``)
+
+
+def gate_backward(
+    dout: Tensor, dalpha: Optional[Tensor], x: Tensor, g: Tensor, coarse: CoarseWeights,
+    transform: OutputTransform, alpha_c: Tensor, stats: NormStats, flags: GateFlags,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients ``(dx, dg, dweights, dnorm)`` from ``dout`` (out's) and ``dalpha`` (alpha's, or
+    ``None``), with ``x``, ``g``, ``alpha_c`` as ``gate_forward`` took and returned them and
+    ``stats`` the norm statistics it applied (ignored without a norm).
+
+    dx and dg have x's and g's dtypes and memory formats; ``dweights`` is the weights' gradients
+    in one vector, in the compute dtype (columns as ``weight_grad_columns``, each in its weight's
+    own layout); ``dnorm`` the norm's ``[dbeta | dgamma]`` (``Tensor[2 F_l]``, empty without one).
+    """
+    p = make_plan(x, g, coarse.theta_w, flags.softplus, flags.align_corners)
+    f32 = acc_dtype(x)
+    dout = flat_strides(dout)
+    coarse, transform, stats = _operands(coarse), _operands(transform), _operands(stats)
+    has_w = transform.W_w is not None
+    columns = weight_grad_columns(p.C, p.CG, p.CI, p.K, has_w)
+    # 1. the norm's gradients (dbeta, dgamma): sums over the grid, which dz needs under batch statistics
+    if transform.gamma is not None:
+        dnorm = _norm_sums(p, x, alpha_c, transform, stats, float(flags.eps), dout)
+        norm = _NormOperands(transform.W_b, transform.gamma, stats.mean, stats.var, dnorm)
+    else:
+        dnorm = x.new_empty(0, dtype=f32)
+        norm = _NormOperands(alpha_c, alpha_c, alpha_c, alpha_c, alpha_c)  # placeholders, not read
+    # 2. d alpha on x's grid, W's partial sums, dx where no patch reaches
+    dx = torch.empty_like(x)
+    daf = torch.empty((p.N, 1) + tuple(x.shape[2:]), device=x.device, dtype=f32)
+    if has_w:
+        w_columns = columns["W_w"] + columns["W_b"]
+        grid = p.capped(p.fine, w_columns)
+        part_w = torch.empty((grid[0], w_columns), device=x.device, dtype=f32)
+    else:
+        grid, part_w = p.fine.grid, None
+    _fine_bwd(p, grid, x, alpha_c, dout, dalpha, transform, norm, flags, dx, daf, part_w)
+    # 3. d alpha_c: the adjoint of alpha's resampling (a gather, no atomics)
+    dac = daf if p.S == p.SC else _alpha_adjoint(p, daf, torch.empty_like(alpha_c))
+    # 4. df = d(theta x + phi g), dg, and the phi and psi gradients' partial sums
+    dg = torch.empty_like(g)
+    df = torch.empty((p.N, p.SC, p.CI), device=x.device, dtype=f32 if x.dtype == torch.float32 else x.dtype)
+    coarse_columns = columns["phi_w"] + columns["phi_b"] + columns["psi_w"] + columns["psi_b"]
+    grid = p.capped(p.coarse, coarse_columns)
+    part_coarse = torch.empty((grid[0], coarse_columns), device=x.device, dtype=f32)
+    _coarse_bwd(p, grid, x, g, coarse, alpha_c, dac, df, dg, part_coarse)
+    # 5. dtheta's partial sums and dx (theta path and W path), written once
+    grid = p.capped(p.patch, columns["theta_w"])
+    part_theta = torch.empty((grid[0], columns["theta_w"]), device=x.device, dtype=f32)
+    _patch_bwd(p, grid, x, dout, df, coarse.theta_w, alpha_c, transform, norm, flags, dx, part_theta)
+    # 6. the weight gradients: every partial row summed in a fixed order
+    dweights = torch.empty(sum(columns.values()), device=x.device, dtype=f32)
+    _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if part_w is not None else ()))
+    return dx, dg, dweights, dnorm
+
+
+def _batch_scale(p: Plan) -> float:
+    """1 / (values per channel), the batch statistics' derivative scale (0 for an empty batch)."""
+    return 1.0 / max(p.N * p.S, 1)
+
+
+def _norm_sums(
+    p: Plan, x: Tensor, alpha_c: Tensor, transform: OutputTransform, stats: NormStats, eps: float, dout: Tensor,
+) -> Tensor:  # fmt: skip
+    """``[sum dout | sum dout zhat]`` per channel (``Tensor[2 F_l]``; zhat the normalised W
+    output before gamma and beta): the norm's gradients ``[dbeta | dgamma]``."""
+    f32 = acc_dtype(x)
+    part = torch.empty((p.fine.programs, 2 * p.C), device=x.device, dtype=f32)
+    K._fine_bwd_sums[p.fine.grid](
+        x, alpha_c, transform.W_w, dout, transform.W_b, stats.mean, stats.var, eps, part,
+        C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
+        TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", dout),
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.fine.warps, num_stages=p.stages,
+    )  # fmt: skip
+    sums = torch.empty(2 * p.C, device=x.device, dtype=f32)
+    _reduce_rows(sums, part)
+    return sums
+
+
+def _fine_bwd(
+    p: Plan, grid: tuple[int], x: Tensor, alpha_c: Tensor, dout: Tensor, dalpha: Optional[Tensor],
+    transform: OutputTransform, norm: _NormOperands, flags: GateFlags, dx: Tensor, daf: Tensor, part: Optional[Tensor],
+) -> None:  # fmt: skip
+    """d alpha on x's grid into ``daf`` (plus ``dalpha``, alpha's own gradient, where given),
+    this program's partial row ``[dW0 | dW_b]`` of ``part`` (with W), and dx at the positions
+    no subsample patch covers."""
+    has_w, has_norm = transform.W_w is not None, transform.gamma is not None
+    absent = alpha_c  # a placeholder pointer for tensors the kernel does not read
+    DP, HP, WP = p.covered
+    K._fine_bwd[grid](
+        x, alpha_c, transform.W_w if has_w else absent, dout, dalpha.contiguous() if dalpha is not None else absent,
+        norm.wb, norm.gamma, norm.mean, norm.var, norm.sums, eps=float(flags.eps), inv_n=_batch_scale(p),
+        dx_ptr=dx, daf_ptr=daf, part_ptr=part if has_w else absent,
+        C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw, DP=DP, HP=HP, WP=WP,
+        TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", dout), **_strides("sd", dx),
+        BLOCK_S=p.fine.block, BLOCK_C=p.BLOCK_C, HAS_W=has_w, HAS_NORM=has_norm,
+        BATCH_STATS=has_norm and flags.use_batch_stats, HAS_DALPHA=dalpha is not None,
+        HAS_REST=(DP, HP, WP) != (p.D, p.H, p.W), WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.fine.warps, num_stages=p.stages,
+    )  # fmt: skip
+
+
+def _alpha_adjoint(p: Plan, daf: Tensor, dac: Tensor) -> Tensor:
+    """d alpha_c into ``dac`` (``Tensor[N, 1, *S_c]``): the adjoint of alpha's resampling,
+    gathered from d alpha on x's grid (``daf``)."""
+    K._alpha_adjoint_kernel[p.coarse.grid](
+        daf, dac, D=p.D, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, SC=p.SC,
+        TPS=p.coarse.per_sample, NT=p.coarse.tiles, sd=p.sd, sh=p.sh, sw=p.sw,
+        BLOCK_P=p.coarse.block, WD=p.WD, WH=p.WH, WW=p.WW, ALIGN=p.ALIGN, I64=p.I64, ACC=p.ACC,
+        num_warps=4, num_stages=p.stages,
+    )  # fmt: skip
+    return dac
+
+
+def _coarse_bwd(
+    p: Plan, grid: tuple[int], x: Tensor, g: Tensor, w: CoarseWeights, alpha_c: Tensor, dac: Tensor,
+    df: Tensor, dg: Tensor, part: Tensor,
+) -> None:  # fmt: skip
+    """From d alpha_c: df = d(theta x + phi g) into ``df`` (``Tensor[N, S_c, F_int]``), dg, and
+    this program's partial row ``[dphi_w | dphi_b | dpsi_w | dpsi_b]`` of ``part``."""
+    K._coarse_bwd[grid](
+        x, g, w.theta_w, w.phi_w, w.phi_b, w.psi_w, alpha_c, dac, df, dg, part,
+        C=p.C, CG=p.CG, CI=p.CI, H=p.H, W=p.W, HC=p.HC, WC=p.WC, SC=p.SC,
+        TPS=p.coarse.per_sample, NT=p.coarse.tiles, **_strides("sx", x), **_strides("sg", g), **_strides("sdg", dg),
+        KD=p.KD, KH=p.KH, KW=p.KW, BKW=p.BKW, BLOCK_P=p.coarse.block,
+        BLOCK_C=p.BLOCK_C, BLOCK_CG=p.BLOCK_CG, BLOCK_CI=p.BLOCK_CI,
+        SOFTPLUS=p.SOFTPLUS, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.coarse.warps, num_stages=p.stages,
+    )  # fmt: skip
+
+
+def _patch_bwd(
+    p: Plan, grid: tuple[int], x: Tensor, dout: Tensor, df: Tensor, theta_w: Tensor, alpha_c: Tensor,
+    transform: OutputTransform, norm: _NormOperands, flags: GateFlags, dx: Tensor, part: Tensor,
+) -> None:  # fmt: skip
+    """Per patch row: dx (the theta path, df theta, and the recomputed W path), written once
+    into ``dx``, and this program's partial row of dtheta (theta's layout) of ``part``."""
+    has_w, has_norm = transform.W_w is not None, transform.gamma is not None
+    K._patch_bwd[grid](
+        x, dout, df, theta_w, transform.W_w if has_w else alpha_c, alpha_c,
+        norm.wb, norm.gamma, norm.mean, norm.var, norm.sums, eps=float(flags.eps), inv_n=_batch_scale(p),
+        dx_ptr=dx, part_ptr=part,
+        C=p.C, CI=p.CI, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, SC=p.SC,
+        TPS=p.patch.per_sample, NT=p.patch.tiles, sd=p.sd, sh=p.sh, sw=p.sw,
+        **_strides("sx", x), **_strides("so", dout), **_strides("sd", dx),
+        KD=p.KD, KH=p.KH, KW=p.KW, BKW=p.BKW, BLOCK_P=p.patch.block, BLOCK_C=p.BLOCK_C, BLOCK_CI=p.BLOCK_CI,
+        HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and flags.use_batch_stats, WD=p.WD, WH=p.WH, WW=p.WW,
+        ALIGN=p.ALIGN, I64=p.I64, PREC=p.PREC, ACC=p.ACC, DOT=p.DOT,
+        num_warps=p.patch.warps, num_stages=p.stages,
+    )  # fmt: skip
 
 
 def _reduce_rows(out: Tensor, *parts: Tensor) -> None:
     """``out = [part.sum(0) for part in parts]`` concatenated (one to three ``[R, T]`` partial-row
     buffers; float64 accumulation, rows in order), by one ``_sum_rows`` launch."""
-    padded = list(parts) + [parts[0]] * (3 - len(parts))
-    shapes = [tuple(p.shape) for p in parts] + [(0, 0)] * (3 - len(parts))
+    padded = list(parts) + [parts[0]] * (3 - len(parts))  # unused slots: rows of 0 columns
+    (R1, T1), (R2, T2), (R3, T3) = [tuple(t.shape) for t in parts] + [(0, 0)] * (3 - len(parts))
     block_t = 128
-    grid = (sum(triton.cdiv(T, block_t) for _, T in shapes),)
-    K._sum_rows[grid](*padded, out, *(n for shape in shapes for n in shape), BLOCK_R=min(64, _p2(max(R for R, _ in shapes))), BLOCK_T=block_t)
-
-
-def gate_forward(
-    x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor, psi_w: Tensor, psi_b: Tensor,
-    W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
-    mean_in: Optional[Tensor], var_in: Optional[Tensor], use_batch_stats: bool, eps: float,
-    softplus: bool, align_corners: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, alpha, alpha_c, mean, var)``; mean/var are W's batch statistics when
-    ``use_batch_stats`` (``Tensor[F_l]`` in the compute dtype), empty otherwise (then
-    ``mean_in``/``var_in`` apply, and the backward takes them). ``x``, ``g`` pass
-    ``flat_strides``; ``out`` has x's dtype and memory format."""
-    plan = _Plan(x, g, theta_w, softplus, align_corners)
-    N, C = x.shape[:2]
-    dev, f32 = x.device, acc_dtype(x)
-    ac = torch.empty((N, 1) + tuple(g.shape[2:]), device=dev, dtype=f32)
-    sx = _strides("sx", x)
-    plan.coarse(K._coarse_fwd, x, g, *_weights(theta_w, phi_w, phi_b, psi_w, psi_b), ac, **sx, **_strides("sg", g))
-    has_w, has_norm = W_w is not None, gamma is not None
-    absent = ac  # a placeholder pointer for tensors a kernel does not read
-    w0, wb, gamma, beta = _weights(W_w, W_b, gamma, beta)
-    # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
-    mean, var = x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32)
-    if has_norm and use_batch_stats:
-        part = torch.empty((plan.fine_grid[0], 2 * C + 1), device=dev, dtype=f32)
-        plan.fine(K._fine_stats, x, ac, w0, part, **sx)
-        mean, var = torch.empty(C, device=dev, dtype=f32), torch.empty(C, device=dev, dtype=f32)
-        BC = min(_p2(C), 64)
-        K._stats_combine[(triton.cdiv(C, BC),)](part, wb, mean, var, part.shape[0], C, BLOCK_R=min(64, _p2(part.shape[0])), BLOCK_C=BC)
-    norm_stats = (mean, var) if use_batch_stats else _weights(mean_in, var_in)
-    out = torch.empty_like(x)
-    alpha = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=x.dtype)
-    plan.fine(
-        K._fine_out, x, ac, w0 if has_w else absent, wb if has_w else absent, gamma if has_norm else absent,
-        beta if has_norm else absent, *(t if has_norm else absent for t in norm_stats), float(eps), out, alpha,
-        **sx, **_strides("so", out), HAS_W=has_w, HAS_NORM=has_norm,
+    K._sum_rows[(triton.cdiv(T1, block_t) + triton.cdiv(T2, block_t) + triton.cdiv(T3, block_t),)](
+        *padded, out, R1=R1, T1=T1, R2=R2, T2=T2, R3=R3, T3=T3,
+        BLOCK_R=min(64, block_size(max(R1, R2, R3))), BLOCK_T=block_t,
     )  # fmt: skip
-    return out, alpha, ac, mean, var
-
-
-def gate_backward(
-    dout: Tensor, dalpha: Optional[Tensor], x: Tensor, g: Tensor, theta_w: Tensor, phi_w: Tensor, phi_b: Tensor,
-    psi_w: Tensor, psi_b: Tensor, W_w: Optional[Tensor], W_b: Tensor, gamma: Optional[Tensor],
-    alpha_c: Tensor, mean: Tensor, var: Tensor, use_batch_stats: bool, eps: float, softplus: bool,
-    align_corners: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dx, dg, dweights, dnorm)``: dx and dg in x's and g's dtypes and memory
-    formats; ``dweights`` the weights' gradients flattened into one vector in the compute dtype
-    (columns as ``weight_grad_sizes``, each in its weight's own layout); ``dnorm`` the norm's
-    ``[dbeta | dgamma]`` (``Tensor[2 F_l]``, empty without a norm)."""
-    plan = _Plan(x, g, theta_w, softplus, align_corners)
-    N, C = x.shape[:2]
-    dev, f32 = x.device, acc_dtype(x)
-    dout = flat_strides(dout)
-    has_w, has_norm = W_w is not None, gamma is not None
-    absent = alpha_c  # a placeholder pointer for tensors a kernel does not read
-    w0 = _weights(W_w)[0] if has_w else absent
-    wb, gamma, mean, var = _weights(W_b, gamma, mean, var)
-    sx, so = _strides("sx", x), _strides("so", dout)
-    flags = dict(HAS_W=has_w, HAS_NORM=has_norm, BATCH_STATS=has_norm and use_batch_stats, eps=float(eps), inv_n=1.0 / (N * plan.S))
-    # 1. the norm's gradients (dbeta, dgamma): sums over the grid, which dz needs under batch statistics
-    dnorm = x.new_empty(0, dtype=f32)
-    if has_norm:
-        part = torch.empty((plan.fine_grid[0], 2 * C), device=dev, dtype=f32)
-        plan.fine(K._fine_bwd_sums, x, alpha_c, w0, dout, wb, mean, var, float(eps), part, **sx, **so)
-        dnorm = torch.empty(2 * C, device=dev, dtype=f32)
-        _reduce_rows(dnorm, part)
-    norm = dict(wb_ptr=wb, gamma_ptr=gamma, mean_ptr=mean, var_ptr=var, sums_ptr=dnorm) if has_norm else {}
-    norm = {k: norm.get(k, absent) for k in ("wb_ptr", "gamma_ptr", "mean_ptr", "var_ptr", "sums_ptr")}
-    # 2. d alpha on x's grid, W's partial sums, dx where no patch reaches
-    sizes = weight_grad_sizes(C, plan.CG, plan.CI, plan.K, has_w)
-    dx = torch.empty_like(x)
-    daf = torch.empty((N, 1) + tuple(x.shape[2:]), device=dev, dtype=f32)
-    grid = plan.capped(plan.fine_grid, C * C + C) if has_w else plan.fine_grid
-    part_w = torch.empty((grid[0], C * C + C), device=dev, dtype=f32) if has_w else absent
-    plan.fine(
-        K._fine_bwd, x, alpha_c, w0, dout, dalpha.contiguous() if dalpha is not None else absent, **norm, grid=grid,
-        dx_ptr=dx, daf_ptr=daf, part_ptr=part_w, **sx, **so, **_strides("sd", dx), HAS_DALPHA=dalpha is not None, **flags,
-    )  # fmt: skip
-    # 3. d alpha_c: the adjoint of alpha's resampling (a gather, no atomics)
-    if plan.S == plan.SC:
-        dac = daf
-    else:
-        dac = torch.empty_like(alpha_c)
-        plan.coarse(K._alpha_adjoint_kernel, daf, dac, num_warps=4)
-    # 4. df = d(theta x + phi g), dg, and the phi and psi gradients' partial sums
-    dg = torch.empty_like(g)
-    df = torch.empty((N, plan.SC, plan.CI), device=dev, dtype=f32 if x.dtype == torch.float32 else x.dtype)
-    grid = plan.capped(plan.coarse_grid, sum(sizes[1:5]))
-    part_coarse = torch.empty((grid[0], sum(sizes[1:5])), device=dev, dtype=f32)
-    theta, phi_w, phi_b, psi_w = _weights(theta_w, phi_w, phi_b, psi_w)
-    plan.coarse(
-        K._coarse_bwd, x, g, theta, phi_w, phi_b, psi_w, alpha_c, dac, df, dg, part_coarse, grid=grid,
-        **sx, **_strides("sg", g), **_strides("sdg", dg),
-    )  # fmt: skip
-    # 5. dtheta's partial sums and dx (theta path and W path), written once
-    grid = plan.capped(plan.patch_grid, sizes[0])
-    part_theta = torch.empty((grid[0], sizes[0]), device=dev, dtype=f32)
-    plan.patch(
-        K._patch_bwd, x, dout, df, theta, w0, alpha_c, **norm, dx_ptr=dx, part_ptr=part_theta, grid=grid,
-        **sx, **so, **_strides("sd", dx), **flags,
-    )  # fmt: skip
-    # 6. the weight gradients: every partial row summed in a fixed order
-    dweights = torch.empty(sum(sizes), device=dev, dtype=f32)
-    _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if has_w else ()))
-    return dx, dg, dweights, dnorm
