@@ -71,12 +71,14 @@ def _ms(times: Sequence[float]) -> float:
 CL_FMT = {False: torch.contiguous_format, True: CL}
 NEVER = measured.NEVER
 SWEEPS = {
-    # threshold: (the swept size's name, its values, the (channels in, channels out) configurations)
-    "onednn_min_rows": ("voxels", [2**k for k in range(10, 18)], [(16, 16), (32, 32), (64, 64), (32, 1), (16, 2)]),
-    "patch_max_rows": ("coarse voxels", [2**k for k in range(6, 14)], [(32, 32), (64, 64), (128, 128)]),
-    "transposed_min_numel": ("elements of x", [2**k for k in range(16, 23)], [(16, 8), (32, 16), (32, 32)]),
+    # threshold: (the swept size's name, its values, the (channels in, channels out) configurations,
+    #             the elements of x per unit of the size in the smallest configuration)
+    "onednn_min_rows": ("voxels", [2**k for k in range(10, 18)], [(16, 16), (32, 32), (64, 64), (32, 1), (16, 2)], 16),
+    "patch_max_rows": ("coarse voxels", [2**k for k in range(6, 14)], [(32, 32), (64, 64), (128, 128)], 8 * 32),
+    "transposed_min_numel": ("elements of x", [2**k for k in range(16, 23)], [(16, 8), (32, 16), (32, 32)], 1),
 }
 """What :func:`crossover_sweeps` measures for each :class:`~attention_gates.ops.measured.CpuThresholds` field."""
+SAMPLE_ELEMENTS = 2**17  # a sweep's sample repeats a call on fewer elements of x until it covers about this many
 
 
 def _cube(voxels: int) -> tuple[int, int, int]:
@@ -130,23 +132,39 @@ def crossing(sizes: Sequence[int], ratios: Sequence[float], *, maximum: bool) ->
     return sizes[start]
 
 
+def _repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
 def crossover_sweeps(warmup: int, repeats: int, points: Optional[int] = None) -> dict:
-    """Per :data:`SWEEPS` threshold: both paths at every size and configuration, in interleaved rounds;
-    the geometric mean over the configurations of ``above / below`` per size, and the crossing.
-    ``points`` keeps that many sizes of each sweep (the smallest; ``--quick``)."""
+    """Per :data:`SWEEPS` threshold: both paths at every size and configuration, in interleaved rounds.
+
+    A sample of a small size repeats the call (``calls``: about :data:`SAMPLE_ELEMENTS` elements
+    per sample), so that no sample is a few microseconds of a machine that time-slices. Per size,
+    the ratio ``above / below`` is the median over the rounds of each round's ratio of the two
+    paths' times summed over the configurations: paired, and weighted by what each configuration
+    costs (a path that is 5x slower on a cheap one-output product and 1.3x faster on the costly
+    square one is faster overall). ``points`` keeps that many sizes of each sweep (the smallest; ``--quick``)."""
     cpu, out = torch.device("cpu"), {}
-    for threshold, (what, sizes, configs) in SWEEPS.items():
+    for threshold, (what, sizes, configs, unit) in SWEEPS.items():
         sizes = sizes[:points] if points else sizes
-        fns = {f"{size}|{ci}x{co}|{side}": fn for size in sizes for ci, co in configs
+        calls = {s: max(1, SAMPLE_ELEMENTS // (s * unit)) for s in sizes}
+        fns = {f"{size}|{ci}x{co}|{side}": _repeated(fn, calls[size]) for size in sizes for ci, co in configs
                for side, fn in _sweep_point(threshold, size, ci, co).items()}  # fmt: skip
         _progress(f"crossover {threshold}: {len(fns)} variants x {repeats} rounds")
         times = common.time_interleaved(fns, warmup=warmup, repeats=repeats, device=cpu)
-        ms = {k: _ms(v) for k, v in times.items()}
-        ratios = [math.exp(sum(math.log(ms[f"{s}|{ci}x{co}|above"] / ms[f"{s}|{ci}x{co}|below"]) for ci, co in configs) / len(configs))
-                  for s in sizes]  # fmt: skip
+        ratios = []
+        for s in sizes:
+            total = {side: [sum(r) for r in zip(*(times[f"{s}|{ci}x{co}|{side}"] for ci, co in configs))] for side in ("above", "below")}
+            ratios.append(common.summarize([a / b for a, b in zip(total["above"], total["below"])])["median"])
         out[threshold] = {
-            "swept": what, "sizes": sizes, "configs": [list(c) for c in configs], "ms": ms, "above_over_below": ratios,
-            "threshold": crossing(sizes, ratios, maximum=threshold == "patch_max_rows"),
+            "swept": what, "sizes": sizes, "configs": [list(c) for c in configs], "calls_per_sample": calls,
+            "ms": {k: _ms(v) / calls[int(k.split("|")[0])] for k, v in times.items()},  # per call
+            "above_over_below": ratios, "threshold": crossing(sizes, ratios, maximum=threshold == "patch_max_rows"),
         }  # fmt: skip
     return out
 
@@ -202,6 +220,8 @@ def network_rows(sizes: Sequence[int], warmup: int, repeats: int) -> list[dict]:
             rows.append({"size": size, "mode": mode, "ms": {k: _ms(t) for k, t in times.items()}})
     return rows
 
+
+SECTIONS = ("crossovers", "gate", "network", "transform", "allocator")  # in the order they run
 
 TRANSFORMS = {
     "as built": None,
@@ -279,27 +299,28 @@ def _progress(text: str) -> None:
 
 
 def tables(result: dict) -> str:
-    out = [f"crossovers on {result['thresholds']['capability']} (geometric mean of above/below over the configurations; "
-           f"below 1: the oneDNN or convolution side is faster):"]  # fmt: skip
-    for name, sweep in result["crossovers"].items():
-        ratios = "  ".join(f"{s}: {r:.2f}" for s, r in zip(sweep["sizes"], sweep["above_over_below"]))
-        value = "2**62 (one path always)" if sweep["threshold"] == NEVER else sweep["threshold"]
-        out.append(f"  {name} = {value} ({sweep['swept']}; {ratios})")
-    out.append("")
-    out.append(f"level-2 gate {result['gate_shapes']} (ms, median; speed-up over the reference):")
-    rows = []
-    for r in result["gate"]:
-        ms = r["ms"]
-        rows.append([r["mode"], r["layout"], *(f"{ms[b]:.2f} ({ms['reference'] / ms[b]:.2f}x)" for b in BACKENDS), measured.row_winner(r) or "reference"])
-    out.append(common.format_table(["mode", "layout", *BACKENDS, "auto takes"], rows))
-    for r in result["network"]:
+    out = []
+    if "crossovers" in result:
+        out.append(f"crossovers on {result['thresholds']['capability']} (above/below: paired median over the rounds of the "
+                   f"times summed over the configurations; below 1: the oneDNN or convolution side is faster):")  # fmt: skip
+        for name, sweep in result["crossovers"].items():
+            ratios = "  ".join(f"{s}: {r:.2f}" for s, r in zip(sweep["sizes"], sweep["above_over_below"]))
+            value = "2**62 (one path always)" if sweep["threshold"] == NEVER else sweep["threshold"]
+            out.append(f"  {name} = {value} ({sweep['swept']}; {ratios})")
+        out.append("")
+    if "gate" in result:
+        out.append(f"level-2 gate {result['gate_shapes']} (ms, median; speed-up over the reference):")
+        rows = [[r["mode"], r["layout"], *(f"{r['ms'][b]:.2f} ({r['ms']['reference'] / r['ms'][b]:.2f}x)" for b in BACKENDS),
+                 measured.row_winner(r) or "reference"] for r in result["gate"]]  # fmt: skip
+        out.append(common.format_table(["mode", "layout", *BACKENDS, "auto takes"], rows))
+    for r in result.get("network", []):
         ms = r["ms"]
         out.append(f"\nAttentionUNet3D, channels-last, 1x1x{r['size']}^3, {r['mode']} (ms; speed-up over the reference gates; / UNet3D):")
         out.append(common.format_table(
             ["variant", "ms", "speed-up", "/ UNet3D"],
             [[k, f"{v:.1f}", f"{ms['reference'] / v:.3f}", f"{v / ms['UNet3D']:.3f}"] for k, v in ms.items()],
         ))  # fmt: skip
-    for r in result["transform"]:
+    for r in result.get("transform", []):
         ms = r["ms"]
         out.append(f"\ninference at 1x1x{r['size']}^3 (ms; speed-up over the model as built):")
         body = []
@@ -310,7 +331,7 @@ def tables(result: dict) -> str:
         out.append(common.format_table(["model", "ms", "speed-up"], body))
         a, u = ms["AttentionUNet3D|optimize_for_inference"], ms["UNet3D|optimize_for_inference"]
         out.append(f"transformed AttentionUNet3D / transformed UNet3D: {a / u:.3f}")
-    for r in result["allocator"]:
+    for r in result.get("allocator", []):
         d, m = r["ms"]["default"], r["ms"]["MALLOC_MMAP_MAX_=0"]
         out.append(f"\ntransformed AttentionUNet3D at 1x1x{r['size']}^3, allocator: default {d:.1f} ms, "
                    f"MALLOC_MMAP_MAX_=0 {m:.1f} ms ({d / m:.3f}x; peak RSS {common.fmt_bytes(r['peak_rss']['default'])} "
@@ -328,6 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--quick", action="store_true", help="smoke run: a small gate, 24^3 networks, 2 rounds")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<machine>/cpu_backends.json)")
     p.add_argument("--write-table", action="store_true", help="add the gate rows and the crossovers to attention_gates/ops/measured.json")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to measure (default: all)")
     p.add_argument("--allocator-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     common.set_threads(args.threads)
@@ -340,23 +362,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = {"script": "cpu_backends", "machine": common.machine_info(cpu), "load_before": common.load_average()}
     path = common.output_path(args.out, cpu, "cpu_backends")
     source = "benchmarks/results/" + common.machine_tag(cpu) + "/cpu_backends.json"
-    result["crossovers"] = crossover_sweeps(args.warmup, repeats, points=2 if args.quick else None)
-    result["thresholds"] = {
-        "capability": measured.host_capability(), **{name: sweep["threshold"] for name, sweep in result["crossovers"].items()},
-        "commit": result["machine"]["commit"], "machine": result["machine"]["cpu_model"], "source": source,
-    }  # fmt: skip
-    result["gate_shapes"] = {"x": list(shapes[0]), "g": list(shapes[1])}
-    result["gate_thresholds"] = measured.cpu_thresholds()._asdict()  # in effect for the gate rows
-    result["gate"] = gate_rows(args.warmup, repeats, *shapes)
-    result["network"] = network_rows(sizes, args.warmup, net_repeats)
-    result["transform"] = transform_rows(sizes, args.warmup, net_repeats)
-    result["allocator"] = allocator_rows(sizes, args.warmup, net_repeats, rounds=1 if args.quick else 3, threads=args.threads)
+    if "crossovers" in args.sections:
+        result["crossovers"] = crossover_sweeps(args.warmup, repeats, points=2 if args.quick else None)
+        result["thresholds"] = {
+            "capability": measured.host_capability(), **{name: sweep["threshold"] for name, sweep in result["crossovers"].items()},
+            "commit": result["machine"]["commit"], "machine": result["machine"]["cpu_model"], "source": source,
+        }  # fmt: skip
+    if "gate" in args.sections:
+        result["gate_shapes"] = {"x": list(shapes[0]), "g": list(shapes[1])}
+        result["gate_thresholds"] = measured.cpu_thresholds()._asdict()  # in effect for the gate rows
+        result["gate"] = gate_rows(args.warmup, repeats, *shapes)
+        for row in result["gate"]:
+            row.update(commit=result["machine"]["commit"], machine=result["machine"]["cpu_model"], source=source)
+    if "network" in args.sections:
+        result["network"] = network_rows(sizes, args.warmup, net_repeats)
+    if "transform" in args.sections:
+        result["transform"] = transform_rows(sizes, args.warmup, net_repeats)
+    if "allocator" in args.sections:
+        result["allocator"] = allocator_rows(sizes, args.warmup, net_repeats, rounds=1 if args.quick else 3, threads=args.threads)
     result["load_after"] = common.load_average()
-    for row in result["gate"]:
-        row.update(commit=result["machine"]["commit"], machine=result["machine"]["cpu_model"], source=source)
     common.write_json(path, result)
     if args.write_table and not args.quick:
-        add_rows(result["gate"], thresholds=[result["thresholds"]])
+        add_rows(result.get("gate", []), thresholds=[result["thresholds"]] if "thresholds" in result else [])
     print(tables(result))
     print(f"\nload average before/after: {result['load_before']} / {result['load_after']}; JSON: {path}")
     return result

@@ -207,6 +207,14 @@ def test_cpu_backends_quick_writes_every_section(tmp_path):
     assert "auto takes" in table and "MALLOC_MMAP_MAX_=0" in table and "onednn_min_rows = " in table
 
 
+def test_cpu_backends_measures_only_the_sections_asked_for(tmp_path):
+    from benchmarks import cpu_backends
+
+    data = cpu_backends.main(["--quick", "--threads", "1", "--sections", "crossovers", "--out", str(tmp_path / "c.json")])
+    assert set(cpu_backends.SECTIONS) & set(data) == {"crossovers"} and "thresholds" in data
+    assert "onednn_min_rows = " in cpu_backends.tables(data) and "level-2 gate" not in cpu_backends.tables(data)
+
+
 @pytest.mark.parametrize(
     "ratios, minimum, maximum",
     [

@@ -247,7 +247,7 @@ def render_cpu_transform() -> list[str]:
         data = json.loads(f.read_text(encoding="utf-8"))
         m = data["machine"]
         body = []
-        for r in data["transform"]:
+        for r in data.get("transform", []):
             for key, ms in r["ms"].items():
                 arch, step = key.split("|")
                 built = r["ms"][f"{arch}|as built"]
