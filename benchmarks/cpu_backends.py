@@ -361,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     repeats, net_repeats, sizes = (2, 2, [24]) if args.quick else (args.repeats, args.network_repeats, args.sizes)
     result = {"script": "cpu_backends", "machine": common.machine_info(cpu), "load_before": common.load_average()}
     path = common.output_path(args.out, cpu, "cpu_backends")
-    source = "benchmarks/results/" + common.machine_tag(cpu) + "/cpu_backends.json"
+    root = common.RESULTS_DIR.parent.parent
+    source = str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)  # where rows point
     if "crossovers" in args.sections:
         result["crossovers"] = crossover_sweeps(args.warmup, repeats, points=2 if args.quick else None)
         result["thresholds"] = {
