@@ -4,6 +4,7 @@ multi-head block) against the untransformed modules, and the plain modules stayi
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from attention_gates import AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D
 from attention_gates.cpu import FoldedMultiAttentionGate, OneDNNConv3d, optimize_for_inference
 from attention_gates.functional import GateWeights
+from attention_gates.ops import measured
 from attention_gates.ops.cpu_gate import multi_gate_inference_cpu
 from gate_cases import (
     assert_close_nonfinite, functional_args, gate_shapes, inputs, nonfinite_spots, random_gate, randomise, reference, with_nonfinite,
@@ -97,17 +99,19 @@ def test_single_volume_goes_to_onednn_with_nn_conv3d_results(kwargs):
 
 @needs_onednn
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("size, channels_last, onednn", [((9, 10, 7), False, False), ((9, 10, 7), True, False), ((32, 32, 16), True, True)])
-def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last, onednn):
-    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least 16384 voxels, else a
-    matrix product; values and gradients as nn.Conv3d's in float64, output in the input's layout."""
+@pytest.mark.parametrize("size, channels_last", [((9, 10, 7), False), ((9, 10, 7), True), ((32, 32, 16), True), ((40, 32, 32), False)])
+def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last):
+    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least this CPU's
+    ``onednn_min_rows`` voxels, else a matrix product; values and gradients as nn.Conv3d's in
+    float64, output in the input's layout."""
     conv, x = _conv_case(batch=batch, size=size, kernel_size=1, padding=0)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    onednn = channels_last and batch * math.prod(size) >= measured.cpu_thresholds().onednn_min_rows
     ops = _ops(lambda: conv(x))
     assert ("aten::mkldnn_convolution" in ops) == onednn, ops
     assert onednn or {"aten::mm", "aten::addmm", "aten::bmm"} & ops, ops
-    y = _matches_nn_conv3d_in_float64(conv, x, grad_atol=1e-3)  # (weight gradients: sums over up to 32768 voxels)
+    y = _matches_nn_conv3d_in_float64(conv, x, grad_atol=2e-3)  # (weight gradients: sums over up to 81920 voxels)
     assert y.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 

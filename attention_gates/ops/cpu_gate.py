@@ -113,25 +113,19 @@ def _scaled_product(x: Tensor, A: Tensor, bias: Optional[Tensor] = None, alpha: 
     P = conv1x1(x, A, None if alpha is not None else bias)
     if alpha is None:
         return P.relu_() if relu else P
-    per_head, a = rearrange(P.flatten(2), "n (h c) s -> h n c s", h=heads), alpha.flatten(2)  # views
+    Pf, a = P.flatten(2), alpha.flatten(2)  # [N, H * Co, S] (head i: channels i * Co to (i + 1) * Co) and [N, H, S]
     if heads == 1:  # the epilogue in place on the product
         out = P
     else:  # x's layout with its strides (N = 1 may infer odd ones)
         out = torch.empty_like(x) if co == x.shape[1] else x.new_empty((x.shape[0], co, *x.shape[2:]))
     o = out.flatten(2)
     if bias is None:
-        torch.mul(per_head[0], a[:, :1], out=o)
+        torch.mul(Pf[:, :co], a[:, :1], out=o)
     else:
-        torch.addcmul(bias[:, None], per_head[0], a[:, :1], out=o)
+        torch.addcmul(bias[:, None], Pf[:, :co], a[:, :1], out=o)
     for i in range(1, heads):
-        o.addcmul_(per_head[i], a[:, i : i + 1])
+        o.addcmul_(Pf[:, i * co : (i + 1) * co], a[:, i : i + 1])
     return out.relu_() if relu else out
-
-
-def _patch_axes(d: int) -> tuple[str, str, str]:
-    """einops names of ``d`` spatial axes cut into patches: the coarse grid ``"t0 t1"``, the patch
-    ``"k0 k1"``, and the fine axes they split ``"(t0 k0) (t1 k1)"``."""
-    return " ".join(f"t{i}" for i in range(d)), " ".join(f"k{i}" for i in range(d)), " ".join(f"(t{i} k{i})" for i in range(d))
 
 
 def theta(x: Tensor, weights: Sequence[Tensor], *, patch_max_rows: Optional[int] = None) -> Tensor:
@@ -152,12 +146,12 @@ def theta(x: Tensor, weights: Sequence[Tensor], *, patch_max_rows: Optional[int]
         return conv1x1(x, w, None)
     if not (is_channels_last(x) and x.shape[0] * math.prod(T) <= max_rows):
         return conv(x, w, None, stride=k)
-    coarse, patch, fine = _patch_axes(len(k))
+    axes = range(len(k))  # einops' names: t0 t1 .. the coarse grid, k0 k1 .. a patch
     cropped = x[(..., *(slice(0, t * kk) for t, kk in zip(T, k)))]  # voxels beyond T * k belong to no patch
-    rows = rearrange(cropped, f"n c {fine} -> (n {coarse}) ({patch} c)", **{f"k{i}": kk for i, kk in enumerate(k)})
-    packed = rearrange(w, f"f c {patch} -> f ({patch} c)")  # the rows' column order
-    product = rows @ packed.t()  # [(n, T), F]: channels-last once viewed as [N, F, *T]
-    return rearrange(product, f"(n {coarse}) f -> n f {coarse}", n=x.shape[0], **{f"t{i}": t for i, t in enumerate(T)})
+    fine, coarse, patch = (" ".join(pattern.format(i=i) for i in axes) for pattern in ("(t{i} k{i})", "t{i}", "k{i}"))
+    rows = rearrange(cropped, f"n c {fine} -> (n {coarse}) ({patch} c)", **{f"k{i}": k[i] for i in axes})  # x's patches
+    packed = w.movedim(1, -1).reshape(w.shape[0], -1)  # [F, (*k, C)]: the rows' column order
+    return (rows @ packed.t()).view(x.shape[0], *T, w.shape[0]).movedim(-1, 1)  # [N, F, *T], channels-last
 
 
 def theta_backward(
