@@ -8,8 +8,8 @@ inference transform gains.
    channels-last input by oneDNN or as a matrix product (``onednn_min_rows``), theta as a product
    of gathered patches or a oneDNN convolution (``patch_max_rows``), theta's input gradient by
    oneDNN's transposed convolution or a product and a strided add (``transposed_min_numel``): both
-   sides of each over a sweep of sizes (:data:`SWEEPS`); the path above a threshold is taken from
-   its first win after its last loss (:func:`crossing`).
+   sides of each over a sweep of sizes (:data:`SWEEPS`); the threshold is the one switch that makes
+   the sweep fastest (:func:`crossing`).
 2. **the gate**: the paper model's level-2 gate (``x: Tensor[1, 32, 48, 48, 48]``,
    ``g: Tensor[1, 64, 24, 24, 24]``, ``W`` + BatchNorm), eval forward under
    :func:`torch.inference_mode` and a training forward + backward, ``x`` contiguous and
@@ -117,16 +117,16 @@ def crossing(sizes: Sequence[int], ratios: Sequence[float], *, maximum: bool) ->
     """The threshold a sweep gives: ``ratios[i]`` is the time of the path taken above the threshold
     over that of the path below it, at ``sizes[i]`` (ascending).
 
-    At a size the path above loses when it is slower by more than the noise margin
-    (:data:`attention_gates.ops.measured.MARGIN`), wins when it is faster, and ties in between. It
-    is taken from the first win after its last loss: a minimum (``maximum=False``: the smallest
-    size that takes the path above) is that size, a maximum (the largest size that takes the path
-    below, ``patch_max_rows``) the size before it, 0 when the path above never loses.
-    :data:`NEVER` when no win follows the last loss (the path below up to the largest size).
+    The one switch that makes the sweep fastest: the path above is taken from the size ``i`` that
+    minimises ``sum(log(ratios[i:]))`` (the sweep's total log time; one noisy size cannot move the
+    switch past the sizes around it). A minimum (``maximum=False``: the smallest size that takes the
+    path above) is that size, a maximum (the largest size that takes the path below,
+    ``patch_max_rows``) the size before it, 0 when the path above wins from the smallest size;
+    :data:`NEVER` when no switch gains (the path below up to the largest size).
     """
-    last_loss = max((i for i, r in enumerate(ratios) if r > measured.MARGIN), default=-1)
-    start = next((i for i in range(last_loss + 1, len(sizes)) if ratios[i] < 1), None)
-    if start is None:
+    gains = [sum(math.log(r) for r in ratios[i:]) for i in range(len(sizes) + 1)]  # the last: never switch
+    start = min(range(len(gains)), key=lambda i: (gains[i], -i))  # a tie keeps the path below longer
+    if start == len(sizes):
         return NEVER
     if maximum:
         return sizes[start - 1] if start > 0 else 0

@@ -219,14 +219,14 @@ def test_cpu_backends_measures_only_the_sections_asked_for(tmp_path):
     "ratios, minimum, maximum",
     [
         ([2.0, 1.5, 0.9, 0.5], 4, 2),  # the path above wins from the third size on
-        ([0.9, 1.1, 0.8, 0.7], 4, 2),  # a win below a loss does not count: the last loss decides
+        ([0.95, 1.2, 0.8, 0.7], 4, 2),  # a small win below a larger loss: switching after the loss gains more
         ([0.5, 0.6, 0.7, 0.8], 1, 0),  # the path above everywhere
-        ([1.2, 1.03, 0.9, 1.0], 4, 2),  # ties (within the 5% margin) on either side of the first win
-        ([1.2, 1.1, 1.02, 1.08], None, None),  # no win after the last loss: never
-        ([1.2, 0.9, 1.02, 1.01], 2, 1),  # a win, then ties to the largest size
+        ([1.2, 1.1, 1.02, 1.08], None, None),  # no switch gains: never
+        ([2.0, 0.8, 0.8, 1.2], 2, 1),  # one slow size at the end does not undo two wins before it
+        ([2.0, 0.9, 1.0, 1.5], None, None),  # a loss larger than the wins before it does
     ],
 )
-def test_crossing_starts_at_the_first_win_after_the_last_loss(ratios, minimum, maximum):
+def test_crossing_is_the_switch_that_makes_the_sweep_fastest(ratios, minimum, maximum):
     from attention_gates.ops import measured
     from benchmarks.cpu_backends import crossing
 
