@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from .gates import MultiAttentionGate
-from .ops.cpu import conv, conv1x1, multi_gate_inference_cpu, onednn_applies
+from .ops.cpu_gate import multi_gate_inference_cpu
+from .ops.layout import CHANNELS_LAST
+from .ops.onednn import conv, conv1x1, onednn_applies
+from .ops.reference import GateWeights
 
 __all__ = ["optimize_for_inference", "OneDNNConv3d", "FoldedMultiAttentionGate"]
-
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class OneDNNConv3d(nn.Conv3d):
@@ -43,10 +44,21 @@ class OneDNNConv3d(nn.Conv3d):
 
     For float32 CPU inputs (oneDNN available and enabled, ``torch.backends.mkldnn``; outside
     :func:`torch.compile` and dispatch modes, which see ``aten.convolution``): a 1x1x1
-    convolution (stride 1, one group) of any batch is :func:`attention_gates.ops.cpu.conv1x1`; any
-    other convolution of one volume is oneDNN's (:func:`attention_gates.ops.cpu.conv`). Everything
+    convolution (stride 1, one group) of any batch is :func:`attention_gates.ops.onednn.conv1x1`; any
+    other convolution of one volume is oneDNN's (:func:`attention_gates.ops.onednn.conv`). Everything
     else is :class:`nn.Conv3d`'s. Same parameters, state dict and results up to float32 rounding.
     """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d) -> "OneDNNConv3d":
+        """A :class:`OneDNNConv3d` holding ``conv``'s own parameters (the same tensors, so the same
+        state-dict entries) and settings."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.bias is not None, conv.padding_mode, device="meta",
+        )  # fmt: skip
+        new.weight, new.bias = conv.weight, conv.bias
+        return new.train(conv.training)
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if input.dim() == 5 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and onednn_applies(input):
@@ -61,15 +73,18 @@ class OneDNNConv3d(nn.Conv3d):
         return self.kernel_size == self.stride == self.dilation == (1, 1, 1) and self.padding == (0, 0, 0) and self.groups == 1
 
 
-class FoldedMultiAttentionGate(MultiAttentionGate):
+class FoldedMultiAttentionGate(nn.Module):
     """A :class:`~attention_gates.gates.MultiAttentionGate` whose output side was folded once into one affine map.
 
     ``forward`` computes ``relu(c + sum_i alpha_i * (A_i x))`` per voxel
     (:meth:`~attention_gates.gates.MultiAttentionGate.folded_output_map`, kept as the buffers ``A``
     and ``c``, which are not part of the state dict) with
-    :func:`~attention_gates.ops.cpu.multi_gate_inference_cpu`: one product over the skip instead of
-    one per head, a concatenation and a product over it. Made by :func:`optimize_for_inference`;
-    float32 CPU tensors, evaluation mode, no gradients.
+    :func:`~attention_gates.ops.cpu_gate.multi_gate_inference_cpu`: one product over the skip instead of
+    one per head, a concatenation and a product over it. Made by :meth:`fold` (which
+    :func:`optimize_for_inference` calls); float32 CPU tensors, evaluation mode, no gradients. It
+    holds the block's ``gates`` and ``combine``, so its state dict is the block's. A skip holding
+    an infinity (or NaN) is computed as the block computes it (head by head, then ``combine``):
+    there a sum of infinities of both signs, which the fold may not form, is NaN.
 
     Shapes: as :class:`~attention_gates.gates.MultiAttentionGate`.
     """
@@ -77,17 +92,23 @@ class FoldedMultiAttentionGate(MultiAttentionGate):
     A: Tensor
     c: Tensor
 
+    def __init__(self, block: MultiAttentionGate, A: Tensor, c: Tensor) -> None:
+        super().__init__()
+        self.heads = block.heads
+        self.gates = block.gates
+        self.combine = block.combine
+        self.register_buffer("A", A.detach(), persistent=False)
+        self.register_buffer("c", c.detach(), persistent=False)
+        self.train(block.training)
+
     @classmethod
     def fold(cls, block: MultiAttentionGate) -> Optional["FoldedMultiAttentionGate"]:
-        """``block`` itself, turned into this class with its map folded, or ``None`` (left as it
-        was) when its output side has no evaluation-mode affine form."""
+        """``block`` with its output map folded (sharing its modules and parameters), or ``None``
+        when its output side has no evaluation-mode affine form."""
         folded = block.folded_output_map()
         if folded is None or any(gate.sigma2 != "sigmoid" for gate in block.gates):
             return None
-        block.__class__ = cls
-        block.register_buffer("A", folded[0].detach(), persistent=False)
-        block.register_buffer("c", folded[1].detach(), persistent=False)
-        return block
+        return cls(block, *folded)
 
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
@@ -98,12 +119,33 @@ class FoldedMultiAttentionGate(MultiAttentionGate):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, g)):
             raise RuntimeError("FoldedMultiAttentionGate has no backward: call it under torch.no_grad() or torch.inference_mode()")
         for name, t in (("x", x), ("g", g)):
-            if t.device.type != "cpu" or t.dtype != torch.float32:
-                raise ValueError(f"FoldedMultiAttentionGate runs float32 CPU tensors, got {name} {t.dtype} on {t.device}")
-        heads = [(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in self.gates]
-        gate = self.gates[0]
+            if t.device.type != "cpu":
+                raise ValueError(f"FoldedMultiAttentionGate runs CPU tensors, got {name} on {t.device}")
+            if t.dtype != torch.float32:
+                raise TypeError(f"FoldedMultiAttentionGate runs float32 tensors, got {name} of dtype {t.dtype}")
         with torch.no_grad():
+            if not torch.isfinite(x.sum()):  # an infinity (or NaN) in x: the fold sums in one step what the block
+                # sums in two, and inf - inf is NaN only there (the sum: 25x faster than isinf(x).any() here)
+                return MultiAttentionGate.forward(self, x, g)  # the block's own computation: it reads only gates and combine
+            heads = [GateWeights(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in self.gates]
+            gate = self.gates[0]
             return multi_gate_inference_cpu(x, g, heads, self.A, self.c, sigma1=gate.sigma1, align_corners=gate.align_corners)
+
+
+def _replaced(model: nn.Module, make) -> nn.Module:
+    """``model`` with every submodule ``m`` for which ``make(m)`` returns a module replaced by it,
+    installed with :meth:`torch.nn.Module.set_submodule` (a module reached by several names is
+    made once); ``model`` itself when ``make`` takes it."""
+    made: dict[int, Optional[nn.Module]] = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if id(m) not in made:
+            made[id(m)] = make(m)
+        if made[id(m)] is None:
+            continue
+        if not name:
+            return made[id(m)]
+        model.set_submodule(name, made[id(m)])
+    return model
 
 
 def optimize_for_inference(model: nn.Module, *, onednn: bool = True, channels_last: bool = True, fold: bool = True) -> nn.Module:
@@ -135,13 +177,12 @@ def optimize_for_inference(model: nn.Module, *, onednn: bool = True, channels_la
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval().requires_grad_(False)
-    for m in model.modules():
-        if onednn and type(m) is nn.Conv3d:
-            m.__class__ = OneDNNConv3d
-        if fold and type(m) is MultiAttentionGate:
-            FoldedMultiAttentionGate.fold(m)
+    if fold:  # first: the folded map is computed from the parameters in their own layout
+        model = _replaced(model, lambda m: FoldedMultiAttentionGate.fold(m) if type(m) is MultiAttentionGate else None)
+    if onednn:
+        model = _replaced(model, lambda m: OneDNNConv3d.from_conv(m) if type(m) is nn.Conv3d else None)
     if channels_last:
         for t in [*model.parameters(), *model.buffers()]:
-            if t.dim() in _CHANNELS_LAST:
-                t.data = t.data.contiguous(memory_format=_CHANNELS_LAST[t.dim()])
+            if t.dim() in CHANNELS_LAST:
+                t.data = t.data.contiguous(memory_format=CHANNELS_LAST[t.dim()])
     return model

@@ -2,8 +2,9 @@
 # Rerun every CPU benchmark: each writes its one current result for this machine,
 # benchmarks/results/<machine tag>/<script>.json (the commit measured inside), replacing the last.
 #   bash benchmarks/run_all.sh            # about 40 minutes on 2 idle cores
-# cpu_backends also writes its gate rows into attention_gates/ops/measured.json (the table "auto"
-# follows); commit that with the results. On a GPU use benchmarks/gpu_check.sh instead.
+# cpu_backends also writes its gate rows and its measured crossovers (the CPU paths' thresholds) into
+# attention_gates/ops/measured.json (the table "auto" follows); commit that with the results. On a
+# GPU use benchmarks/gpu_check.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -16,4 +17,4 @@ if "$PY" -c "import nnunetv2" 2>/dev/null; then
 else
   echo "nnunet_cost: skipped (nnunetv2 is not installed: pip install 'attention-gates[nnunet]')"
 fi
-"$PY" -m benchmarks.measured --show
+"$PY" -m benchmarks.measured_table --show

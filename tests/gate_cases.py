@@ -123,3 +123,44 @@ def clone_weights(w: GateWeights, requires_grad: Optional[bool] = None) -> GateW
         return t.requires_grad_(requires_grad) if requires_grad is not None and not statistic else t
 
     return GateWeights(*(c(t, name.startswith("running_")) for name, t in zip(GateWeights._fields, w)))
+
+
+# --- non-finite inputs, shared by the fused implementations' comparisons with the reference ---
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+@st.composite
+def nonfinite_spots(draw, shape: GateShape):
+    """Where to put NaN or +-inf in a gate call of ``shape``: ``{"x": [(flat index, value), ...],
+    "g": [...]}``, one or two spots in x, in g, or in both."""
+    where = draw(st.sampled_from(["x", "g", "both"]))
+    sizes = {"x": shape.n * shape.c_l * math.prod(shape.size), "g": shape.n * shape.c_g * math.prod(shape.g_size)}
+    spots = {}
+    for name in ("x", "g"):
+        if where in (name, "both") and sizes[name]:
+            spot = st.tuples(st.integers(0, sizes[name] - 1), st.sampled_from(NONFINITE))
+            spots[name] = draw(st.lists(spot, min_size=1, max_size=2))
+    return spots
+
+
+def with_nonfinite(t: torch.Tensor, spots) -> torch.Tensor:
+    """A copy of ``t`` (same layout) with ``value`` at each ``(flat index, value)`` of ``spots``
+    (indices into ``t``'s logical, row-major order)."""
+    t = t.clone()
+    flat = t.view(-1) if t.is_contiguous() else None
+    for index, value in spots:
+        if flat is not None:
+            flat[index] = value
+        else:
+            t[tuple(torch.unravel_index(torch.tensor(index), t.shape))] = value
+    return t
+
+
+def assert_close_nonfinite(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, what: str) -> None:
+    """NaN and infinities at the same positions (``equal_nan``), and the finite values close there."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(actual), finite), f"{what}: the finite positions differ"
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol, msg=lambda m: f"{what} (finite positions): {m}")

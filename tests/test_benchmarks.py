@@ -195,8 +195,44 @@ def test_cpu_backends_quick_writes_every_section(tmp_path):
     assert set(transform["ms"]) == {f"{a}|{t}" for a in ("AttentionUNet3D", "UNet3D") for t in cpu_backends.TRANSFORMS}
     (alloc,) = data["allocator"]
     assert set(alloc["ms"]) == {"default", "MALLOC_MMAP_MAX_=0"} and all(v > 0 for v in alloc["ms"].values())
+    thresholds = data["thresholds"]  # where the CPU paths cross over, measured in the same run
+    assert thresholds["capability"] == measured.host_capability() == rows[0]["capability"]
+    assert set(data["crossovers"]) == set(measured.CpuThresholds._fields)
+    for name, sweep in data["crossovers"].items():
+        sizes = cpu_backends.SWEEPS[name][1][:2]
+        assert sweep["sizes"] == sizes and len(sweep["above_over_below"]) == 2 and all(v > 0 for v in sweep["ms"].values())
+        assert thresholds[name] == sweep["threshold"] == cpu_backends.crossing(sizes, sweep["above_over_below"], maximum=name == "patch_max_rows")
+    assert data["gate_thresholds"] == measured.cpu_thresholds()._asdict()
     table = cpu_backends.tables(data)
-    assert "auto takes" in table and "MALLOC_MMAP_MAX_=0" in table
+    assert "auto takes" in table and "MALLOC_MMAP_MAX_=0" in table and "onednn_min_rows = " in table
+
+
+def test_cpu_backends_measures_only_the_sections_asked_for(tmp_path):
+    from benchmarks import cpu_backends
+
+    data = cpu_backends.main(["--quick", "--threads", "1", "--sections", "crossovers", "--out", str(tmp_path / "c.json")])
+    assert set(cpu_backends.SECTIONS) & set(data) == {"crossovers"} and "thresholds" in data
+    assert "onednn_min_rows = " in cpu_backends.tables(data) and "level-2 gate" not in cpu_backends.tables(data)
+
+
+@pytest.mark.parametrize(
+    "ratios, minimum, maximum",
+    [
+        ([2.0, 1.5, 0.9, 0.5], 4, 2),  # the path above wins from the third size on
+        ([0.95, 1.2, 0.8, 0.7], 4, 2),  # a small win below a larger loss: switching after the loss gains more
+        ([0.5, 0.6, 0.7, 0.8], 1, 0),  # the path above everywhere
+        ([1.2, 1.1, 1.02, 1.08], None, None),  # no switch gains: never
+        ([2.0, 0.8, 0.8, 1.2], 2, 1),  # one slow size at the end does not undo two wins before it
+        ([2.0, 0.9, 1.0, 1.5], None, None),  # a loss larger than the wins before it does
+    ],
+)
+def test_crossing_is_the_switch_that_makes_the_sweep_fastest(ratios, minimum, maximum):
+    from attention_gates.ops import measured
+    from benchmarks.cpu_backends import crossing
+
+    sizes = [1, 2, 4, 8]
+    assert crossing(sizes, ratios, maximum=False) == (measured.NEVER if minimum is None else minimum)
+    assert crossing(sizes, ratios, maximum=True) == (measured.NEVER if maximum is None else maximum)
 
 
 def _row(**kw):
@@ -206,7 +242,7 @@ def _row(**kw):
 
 
 def test_measured_rows_are_added_and_replaced_by_key(tmp_path):
-    from benchmarks import measured as table
+    from benchmarks import measured_table as table
 
     path = tmp_path / "measured.json"
     path.write_text(json.dumps({"about": "test", "rows": [_row(), _row(mode="train")]}))
@@ -220,6 +256,19 @@ def test_measured_rows_are_added_and_replaced_by_key(tmp_path):
     with pytest.raises(ValueError, match=r"must time both 'reference' and 'compile'"):
         table.add_rows([_row(ms={"reference": 1.0, "cpu": 0.5})], path)
     assert "auto takes" in table.show(path)
+    # CPU thresholds: written beside the rows, replaced per CPU, refused without their fields
+    entry = {"capability": "V ISA 1-2 cores", "onednn_min_rows": 10, "patch_max_rows": 20, "transposed_min_numel": 30,
+             "commit": "abc", "source": "here", "machine": "m"}  # fmt: skip
+    table.add_rows([], path, thresholds=[entry])
+    table.add_rows([], path, thresholds=[{**entry, "onednn_min_rows": 11}, {**entry, "capability": "W ISA 3-4 cores"}])
+    written = json.loads(path.read_text())["cpu_thresholds"]
+    assert [(t["capability"], t["onednn_min_rows"]) for t in written] == [("V ISA 1-2 cores", 11), ("W ISA 3-4 cores", 10)]
+    with pytest.raises(ValueError, match=r"thresholds entry 0 lacks \['transposed_min_numel'\]"):
+        table.add_rows([], path, thresholds=[{k: v for k, v in entry.items() if k != "transposed_min_numel"}])
+    results = tmp_path / "cpu_backends.json"
+    results.write_text(json.dumps({"gate": [_row()], "thresholds": entry}))
+    assert table.results_of(results) == ([_row()], [entry])
+    assert "CPU thresholds" in table.show(path) and "V ISA 1-2 cores" in table.show(path)
 
 
 def test_committed_results_record_the_commit_they_measured():

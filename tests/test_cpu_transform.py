@@ -4,17 +4,23 @@ multi-head block) against the untransformed modules, and the plain modules stayi
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from attention_gates import AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D
 from attention_gates.cpu import FoldedMultiAttentionGate, OneDNNConv3d, optimize_for_inference
-from attention_gates.ops.cpu import multi_gate_inference_cpu
-from gate_cases import functional_args, inputs, randomise, reference
+from attention_gates.functional import GateWeights
+from attention_gates.ops import measured
+from attention_gates.ops.cpu_gate import multi_gate_inference_cpu
+from gate_cases import (
+    assert_close_nonfinite, functional_args, gate_shapes, inputs, nonfinite_spots, random_gate, randomise, reference, with_nonfinite,
+)
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
@@ -45,10 +51,19 @@ def test_plain_networks_hold_plain_torch_convolutions():
 
 def _conv_case(c_in=16, c_out=8, size=(16, 16, 16), batch=1, **kwargs):
     torch.manual_seed(0)
-    conv = nn.Conv3d(c_in, c_out, **{"kernel_size": 3, "padding": 1, **kwargs})
-    conv.__class__ = OneDNNConv3d
+    conv = OneDNNConv3d.from_conv(nn.Conv3d(c_in, c_out, **{"kernel_size": 3, "padding": 1, **kwargs}))
     x = torch.randn(batch, c_in, *size, requires_grad=True)
     return conv, x
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_conv_keeps_the_parameters_and_settings(bias):
+    conv = nn.Conv3d(4, 6, (3, 1, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1), bias=bias, padding_mode="reflect").eval()
+    new = OneDNNConv3d.from_conv(conv)
+    assert type(new) is OneDNNConv3d and new.weight is conv.weight and new.bias is conv.bias and not new.training
+    assert new.extra_repr() == conv.extra_repr() and list(new.state_dict()) == list(conv.state_dict())
+    x = torch.randn(1, 4, 7, 6, 5)
+    torch.testing.assert_close(new(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def _matches_nn_conv3d_in_float64(conv: OneDNNConv3d, x: torch.Tensor, grad_atol: float = 1e-4) -> torch.Tensor:
@@ -84,17 +99,19 @@ def test_single_volume_goes_to_onednn_with_nn_conv3d_results(kwargs):
 
 @needs_onednn
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("size, channels_last, onednn", [((9, 10, 7), False, False), ((9, 10, 7), True, False), ((32, 32, 16), True, True)])
-def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last, onednn):
-    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least 16384 voxels, else a
-    matrix product; values and gradients as nn.Conv3d's in float64, output in the input's layout."""
+@pytest.mark.parametrize("size, channels_last", [((9, 10, 7), False), ((9, 10, 7), True), ((32, 32, 16), True), ((40, 32, 32), False)])
+def test_pointwise_conv_is_a_product_except_on_large_channels_last_inputs(batch, size, channels_last):
+    """1x1x1 convolutions: oneDNN only for channels-last inputs of at least this CPU's
+    ``onednn_min_rows`` voxels, else a matrix product; values and gradients as nn.Conv3d's in
+    float64, output in the input's layout."""
     conv, x = _conv_case(batch=batch, size=size, kernel_size=1, padding=0)
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    onednn = channels_last and batch * math.prod(size) >= measured.cpu_thresholds().onednn_min_rows
     ops = _ops(lambda: conv(x))
     assert ("aten::mkldnn_convolution" in ops) == onednn, ops
     assert onednn or {"aten::mm", "aten::addmm", "aten::bmm"} & ops, ops
-    y = _matches_nn_conv3d_in_float64(conv, x, grad_atol=1e-3)  # (weight gradients: sums over up to 32768 voxels)
+    y = _matches_nn_conv3d_in_float64(conv, x, grad_atol=2e-3)  # (weight gradients: sums over up to 81920 voxels)
     assert y.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
@@ -180,7 +197,7 @@ def test_folded_block_equals_head_by_head(dims, heads, norm, channels_last):
     assert folded.A.shape == (heads * 8, 8) and folded.c.shape == (8,)
     # exact algebra: the folded computation in float64 equals the head-by-head one to rounding
     block64 = copy.deepcopy(block).double()
-    heads_params = [(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in block64.gates]
+    heads_params = [GateWeights(gt.theta.weight, gt.phi.weight, gt.phi.bias, gt.psi.weight, gt.psi.bias) for gt in block64.gates]
     with torch.no_grad():
         out64, _ = multi_gate_inference_cpu(x.double(), g.double(), heads_params, *block64.folded_output_map())
     assert (out64 - truth[0]).abs().max().item() <= 1e-12 * truth[0].abs().max().item()
@@ -244,8 +261,12 @@ def test_folded_block_refuses_training_gradients_and_other_tensors():
         folded(x.requires_grad_(), g)
     x = x.detach()
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"float32 CPU tensors, got x torch.float64 on cpu"):
+        with pytest.raises(TypeError, match=r"runs float32 tensors, got x of dtype torch.float64"):
             folded(x.double(), g.double())
+        with pytest.raises(TypeError, match=r"runs float32 tensors, got g of dtype torch.float16"):
+            folded(x, g.half())
+        with pytest.raises(ValueError, match=r"runs CPU tensors, got x on meta"):
+            folded(x.to("meta"), g)
         folded.train()
         with pytest.raises(RuntimeError, match="is for inference"):
             folded(x, g)
@@ -285,3 +306,73 @@ def test_transformed_network_computes_the_original(options):
 def test_transform_of_a_non_module_is_an_error():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
         optimize_for_inference({})
+
+
+def test_transform_builds_new_modules_and_keeps_shared_ones_shared():
+    """The transform installs new modules (OneDNNConv3d, FoldedMultiAttentionGate) in a copy, made
+    from the old ones' own parameters; a module reached by two names stays one module."""
+    shared = nn.Conv3d(2, 2, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared).eval()
+    fast = optimize_for_inference(model, channels_last=False)
+    assert type(fast[0]) is OneDNNConv3d and fast[0] is fast[2] and type(model[0]) is nn.Conv3d
+    torch.testing.assert_close(fast[0].weight, model[0].weight)
+    x = torch.randn(1, 2, 5, 6, 7)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    assert type(optimize_for_inference(nn.Conv3d(2, 3, 1).eval())) is OneDNNConv3d  # the model itself replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# empty batches and non-finite inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_empty_batch_through_the_transformed_network():
+    net = randomise(AttentionUNet3D(filters=[4, 8, 16, 32])).eval()
+    fast = optimize_for_inference(net)
+    x = torch.randn(0, 1, 16, 16, 16)
+    with torch.inference_mode():
+        got, want = fast(x.contiguous(memory_format=torch.channels_last_3d)), net(x)
+    assert got.shape == want.shape == (0, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_empty_batch_through_a_folded_block(dims):
+    block = randomise(MultiAttentionGate(dims, 8, 12, inter_channels=6)).eval()
+    x, g = torch.randn(0, 8, *(12, 10, 6)[:dims]), torch.randn(0, 12, *(6, 5, 3)[:dims])
+    with torch.no_grad():
+        (out, alpha), (want, want_alpha) = _folded(block)(x, g), block(x, g)
+    assert out.shape == want.shape and alpha.shape == want_alpha.shape == (0, 2, *x.shape[2:])
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data(), s=gate_shapes(dims=(2, 3), c_l=(2, 6), c_int=(1, 4)), heads=st.integers(1, 3), channels_last=st.booleans())
+def test_folded_block_with_nonfinite_inputs_as_head_by_head(data, s, heads, channels_last):
+    """NaN and infinity in x or g: the folded block's out and alpha are non-finite exactly where the
+    head-by-head computation's are (the resampling reaches only a point's neighbours), and agree elsewhere."""
+    block = randomise(MultiAttentionGate(s.d, s.c_l, s.c_g, inter_channels=s.c_int, subsample_factor=s.k, heads=heads)).eval()
+    x, g, _ = random_gate(s, dtype=torch.float32)
+    spots = data.draw(nonfinite_spots(s))
+    x, g = with_nonfinite(x, spots.get("x", [])), with_nonfinite(g, spots.get("g", []))
+    if channels_last:
+        fmt = torch.channels_last if s.d == 2 else torch.channels_last_3d
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    with torch.no_grad():
+        got = _folded(block)(x, g)
+        want = _unfolded(copy.deepcopy(block).double(), x.double(), g.double())
+    scale = max([t[torch.isfinite(t)].abs().max().item() for t in want if torch.isfinite(t).any()], default=1.0)
+    for a, b, what in zip(got, want, ("out", "alpha")):
+        assert_close_nonfinite(a.double(), b, rtol=1e-4, atol=1e-5 * scale, what=what)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_onednn_conv_keeps_nan_local(kernel_size):
+    """A NaN voxel reaches only the outputs whose kernel covers it, as in nn.Conv3d."""
+    conv, x = _conv_case(size=(9, 10, 7), kernel_size=kernel_size, padding=kernel_size // 2)
+    x = x.detach().clone()
+    x[0, 3, 4, 5, 2] = float("nan")
+    with torch.no_grad():
+        got, want = conv(x), nn.Conv3d._conv_forward(conv, x, conv.weight, conv.bias)
+    assert_close_nonfinite(got, want, rtol=1e-4, atol=1e-4, what="conv")
+    assert (~torch.isfinite(got)).sum() == 8 * kernel_size**3

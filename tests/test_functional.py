@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attention_gates import GridAttentionGate2D
 from attention_gates.functional import GateOptions, GateWeights, check_gate_inputs, grid_attention
-from gate_cases import reference
+from gate_cases import GateShape, gate_shapes, random_gate, reference
 
 DT = torch.float64
 LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -109,24 +110,12 @@ def make_case(
     d=3, n=2, c_l=4, c_g=3, c_int=2, size=(7, 6, 5), g_size=(3, 2, 4), k=(2, 2, 2),
     *, transform=True, affine=True, batch=True, bias=True, dtype=DT, seed=0,
 ):  # fmt: skip
-    """Random (x, g, weights...) in the argument order of grid_attention."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
-
-    one = (1,) * d
-    x, g = r(n, c_l, *size[:d]), r(n, c_g, *g_size[:d])
-    tw = r(c_int, c_l, *k[:d], scale=1 / math.sqrt(c_l * math.prod(k[:d])))
-    pw, pb = r(c_int, c_g, *one, scale=1 / math.sqrt(c_g)), (r(c_int) if bias else None)
-    sw, sb = r(1, c_int, *one, scale=1 / math.sqrt(c_int)), (r(1) if bias else None)
-    args = [x, g, tw, pw, pb, sw, sb]
-    if transform:
-        Ww, Wb = r(c_l, c_l, *one, scale=1 / math.sqrt(c_l)), r(c_l)
-        nw, nb = (1 + 0.3 * r(c_l), r(c_l)) if affine else (None, None)
-        rm, rv = (r(c_l), 0.5 + torch.rand(c_l, generator=gen, dtype=dtype)) if batch else (None, None)
-        args += [Ww, Wb, nw, nb, rm, rv]
-    return args
+    """A :func:`gate_cases.random_gate` call as grid_attention's positional arguments ``[x, g, *GateWeights]``:
+    ``transform`` keeps W, ``affine`` the norm's parameters, ``batch`` the running statistics."""
+    shape = GateShape(d, n, c_l, c_g, c_int, tuple(k[:d]), tuple(size[:d]), tuple(g_size[:d]))
+    norm = "batch" if batch else "instance" if affine else "none"
+    x, g, w = random_gate(shape, W=transform, norm=norm, affine=affine, bias=bias, dtype=dtype, seed=seed)
+    return [x, g, *w]
 
 
 def assert_close(a, b, tol=1e-10):
@@ -215,7 +204,8 @@ def test_g_on_theta_grid_is_not_resampled():
     # g already on theta's grid: phi(g) is used as is, so the gate is exactly eq. 1 voxel by voxel
     args = make_case(d=2, size=(8, 6), g_size=(4, 3), transform=False)
     _, alpha = reference(*args, align_corners=True)
-    x, g, tw, pw, pb, sw, sb = args
+    x, g, tw, pw, pb, sw, sb, *no_transform = args
+    assert not any(no_transform)
     q = F.conv2d(F.relu(F.conv2d(x, tw, stride=2) + F.conv2d(g, pw, pb)), sw, sb)
     assert_close(alpha, resize(torch.sigmoid(q), (8, 6), True))
 
@@ -233,29 +223,18 @@ def test_public_function_equals_reference():
 
 
 @given(
-    d=st.integers(1, 3),
-    n=st.integers(1, 2),
-    c_l=st.integers(1, 4),
-    c_g=st.integers(1, 4),
-    c_int=st.integers(1, 3),
-    k=st.lists(st.integers(1, 3), min_size=3, max_size=3),
-    extra=st.lists(st.integers(0, 4), min_size=3, max_size=3),
-    g_size=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    s=gate_shapes(),
     sigma1=st.sampled_from(["relu", "softplus"]),
     sigma2=st.sampled_from(["sigmoid", "softmax"]),
     norm=st.sampled_from(["batch", "instance", "group", "none"]),
     training=st.booleans(),
     align_corners=st.booleans(),
 )
-def test_property_matches_paper_equations(
-    d, n, c_l, c_g, c_int, k, extra, g_size, sigma1, sigma2, norm, training, align_corners
-):  # fmt: skip
-    size = [kk + e for kk, e in zip(k, extra)]  # any size, odd included, at least the factor
-    if norm == "batch" and training and n * math.prod(size[:d]) < 2:
-        size[0] += 1
-    if norm == "instance" and math.prod(size[:d]) < 2:
-        size[0] += 1
-    args = make_case(d=d, n=n, c_l=c_l, c_g=c_g, c_int=c_int, size=size, g_size=g_size, k=k)
+def test_property_matches_paper_equations(s, sigma1, sigma2, norm, training, align_corners):
+    if (norm == "batch" and training and s.n * math.prod(s.size) < 2) or (norm == "instance" and math.prod(s.size) < 2):
+        s = s._replace(size=(s.size[0] + 1, *s.size[1:]))  # statistics of one value: refused, tested elsewhere
+    x, g, w = random_gate(s, norm=norm)
+    args = [x, g, *w]
     kw = dict(norm=norm, training=training, sigma1=sigma1, sigma2=sigma2, align_corners=align_corners)
     mine = [a.clone() if a is not None else None for a in args]
     out, alpha = grid_attention(*mine, backend="reference", **kw)
@@ -405,3 +384,60 @@ def test_options_are_checked_when_made():
         GateOptions(sigma1="tanh")
     with pytest.raises(dataclasses.FrozenInstanceError):
         GateOptions().training = True
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes: one for every tensor, said before any convolution meets two
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "index,dtype,match",
+    [
+        (1, torch.float16, r"x's dtype torch.float32: .*got g torch.float16"),
+        (2, torch.float64, r"got theta_weight torch.float64"),
+        (7, torch.bfloat16, r"got W_weight torch.bfloat16"),
+        (12, torch.float64, r"got running_var torch.float64"),
+    ],
+)
+def test_a_tensor_of_another_dtype_is_named(index, dtype, match):
+    args = make_case(**BASE)
+    args[index] = args[index].to(dtype)
+    with pytest.raises(TypeError, match=match):
+        grid_attention(*args)
+
+
+def test_every_other_dtype_is_named_at_once():
+    args = make_case(**BASE)
+    x = args[0].half()
+    with pytest.raises(TypeError) as err:
+        grid_attention(x, *args[1:])
+    msg = str(err.value)
+    assert "x's dtype torch.float16" in msg and "g torch.float32" in msg and "theta_weight torch.float32" in msg
+    assert "running_mean torch.float32" in msg and ".to(torch.float16)" in msg
+
+
+def test_a_module_with_other_weights_than_its_input_says_which():
+    """The gate module with half weights and a float32 input (issue 24): a TypeError before any convolution."""
+    gate = GridAttentionGate2D(4, 6).half().eval()
+    with pytest.raises(TypeError, match=r"x's dtype torch.float32: g and every weight must have it too.*got theta_weight torch.float16"):
+        gate(torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4))
+
+
+def test_under_autocast_the_dtypes_may_differ():
+    """torch.autocast casts the convolutions' operands itself: a float32 gate takes a bfloat16 input."""
+    gate = GridAttentionGate2D(4, 6, backend="reference").eval()
+    x, g = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, 6, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, alpha = gate(x, g)
+    assert out.shape == x.shape and alpha.shape == (2, 1, 8, 8)
+
+
+def test_an_empty_batch_in_training_is_refused_with_batch_norm_and_computed_without():
+    args = make_case(**{**BASE, "n": 0})
+    with pytest.raises(ValueError, match=r"batch normalisation in training needs more than one value per channel.*\[0, 4, 6, 6\]"):
+        grid_attention(*args, training=True)
+    out, alpha = grid_attention(*args, training=False)
+    assert out.shape == (0, 4, 6, 6) and alpha.shape == (0, 1, 6, 6)
+    out, _ = grid_attention(*args, norm="none", training=True)
+    assert out.shape == (0, 4, 6, 6)

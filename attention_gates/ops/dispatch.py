@@ -22,40 +22,65 @@ resampling, ``upsample_*_backward``, adds with atomics, and PyTorch refuses it i
 while the Triton kernels' backward is (fixed-order sums) unless ``g`` itself must be resampled
 onto theta's grid.
 
+Under :func:`torch.jit.trace`, :func:`torch.jit.script` and :func:`torch.export.export` (which
+ONNX's dynamo exporter runs), ``"auto"`` takes the reference: plain PyTorch operations, which
+they record and ONNX Runtime runs; never a Python autograd function (the ``cpu`` backend) nor a
+custom op. An explicitly requested backend they cannot record raises. Inside plain
+:func:`torch.compile` the table's ``"compiled"`` rows decide, as above.
+
 The backend is chosen per call (``backend=``), per module (the ``backend=`` constructor
-argument) or globally, with :func:`use_backend` or the environment variable
-``ATTENTION_GATES_BACKEND``, in that order of precedence. An explicitly requested backend
-that cannot run raises :class:`BackendUnavailableError` listing its reasons; only ``"auto"``
-falls back.
+argument) or per thread, with :func:`use_backend` (each thread sees only its own) or, for the
+process, the environment variable ``ATTENTION_GATES_BACKEND``, in that order of precedence. An
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError` listing its
+reasons; only ``"auto"`` falls back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib.util
 import os
+import threading
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from . import measured
+from . import cpu_gate, measured
+from .layout import is_channels_last
 from .reference import GateOptions, GateWeights, grid_attention_reference
+from .support import BackendUnavailableError, dtype_reasons, fused_math_reasons, recorder, unavailable
 from .triton.support import interpreting, shape_reasons
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "get_backend", "use_backend", "not_supported_reasons", "select", "chosen", "measured_key"]
+__all__ = [
+    "BACKENDS", "Backend", "BackendUnavailableError", "get_backend", "use_backend", "not_supported_reasons", "select", "chosen",
+    "measured_key", "registry",
+]  # fmt: skip
 
 BACKENDS = ("auto", "reference", "compile", "triton", "cpu")
 ENV_VAR = "ATTENTION_GATES_BACKEND"
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_CAPABILITY = measured.host_capability()
-_override: list[str] = []
 
 Impl = Callable[[Tensor, Tensor, GateWeights, GateOptions], tuple[Tensor, Tensor]]
+Check = Callable[[Tensor, Tensor, GateWeights, GateOptions], object]
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run this call; the message lists every reason."""
+class _Override(threading.local):
+    """The :func:`use_backend` blocks around the running code, innermost last: each thread its own.
+
+    A ``threading.local`` rather than a ``contextvars.ContextVar``: the gate's call reads it
+    inside :func:`torch.compile`, whose tracer follows a ``threading.local`` (and recompiles when
+    it changes) but cannot trace ``ContextVar.get``.
+    """
+
+    names: tuple[str, ...] = ()
+
+
+_override = _Override()
 
 
 def check_name(name: str) -> str:
@@ -66,9 +91,10 @@ def check_name(name: str) -> str:
 
 
 def get_backend() -> str:
-    """The global default backend: the innermost :func:`use_backend`, else ``$ATTENTION_GATES_BACKEND``, else ``"auto"``."""
-    if _override:
-        return _override[-1]
+    """The default backend of this thread: its innermost :func:`use_backend`, else
+    ``$ATTENTION_GATES_BACKEND``, else ``"auto"``."""
+    if _override.names:
+        return _override.names[-1]
     env = os.environ.get(ENV_VAR)
     if env:
         try:
@@ -80,7 +106,8 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager setting the default backend of every gate call inside it.
+    """Context manager setting the default backend of every gate call inside it, in this thread
+    (other threads keep theirs).
 
     Example:
         >>> from attention_gates.ops import use_backend, get_backend
@@ -88,11 +115,12 @@ def use_backend(name: str) -> Iterator[None]:
         ...     get_backend()
         'reference'
     """
-    _override.append(check_name(name))
+    outer = _override.names
+    _override.names = (*outer, check_name(name))
     try:
         yield
     finally:
-        _override.pop()
+        _override.names = outer
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None  # looked up once; does not import it
@@ -104,19 +132,7 @@ def _needs_grad(x: Tensor, g: Tensor, w: GateWeights) -> bool:
 
 def _fused_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions, dtypes=_FUSED_DTYPES) -> list[str]:
     """Reasons shared by the fused backends (triton, cpu)."""
-    reasons = []
-    if opt.sigma2 != "sigmoid":
-        reasons.append(f"sigma2={opt.sigma2!r}: only the paper's 'sigmoid' gate is fused (softmax needs a grid-wide reduction)")
-    if w.W_weight is not None and opt.norm not in ("batch", "none"):
-        reasons.append(f"norm={opt.norm!r}: only 'batch' or 'none' after W are fused")
-    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-    got = {x.dtype, g.dtype}
-    if not got <= set(dtypes):
-        reasons.append(f"dtype {sorted(map(str, got))}: supported are {names}")
-    bad = next((t.dtype for t in w if t is not None and t.dtype not in dtypes), None)
-    if bad is not None:
-        reasons.append(f"weight dtype {bad}: supported are {names}")
-    return reasons
+    return fused_math_reasons(w, opt) + dtype_reasons(x, g, w, dtypes)
 
 
 def _triton_reasons(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
@@ -176,7 +192,7 @@ _compiled: dict[str, Impl] = {}
 
 
 def _compiled_reference(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
-    if torch.compiler.is_compiling():  # already inside a compiled region: trace the reference
+    if torch.compiler.is_compiling():  # already inside a compiled region (or export): trace the reference
         return grid_attention_reference(x, g, w, opt)
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(grid_attention_reference, dynamic=False)
@@ -189,33 +205,54 @@ def _triton_impl(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tupl
     return grid_attention_triton(x, g, w, opt)
 
 
-def _cpu_impl(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> tuple[Tensor, Tensor]:
-    from .cpu import grid_attention_cpu
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the gate, as the dispatcher knows it."""
 
-    return grid_attention_cpu(x, g, w, opt)
+    name: str
+    reasons: Check
+    """``(x, g, weights, options) -> list[str]``: why it cannot run a call (empty when it can)."""
+    deterministic: Check
+    """``(x, g, weights, options) -> bool``: whether its results for a call are reproducible run to run."""
+    impl: Impl
+    """``(x, g, weights, options) -> (out, alpha)``: the implementation."""
+    recorders: frozenset = frozenset()
+    """The :func:`~attention_gates.ops.support.recorder` names that can record it as a graph."""
+    unrecordable: str = ""
+    """Why the others cannot."""
 
 
-Check = Callable[[Tensor, Tensor, GateWeights, GateOptions], object]
-# name -> (why it cannot run the call, whether its results are reproducible run to run, the implementation)
-_REGISTRY: dict[str, tuple[Check, Check, Impl]] = {
-    "reference": (_no_reasons, _reference_deterministic, grid_attention_reference),
-    "compile": (_no_reasons, _reference_deterministic, _compiled_reference),
-    "triton": (_triton_reasons, _triton_deterministic, _triton_impl),
-    "cpu": (_cpu_reasons, _always, _cpu_impl),
-}
+_ALL_RECORDERS = frozenset({"torch.jit.trace", "torch.jit.script", "torch.export"})
+_REGISTRY = {
+    b.name: b
+    for b in (
+        Backend("reference", _no_reasons, _reference_deterministic, grid_attention_reference, _ALL_RECORDERS),
+        Backend("compile", _no_reasons, _reference_deterministic, _compiled_reference, frozenset({"torch.export"}),
+                "torch.compile cannot run inside TorchScript's tracing or scripting"),
+        Backend("triton", _triton_reasons, _triton_deterministic, _triton_impl, frozenset({"torch.jit.trace", "torch.export"}),
+                "its launcher is Python code that TorchScript's scripting cannot compile"),  # the custom op is recorded
+        Backend("cpu", _cpu_reasons, _always, cpu_gate.grid_attention_cpu, frozenset(),
+                "a Python autograd function, which tracing, scripting and export cannot record"),
+    )
+}  # fmt: skip
+
+
+def registry() -> dict[str, Backend]:
+    """Every implementation by name (all of :data:`BACKENDS` but ``"auto"``)."""
+    return dict(_REGISTRY)
 
 
 def not_supported_reasons(backend: str, x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> list[str]:
     """Why ``backend`` cannot run this call (an empty list when it can)."""
     if check_name(backend) == "auto":
         return []
-    return _REGISTRY[backend][0](x, g, w, opt)
-
-
-def _layout(x: Tensor) -> str:
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    channels_last = fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
-    return "channels_last" if channels_last else "contiguous"
+    impl = _REGISTRY[backend]
+    reasons = list(impl.reasons(x, g, w, opt))
+    recording = recorder()
+    if recording is not None and recording not in impl.recorders:
+        reasons.append(f"{recording} is recording this call, and cannot record the {backend!r} backend: {impl.unrecordable} "
+                       "(backend='auto' or 'reference' records the reference)")  # fmt: skip
+    return reasons
 
 
 def measured_key(x: Tensor, g: Tensor, w: GateWeights) -> measured.Key:
@@ -230,8 +267,19 @@ def measured_key(x: Tensor, g: Tensor, w: GateWeights) -> measured.Key:
         capability=capability,
         dtype=str(x.dtype).replace("torch.", ""),
         mode="train" if _needs_grad(x, g, w) else "eval",
-        layout=_layout(x),
+        layout="channels_last" if is_channels_last(x) else "contiguous",
         context="compiled" if torch.compiler.is_compiling() else "eager",
+    )
+
+
+@functools.lru_cache(maxsize=None)  # once per process and kind of GPU
+def _warn_unmeasured(backend: str, device: str, capability: str) -> None:
+    warnings.warn(
+        f"backend {backend!r} on a {device} device of capability {capability}: no measurement of this kind of device is "
+        f"in the table behind 'auto' (attention_gates/ops/measured.json), and the Triton kernels have not run on a GPU "
+        f"since their rewrite. Check its results against backend='reference' on your shapes (docs: tutorials/backends), "
+        f"and measure it with benchmarks/gpu_check.sh",
+        stacklevel=4,
     )
 
 
@@ -239,23 +287,28 @@ def chosen(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: Ga
     """The name of the backend that runs this call (see the module docstring for the rules).
 
     Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run it.
+    Warns once per process when ``"triton"`` is requested, in eager execution, on a kind of GPU the
+    table has no row of.
     """
     name = check_name(backend) if backend is not None else get_backend()
     if name == "auto":
+        if recorder() is not None:
+            return "reference"
         fused = measured.winner(measured_key(x, g, w))
         order = [fused, "reference"] if fused is not None else ["reference"]
         if torch.are_deterministic_algorithms_enabled():
-            order = [b for b in [*order, "triton"] if _REGISTRY[b][1](x, g, w, opt)] or ["reference"]
+            order = [b for b in [*order, "triton"] if _REGISTRY[b].deterministic(x, g, w, opt)] or ["reference"]
         return next((b for b in order if not not_supported_reasons(b, x, g, w, opt)), "reference")
     reasons = not_supported_reasons(name, x, g, w, opt)
     if reasons:
-        raise BackendUnavailableError(
-            f"backend {name!r} cannot run this call (x: {list(x.shape)} {x.dtype} on {x.device}):\n  - "
-            + "\n  - ".join(reasons)
-        )
+        raise unavailable(name, x, reasons)
+    if name == "triton" and x.device.type == "cuda" and not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
+        key = measured_key(x, g, w)
+        if not measured.has_rows(key.device, key.capability):
+            _warn_unmeasured(name, key.device, key.capability)
     return name
 
 
 def select(backend: Optional[str], x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions) -> Impl:
     """The implementation that runs this call: that of :func:`chosen`."""
-    return _REGISTRY[chosen(backend, x, g, w, opt)][2]
+    return _REGISTRY[chosen(backend, x, g, w, opt)].impl

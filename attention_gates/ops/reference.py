@@ -33,6 +33,7 @@ implementation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -105,9 +106,11 @@ class GateOptions:
 def resample(t: Tensor, size, align_corners: bool = False) -> Tensor:
     """(Bi/tri)linear resampling of ``Tensor[N, C, *S]`` onto spatial ``size`` (1D, 2D or 3D).
 
-    Returns ``t`` itself when the size already matches.
+    Returns ``t`` itself when the size already matches. ``size`` is taken as it comes (no ``int()``):
+    the sizes of another tensor stay symbolic under :func:`torch.export.export` and traced under
+    :func:`torch.jit.trace`, so that a recorded gate runs at other sizes.
     """
-    size = tuple(int(s) for s in size)
+    size = tuple(size)
     if tuple(t.shape[2:]) == size:
         return t
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[t.dim() - 2]
@@ -188,8 +191,26 @@ def _check_tensor(name: str, t, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {_desc(t)}")
 
 
+def _check_dtypes(x: Tensor, g: Tensor, w: GateWeights) -> None:
+    """Every tensor in x's dtype, outside autocast (which casts the convolutions' operands itself)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return
+    named = {"g": g, **{name: t for name, t in zip(GateWeights._fields, w) if t is not None}}
+    other = {name: t.dtype for name, t in named.items() if t.dtype != x.dtype}
+    if other:
+        got = ", ".join(f"{name} {dtype}" for name, dtype in other.items())
+        raise TypeError(
+            f"the gate computes in x's dtype {x.dtype}: g and every weight must have it too (outside torch.autocast), "
+            f"got {got}; convert the module (.to({x.dtype})) or the inputs"
+        )
+
+
 def check_gate_inputs(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions = GateOptions()) -> None:
-    """Raise a ``TypeError``/``ValueError`` naming the argument, what was expected and what came."""
+    """Raise a ``TypeError``/``ValueError`` naming the argument, what was expected and what came.
+
+    Besides each tensor's type, shape and device: ``g`` and every weight in ``x``'s dtype (a
+    ``TypeError`` naming those that differ), except under :func:`torch.autocast` for x's device.
+    """
     for name, t in (("x", x), ("g", g)):
         _check_tensor(name, t)
         if t.dim() not in (3, 4, 5):
@@ -247,9 +268,10 @@ def check_gate_inputs(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions = G
                 f"theta_weight's kernel size (the subsample factor) {k} does not fit x's spatial size "
                 f"{list(x.shape[2:])}: axis {axis} has {size} < {kk} voxels"
             )
+    _check_dtypes(x, g, w)
     if w.W_weight is None:
         return
-    if opt.norm == "batch" and opt.training and x.shape[0] * x[0, 0].numel() < 2:
+    if opt.norm == "batch" and opt.training and x.shape[0] * math.prod(x.shape[2:]) < 2:
         raise ValueError(f"batch normalisation in training needs more than one value per channel, got x {_desc(x)}")
     if opt.norm == "batch" and not opt.training and (w.running_mean is None or w.running_var is None):
         raise ValueError("running_mean and running_var are required for norm='batch' when training=False, got None")

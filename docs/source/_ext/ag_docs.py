@@ -11,7 +11,8 @@
   ``benchmarks/results/**/*.json`` and the plots in ``_static/benchmarks/``) and
   ``_generated/guides_toc.rst`` (the toctree of the optional guide pages present) and
   ``_generated/pancreas_help.rst`` (the pancreas example's ``--help``) and
-  ``_generated/measured.rst`` (the table ``"auto"`` follows, with the choice in every row) and
+  ``_generated/measured.rst`` (the table ``"auto"`` follows, with the choice in every row, and the
+  CPU paths' measured thresholds) and
   ``_generated/cpu_transform.rst`` (what the CPU transform's steps gained, from the stored
   ``cpu_backends.json`` results).
 """
@@ -246,7 +247,7 @@ def render_cpu_transform() -> list[str]:
         data = json.loads(f.read_text(encoding="utf-8"))
         m = data["machine"]
         body = []
-        for r in data["transform"]:
+        for r in data.get("transform", []):
             for key, ms in r["ms"].items():
                 arch, step = key.split("|")
                 built = r["ms"][f"{arch}|as built"]
@@ -276,7 +277,24 @@ def render_measured() -> list[str]:
         cells["auto takes"] = measured.row_winner(r) or "reference"
         cells["measured on"] = f"{r.get('machine', '?')}, commit {r['commit'][:10]}"
         body.append(cells)
-    return _table(body, "measured medians of the paper model's level-2 gate, and the choice of ``\"auto\"``")
+    lines = _table(body, "measured medians of the paper model's level-2 gate, and the choice of ``\"auto\"``")
+    return lines + render_cpu_thresholds()
+
+
+def render_cpu_thresholds() -> list[str]:
+    """The ``cpu_thresholds`` of ``attention_gates/ops/measured.json`` as a table, with the defaults
+    that every other CPU takes as its last row."""
+    from attention_gates.ops import measured
+
+    data = json.loads(measured.PATH.read_text(encoding="utf-8"))
+    fields = measured.CpuThresholds._fields
+    def sizes(t) -> dict:
+        return {f: "2**62 (one path always)" if t[f] == measured.NEVER else t[f] for f in fields}
+
+    body = [{"CPU": t["capability"], **sizes(t), "measured on": f"{t.get('machine', '?')}, commit {t['commit'][:10]}"}
+            for t in data.get("cpu_thresholds", [])]  # fmt: skip
+    body.append({"CPU": "any other", **sizes(measured.DEFAULT_CPU_THRESHOLDS._asdict()), "measured on": "defaults, not measured"})
+    return _table(body, "where the CPU paths change strategy (sizes; see attention_gates.ops.measured.CpuThresholds)")
 
 
 def generate_cli_help() -> None:
