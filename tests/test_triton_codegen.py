@@ -48,8 +48,8 @@ SM90 = (9, 0)
 REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024  # H100: 228 KB per multiprocessor, 227 KB for one block
 SHARED_PER_BLOCK = 227 * 1024
-DOT_KERNELS = {"_coarse_fwd", "_fine_stats", "_fine_out", "_fine_bwd_sums", "_fine_bwd", "_coarse_bwd", "_patch_bwd"}
-COARSE_KERNELS = {"_coarse_fwd", "_alpha_adjoint_kernel", "_coarse_bwd", "_patch_bwd"}
+DOT_KERNELS = {"coarse_fwd", "fine_stats", "fine_out", "fine_bwd_sums", "fine_bwd", "coarse_bwd", "patch_bwd"}
+COARSE_KERNELS = {"coarse_fwd", "alpha_adjoint_kernel", "coarse_bwd", "patch_bwd"}
 
 
 def record(level: int, dtype: torch.dtype, channels_last: bool) -> list:
@@ -136,7 +136,7 @@ def test_sm90_code(level, dtype, channels_last):
     """Every kernel of a training step compiles for sm_90 with tensor-core dots, no atomics,
     no spills, and the occupancy its persistent grid assumes."""
     facts = kernel_facts(level, dtype, channels_last)
-    assert {name for name, _ in facts} >= DOT_KERNELS | {"_sum_rows", "_stats_combine", "_alpha_adjoint_kernel"}
+    assert {name for name, _ in facts} >= DOT_KERNELS | {"sum_rows", "stats_combine", "alpha_adjoint_kernel"}
     row = tiles.lookup("sm90", launch.block_size(LEVELS[level][0][1]))  # F_int = F_l
     operand = {torch.float32: "tf32", torch.bfloat16: "bf16"}[dtype]
     for (name, _), (rec, f) in facts.items():
@@ -148,7 +148,7 @@ def test_sm90_code(level, dtype, channels_last):
             mma = f["wgmma"] + f["mma"]
             assert mma, f"{where}: no tensor-core instruction"
             assert all(f".{operand}" in m for m in mma), f"{where}: dots not in {operand}: {sorted(set(mma))[:3]}"
-        if rec.grid[0] > 1 and name != "_sum_rows":  # a persistent grid: its programs must fit on the SMs at once
+        if rec.grid[0] > 1 and name != "sum_rows":  # a persistent grid: its programs must fit on the SMs at once
             per_sm = row.coarse_per_sm if name in COARSE_KERNELS else row.fine_per_sm
             assert rec.grid[0] <= H100[1] * per_sm
             threads = 32 * f["warps"]
@@ -159,7 +159,7 @@ def test_sm90_code(level, dtype, channels_last):
 def test_wgmma_at_level2_fp32():
     """At the paper's level-2 gate in float32 the big dots are Hopper's wgmma, in TF32."""
     facts = kernel_facts(2, torch.float32, False)
-    for name in ("_coarse_fwd", "_fine_out", "_coarse_bwd", "_patch_bwd"):
+    for name in ("coarse_fwd", "fine_out", "coarse_bwd", "patch_bwd"):
         (f,) = [f for (n, _), (_, f) in facts.items() if n == name]
         assert f["wgmma"] and all(".tf32.tf32" in m for m in f["wgmma"]), name
 
@@ -167,9 +167,9 @@ def test_wgmma_at_level2_fp32():
 def test_tf32x3_and_ieee_compile():
     """With TF32 turned off the float32 dots stay on the tensor cores (tf32x3, three TF32
     products); "ieee" (the interpreter's) has no tensor-core form: it is never chosen on a GPU."""
-    rec = next(r for r in record(2, torch.float32, False) if r.kernel == "_coarse_fwd")
+    rec = next(r for r in record(2, torch.float32, False) if r.kernel == "coarse_fwd")
     for prec, on_tensor_cores in (("tf32x3", True), ("ieee", False)):
-        key = ("_coarse_fwd-" + prec,)
+        key = ("coarse_fwd-" + prec,)
         _RECORDS[key] = rec._replace(args={**rec.args, "PREC": prec})
         f = _facts(key)
         assert bool(f["wgmma"] or f["mma"]) is on_tensor_cores, prec
@@ -284,9 +284,9 @@ def test_tile_table_rows():
 
 # launches and host operations per call of a gate with W + BatchNorm (float32)
 KERNELS = {
-    "eval_forward": ["_coarse_fwd", "_fine_out"],
-    "train_forward": ["_coarse_fwd", "_fine_stats", "_stats_combine", "_fine_out"],
-    "train_backward": ["_fine_bwd_sums", "_sum_rows", "_fine_bwd", "_alpha_adjoint_kernel", "_coarse_bwd", "_patch_bwd", "_sum_rows"],
+    "eval_forward": ["coarse_fwd", "fine_out"],
+    "train_forward": ["coarse_fwd", "fine_stats", "stats_combine", "fine_out"],
+    "train_backward": ["fine_bwd_sums", "sum_rows", "fine_bwd", "alpha_adjoint_kernel", "coarse_bwd", "patch_bwd", "sum_rows"],
 }
 TORCH_OPS = {"eval_forward": 16, "train_forward": 17, "train_backward": 21}  # views, allocations, detach: no device work
 
@@ -333,11 +333,11 @@ def test_traffic_counts_what_launches_pass():
     with launch.plan_for(*H100), recorded_launches() as log:
         mode_calls(x, g, *groups)["eval_forward"]()
     base = launch_traffic(log)
-    reads, writes = launch.PASSES["_fine_out"]
+    reads, writes = launch.PASSES["fine_out"]
     try:
-        launch.PASSES["_fine_out"] = (reads, writes + ("out_ptr", "x_ptr"))  # a tensor twice counts once
+        launch.PASSES["fine_out"] = (reads, writes + ("out_ptr", "x_ptr"))  # a tensor twice counts once
         assert launch_traffic(log) == base
-        launch.PASSES["_fine_out"] = (reads[1:], writes)  # x no longer streamed by _fine_out
+        launch.PASSES["fine_out"] = (reads[1:], writes)  # x no longer streamed by fine_out
         assert launch_traffic(log) == base - x.nbytes
     finally:
-        launch.PASSES["_fine_out"] = (reads, writes)
+        launch.PASSES["fine_out"] = (reads, writes)

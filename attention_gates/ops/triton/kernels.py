@@ -16,21 +16,21 @@ consecutive in memory, no per-lane division), viewed as ``[BLOCK_P, BKW * BLOCK_
 dot. Fine tiles (x's grid) are ``BLOCK_S`` consecutive positions of one sample.
 
 Forward:
-    ``_coarse_fwd``     alpha_c = sigmoid(psi . sigma1(theta(x) + phi(g)) + b_psi)
-    ``_fine_stats``     per-program (mean, M2) of ``alpha * u`` (u = W0 x), merged over its tiles (Chan)
-    ``_stats_combine``  their combination in row order (float64): W's batch mean and variance
-    ``_fine_out``       out = alpha * u * scale + shift (bias and norm folded per channel), and alpha
+    ``coarse_fwd``     alpha_c = sigmoid(psi . sigma1(theta(x) + phi(g)) + b_psi)
+    ``fine_stats``     per-program (mean, M2) of ``alpha * u`` (u = W0 x), merged over its tiles (Chan)
+    ``stats_combine``  their combination in row order (float64): W's batch mean and variance
+    ``fine_out``       out = alpha * u * scale + shift (bias and norm folded per channel), and alpha
 Backward (recomputing from x, g, alpha_c and the norm statistics):
-    ``_fine_bwd_sums``  per-program sums of dout and dout * zhat (the norm's gradients)
-    ``_fine_bwd``       d alpha on x's grid, per-program partials of dW0 and db, and dx at the
+    ``fine_bwd_sums``  per-program sums of dout and dout * zhat (the norm's gradients)
+    ``fine_bwd``       d alpha on x's grid, per-program partials of dW0 and db, and dx at the
                         positions no subsample patch covers
-    ``_alpha_adjoint_kernel``  d alpha_c, the adjoint of alpha's resampling: a gather over the
+    ``alpha_adjoint_kernel``  d alpha_c, the adjoint of alpha's resampling: a gather over the
                         fine positions whose gradient each coarse position takes
-    ``_coarse_bwd``     df = d(theta x + phi g) per coarse position (written), dg, and
+    ``coarse_bwd``     df = d(theta x + phi g) per coarse position (written), dg, and
                         per-program partials of dphi, dbp, dpsi, db_psi
-    ``_patch_bwd``      per patch row: dx (theta path + recomputed W path, written once in x's
+    ``patch_bwd``      per patch row: dx (theta path + recomputed W path, written once in x's
                         dtype) and per-program partials of dtheta
-    ``_sum_rows``       the column sums of per-program partial rows, in row order (float64)
+    ``sum_rows``       the column sums of per-program partial rows, in row order (float64)
 The fine kernels resample alpha_c onto x's grid themselves (``_alpha_at``, as ``F.interpolate``).
 A program accumulates its partial sums in registers over its tiles and writes them once; no
 kernel uses atomics, so gradients are bitwise reproducible run to run on one device.
@@ -219,7 +219,7 @@ def _alpha_adjoint(daf_ptr, n, dc, hc, wc, pmask, D, H, W, DC, HC, WC, sd, sh, s
 
 
 @triton.jit
-def _alpha_adjoint_kernel(daf_ptr, dac_ptr, D, H, W, DC, HC, WC, SC, TPS, NT, sd, sh, sw,
+def alpha_adjoint_kernel(daf_ptr, dac_ptr, D, H, W, DC, HC, WC, SC, TPS, NT, sd, sh, sw,
                           BLOCK_P: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                           ALIGN: tl.constexpr, I64: tl.constexpr, ACC: tl.constexpr):
     """d alpha_c (``[N, Sc]``) from d alpha on x's grid: ``_alpha_adjoint`` per coarse tile."""
@@ -297,7 +297,7 @@ def _coarse_pre(
 
 
 @triton.jit
-def _coarse_fwd(
+def coarse_fwd(
     x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, wpsi_ptr, bpsi_ptr, ac_ptr,
     C, CG, CI, H, W, HC, WC, SC, TPS, NT, sxn, sxc, sxs, sgn, sgc, sgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BKW: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -358,7 +358,7 @@ def _dz(do, a, u, r, h, A, B, E, BATCH_STATS: tl.constexpr):
 
 
 @triton.jit
-def _coarse_bwd(
+def coarse_bwd(
     x_ptr, g_ptr, wt_ptr, wp_ptr, bp_ptr, wpsi_ptr, ac_ptr, dac_ptr, df_ptr, dg_ptr, part_ptr,
     C, CG, CI, H, W, HC, WC, SC, TPS, NT, sxn, sxc, sxs, sgn, sgc, sgs, sdgn, sdgc, sdgs,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BKW: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -410,7 +410,7 @@ def _coarse_bwd(
 
 
 @triton.jit
-def _patch_bwd(
+def patch_bwd(
     x_ptr, do_ptr, df_ptr, wt_ptr, w0_ptr, ac_ptr, wb_ptr, gamma_ptr, mean_ptr, var_ptr, sums_ptr, eps, inv_n,
     dx_ptr, part_ptr, C, CI, H, W, DC, HC, WC, SC, TPS, NT, sd, sh, sw, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BKW: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -480,7 +480,7 @@ def _fine_u(x_ptr, ac_ptr, w0_ptr, t, TPS, C, S, H, W, DC, HC, WC, sd, sh, sw, s
 
 
 @triton.jit
-def _fine_stats(
+def fine_stats(
     x_ptr, ac_ptr, w0_ptr, part_ptr, C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     ALIGN: tl.constexpr, I64: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
@@ -512,8 +512,8 @@ def _fine_stats(
 
 
 @triton.jit
-def _stats_combine(part_ptr, wb_ptr, mean_ptr, var_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan's combination of ``_fine_stats``' rows in float64, in row order, for BLOCK_C
+def stats_combine(part_ptr, wb_ptr, mean_ptr, var_ptr, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's combination of ``fine_stats``' rows in float64, in row order, for BLOCK_C
     channels: the mean of alpha * u + b (b: W's bias) and the biased variance."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -555,7 +555,7 @@ def _column_sums(part_ptr, out_ptr, j0, R, T, BLOCK_R: tl.constexpr, BLOCK_T: tl
 
 
 @triton.jit
-def _sum_rows(p1_ptr, p2_ptr, p3_ptr, out_ptr, R1, T1, R2, T2, R3, T3, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+def sum_rows(p1_ptr, p2_ptr, p3_ptr, out_ptr, R1, T1, R2, T2, R3, T3, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
     """``out = [p1.sum(0) | p2.sum(0) | p3.sum(0)]`` (``pi: [Ri, Ti]``, a ``Ti`` may be 0), in
     float64, rows in order: per-program partial rows reduced the same way every run."""
     pid = tl.program_id(0)
@@ -570,7 +570,7 @@ def _sum_rows(p1_ptr, p2_ptr, p3_ptr, out_ptr, R1, T1, R2, T2, R3, T3, BLOCK_R: 
 
 
 @triton.jit
-def _fine_out(
+def fine_out(
     x_ptr, ac_ptr, w0_ptr, wb_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, out_ptr, alpha_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs, son, soc, sos,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -601,7 +601,7 @@ def _fine_out(
 
 
 @triton.jit
-def _fine_bwd_sums(
+def fine_bwd_sums(
     x_ptr, ac_ptr, w0_ptr, do_ptr, wb_ptr, mean_ptr, var_ptr, eps, part_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, TPS, NT, sxn, sxc, sxs, son, soc, sos,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
@@ -627,7 +627,7 @@ def _fine_bwd_sums(
 
 
 @triton.jit
-def _fine_bwd(
+def fine_bwd(
     x_ptr, ac_ptr, w0_ptr, do_ptr, dalpha_ptr, wb_ptr, gamma_ptr, mean_ptr, var_ptr, sums_ptr, eps, inv_n,
     dx_ptr, daf_ptr, part_ptr,
     C, S, H, W, DC, HC, WC, sd, sh, sw, DP, HP, WP, TPS, NT, sxn, sxc, sxs, son, soc, sos, sdn, sdc, sds,

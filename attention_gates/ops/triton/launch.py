@@ -3,21 +3,21 @@
 Forward (``gate_forward``); the fine kernels resample alpha_c onto x's grid themselves, as
 ``F.interpolate`` does:
 
-1. ``_coarse_fwd``: alpha_c on theta's grid (reads x, g once).
-2. training with batch norm only: ``_fine_stats`` (reads x) and ``_stats_combine`` (float64),
+1. ``coarse_fwd``: alpha_c on theta's grid (reads x, g once).
+2. training with batch norm only: ``fine_stats`` (reads x) and ``stats_combine`` (float64),
    the statistics of ``alpha * W0 x``, which need a grid-wide reduction before the output.
-3. ``_fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
+3. ``fine_out``: out = alpha * (W0 x) * scale + shift, W's conv and the norm folded into a
    per-channel affine map (reads x, writes out and alpha).
 
 Backward (``gate_backward``), recomputing from x, g, alpha_c and the norm statistics:
 
-1. with a norm: ``_fine_bwd_sums`` (reads x, dout) and ``_sum_rows``, the norm's gradients
+1. with a norm: ``fine_bwd_sums`` (reads x, dout) and ``sum_rows``, the norm's gradients
    (sums over the grid, which dz needs under batch statistics).
-2. ``_fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
-3. ``_alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
-4. ``_coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
-5. ``_patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
-6. ``_sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
+2. ``fine_bwd`` (reads x, dout; writes d alpha on x's grid, and dx where no patch reaches).
+3. ``alpha_adjoint_kernel``: d alpha_c, the adjoint of the resampling, as a gather.
+4. ``coarse_bwd`` (reads x, g; writes df on theta's grid and dg).
+5. ``patch_bwd`` (reads x, dout, df; writes dx once: the theta path and the W path together).
+6. ``sum_rows``: the weight gradients from the per-program partial rows of 2, 4 and 5.
 
 No atomics and no zero-fills: every buffer is written once, and every sum has a fixed order
 (given the device's multiprocessor count), so two runs give bitwise-equal gradients. Every grid
@@ -63,16 +63,16 @@ INT32_LIMIT = 2**31  # a sample with this many elements or more takes 64-bit off
 # per kernel: (argument names the launch streams in full, those it writes in full); the
 # coarse-grid tensors (alpha_c, g on theta's grid) count as streamed where they are read per tile
 PASSES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "_coarse_fwd": (("x_ptr", "g_ptr"), ("ac_ptr",)),
-    "_fine_stats": (("x_ptr", "ac_ptr"), ()),
-    "_stats_combine": ((), ()),
-    "_fine_out": (("x_ptr", "ac_ptr"), ("out_ptr", "alpha_ptr")),
-    "_fine_bwd_sums": (("x_ptr", "ac_ptr", "do_ptr"), ()),
-    "_fine_bwd": (("x_ptr", "ac_ptr", "do_ptr", "dalpha_ptr"), ("daf_ptr", "part_ptr")),
-    "_alpha_adjoint_kernel": (("daf_ptr",), ("dac_ptr",)),
-    "_coarse_bwd": (("x_ptr", "g_ptr", "ac_ptr", "dac_ptr"), ("df_ptr", "dg_ptr", "part_ptr")),
-    "_patch_bwd": (("x_ptr", "do_ptr", "df_ptr", "ac_ptr"), ("dx_ptr", "part_ptr")),
-    "_sum_rows": (("p1_ptr", "p2_ptr", "p3_ptr"), ("out_ptr",)),
+    "coarse_fwd": (("x_ptr", "g_ptr"), ("ac_ptr",)),
+    "fine_stats": (("x_ptr", "ac_ptr"), ()),
+    "stats_combine": ((), ()),
+    "fine_out": (("x_ptr", "ac_ptr"), ("out_ptr", "alpha_ptr")),
+    "fine_bwd_sums": (("x_ptr", "ac_ptr", "do_ptr"), ()),
+    "fine_bwd": (("x_ptr", "ac_ptr", "do_ptr", "dalpha_ptr"), ("daf_ptr", "part_ptr")),
+    "alpha_adjoint_kernel": (("daf_ptr",), ("dac_ptr",)),
+    "coarse_bwd": (("x_ptr", "g_ptr", "ac_ptr", "dac_ptr"), ("df_ptr", "dg_ptr", "part_ptr")),
+    "patch_bwd": (("x_ptr", "do_ptr", "df_ptr", "ac_ptr"), ("dx_ptr", "part_ptr")),
+    "sum_rows": (("p1_ptr", "p2_ptr", "p3_ptr"), ("out_ptr",)),
 }
 
 
@@ -319,7 +319,7 @@ class Plan:
     stages: int  # num_stages of the tile loops
     fine: Tiling  # x's grid
     coarse: Tiling  # theta's grid
-    patch: Tiling  # theta's grid, ``_patch_bwd``'s own tiles
+    patch: Tiling  # theta's grid, ``patch_bwd``'s own tiles
     x_bytes: int
 
     @property
@@ -391,7 +391,7 @@ def gate_forward(
     f32 = acc_dtype(x)
     coarse, transform = _operands(coarse), _operands(transform)
     ac = torch.empty((p.N, 1) + tuple(g.shape[2:]), device=x.device, dtype=f32)
-    _coarse_fwd(p, x, g, coarse, ac)
+    coarse_fwd(p, x, g, coarse, ac)
     # W's batch-norm statistics are outputs only when computed here (else the running ones apply)
     batch = NormStats(x.new_empty(0, dtype=f32), x.new_empty(0, dtype=f32))
     if transform.gamma is not None and flags.use_batch_stats:
@@ -399,13 +399,13 @@ def gate_forward(
     applied = batch if flags.use_batch_stats else (None if running is None else _operands(running))
     out = torch.empty_like(x)
     alpha = torch.empty((p.N, 1) + tuple(x.shape[2:]), device=x.device, dtype=x.dtype)
-    _fine_out(p, x, ac, transform, applied, float(flags.eps), out, alpha)
+    fine_out(p, x, ac, transform, applied, float(flags.eps), out, alpha)
     return out, alpha, ac, batch.mean, batch.var
 
 
-def _coarse_fwd(p: Plan, x: Tensor, g: Tensor, w: CoarseWeights, ac: Tensor) -> None:
+def coarse_fwd(p: Plan, x: Tensor, g: Tensor, w: CoarseWeights, ac: Tensor) -> None:
     """alpha_c = sigmoid(psi . sigma1(theta x + phi g) + b_psi) into ``ac: Tensor[N, 1, *S_c]``."""
-    K._coarse_fwd[p.coarse.grid](
+    K.coarse_fwd[p.coarse.grid](
         x, g, w.theta_w, w.phi_w, w.phi_b, w.psi_w, w.psi_b, ac,
         C=p.C, CG=p.CG, CI=p.CI, H=p.H, W=p.W, HC=p.HC, WC=p.WC, SC=p.SC,
         TPS=p.coarse.per_sample, NT=p.coarse.tiles, **_strides("sx", x), **_strides("sg", g),
@@ -418,10 +418,10 @@ def _coarse_fwd(p: Plan, x: Tensor, g: Tensor, w: CoarseWeights, ac: Tensor) -> 
 
 def _batch_stats(p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform) -> NormStats:
     """The batch statistics of ``alpha W0 x + W_b`` per channel: per-program (mean, M2, count)
-    rows (``_fine_stats``), combined in row order in float64 (``_stats_combine``)."""
+    rows (``fine_stats``), combined in row order in float64 (``stats_combine``)."""
     f32 = acc_dtype(x)
     part = torch.empty((p.fine.programs, 2 * p.C + 1), device=x.device, dtype=f32)
-    K._fine_stats[p.fine.grid](
+    K.fine_stats[p.fine.grid](
         x, ac, transform.W_w, part,
         C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x),
@@ -431,14 +431,14 @@ def _batch_stats(p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform) -> 
     )  # fmt: skip
     stats = NormStats(torch.empty(p.C, device=x.device, dtype=f32), torch.empty(p.C, device=x.device, dtype=f32))
     block_c = min(block_size(p.C), 64)
-    K._stats_combine[(triton.cdiv(p.C, block_c),)](
+    K.stats_combine[(triton.cdiv(p.C, block_c),)](
         part, transform.W_b, stats.mean, stats.var, R=part.shape[0], C=p.C,
         BLOCK_R=min(64, block_size(part.shape[0])), BLOCK_C=block_c,
     )  # fmt: skip
     return stats
 
 
-def _fine_out(
+def fine_out(
     p: Plan, x: Tensor, ac: Tensor, transform: OutputTransform, stats: Optional[NormStats], eps: float,
     out: Tensor, alpha: Tensor,
 ) -> None:  # fmt: skip
@@ -446,7 +446,7 @@ def _fine_out(
     and alpha on x's grid into ``alpha``."""
     has_w, has_norm = transform.W_w is not None, transform.gamma is not None
     absent = ac  # a placeholder pointer for tensors the kernel does not read
-    K._fine_out[p.fine.grid](
+    K.fine_out[p.fine.grid](
         x, ac,
         w0_ptr=transform.W_w if has_w else absent, wb_ptr=transform.W_b if has_w else absent,
         gamma_ptr=transform.gamma if has_norm else absent, beta_ptr=transform.beta if has_norm else absent,
@@ -507,7 +507,7 @@ def gate_backward(
         part_w = torch.empty((grid[0], w_columns), device=x.device, dtype=f32)
     else:
         grid, part_w = p.fine.grid, None
-    _fine_bwd(p, grid, x, alpha_c, dout, dalpha, transform, norm, flags, dx, daf, part_w)
+    fine_bwd(p, grid, x, alpha_c, dout, dalpha, transform, norm, flags, dx, daf, part_w)
     # 3. d alpha_c: the adjoint of alpha's resampling (a gather, no atomics)
     dac = daf if p.S == p.SC else _alpha_adjoint(p, daf, torch.empty_like(alpha_c))
     # 4. df = d(theta x + phi g), dg, and the phi and psi gradients' partial sums
@@ -516,11 +516,11 @@ def gate_backward(
     coarse_columns = columns["phi_w"] + columns["phi_b"] + columns["psi_w"] + columns["psi_b"]
     grid = p.capped(p.coarse, coarse_columns)
     part_coarse = torch.empty((grid[0], coarse_columns), device=x.device, dtype=f32)
-    _coarse_bwd(p, grid, x, g, coarse, alpha_c, dac, df, dg, part_coarse)
+    coarse_bwd(p, grid, x, g, coarse, alpha_c, dac, df, dg, part_coarse)
     # 5. dtheta's partial sums and dx (theta path and W path), written once
     grid = p.capped(p.patch, columns["theta_w"])
     part_theta = torch.empty((grid[0], columns["theta_w"]), device=x.device, dtype=f32)
-    _patch_bwd(p, grid, x, dout, df, coarse.theta_w, alpha_c, transform, norm, flags, dx, part_theta)
+    patch_bwd(p, grid, x, dout, df, coarse.theta_w, alpha_c, transform, norm, flags, dx, part_theta)
     # 6. the weight gradients: every partial row summed in a fixed order
     dweights = torch.empty(sum(columns.values()), device=x.device, dtype=f32)
     _reduce_rows(dweights, part_theta, part_coarse, *((part_w,) if part_w is not None else ()))
@@ -539,7 +539,7 @@ def _norm_sums(
     output before gamma and beta): the norm's gradients ``[dbeta | dgamma]``."""
     f32 = acc_dtype(x)
     part = torch.empty((p.fine.programs, 2 * p.C), device=x.device, dtype=f32)
-    K._fine_bwd_sums[p.fine.grid](
+    K.fine_bwd_sums[p.fine.grid](
         x, alpha_c, transform.W_w, dout, transform.W_b, stats.mean, stats.var, eps, part,
         C=p.C, S=p.S, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, sd=p.sd, sh=p.sh, sw=p.sw,
         TPS=p.fine.per_sample, NT=p.fine.tiles, **_strides("sx", x), **_strides("so", dout),
@@ -552,7 +552,7 @@ def _norm_sums(
     return sums
 
 
-def _fine_bwd(
+def fine_bwd(
     p: Plan, grid: tuple[int], x: Tensor, alpha_c: Tensor, dout: Tensor, dalpha: Optional[Tensor],
     transform: OutputTransform, norm: _NormOperands, flags: GateFlags, dx: Tensor, daf: Tensor, part: Optional[Tensor],
 ) -> None:  # fmt: skip
@@ -562,7 +562,7 @@ def _fine_bwd(
     has_w, has_norm = transform.W_w is not None, transform.gamma is not None
     absent = alpha_c  # a placeholder pointer for tensors the kernel does not read
     DP, HP, WP = p.covered
-    K._fine_bwd[grid](
+    K.fine_bwd[grid](
         x, alpha_c, transform.W_w if has_w else absent, dout, dalpha.contiguous() if dalpha is not None else absent,
         norm.wb, norm.gamma, norm.mean, norm.var, norm.sums, eps=float(flags.eps), inv_n=_batch_scale(p),
         dx_ptr=dx, daf_ptr=daf, part_ptr=part if has_w else absent,
@@ -579,7 +579,7 @@ def _fine_bwd(
 def _alpha_adjoint(p: Plan, daf: Tensor, dac: Tensor) -> Tensor:
     """d alpha_c into ``dac`` (``Tensor[N, 1, *S_c]``): the adjoint of alpha's resampling,
     gathered from d alpha on x's grid (``daf``)."""
-    K._alpha_adjoint_kernel[p.coarse.grid](
+    K.alpha_adjoint_kernel[p.coarse.grid](
         daf, dac, D=p.D, H=p.H, W=p.W, DC=p.DC, HC=p.HC, WC=p.WC, SC=p.SC,
         TPS=p.coarse.per_sample, NT=p.coarse.tiles, sd=p.sd, sh=p.sh, sw=p.sw,
         BLOCK_P=p.coarse.block, WD=p.WD, WH=p.WH, WW=p.WW, ALIGN=p.ALIGN, I64=p.I64, ACC=p.ACC,
@@ -588,13 +588,13 @@ def _alpha_adjoint(p: Plan, daf: Tensor, dac: Tensor) -> Tensor:
     return dac
 
 
-def _coarse_bwd(
+def coarse_bwd(
     p: Plan, grid: tuple[int], x: Tensor, g: Tensor, w: CoarseWeights, alpha_c: Tensor, dac: Tensor,
     df: Tensor, dg: Tensor, part: Tensor,
 ) -> None:  # fmt: skip
     """From d alpha_c: df = d(theta x + phi g) into ``df`` (``Tensor[N, S_c, F_int]``), dg, and
     this program's partial row ``[dphi_w | dphi_b | dpsi_w | dpsi_b]`` of ``part``."""
-    K._coarse_bwd[grid](
+    K.coarse_bwd[grid](
         x, g, w.theta_w, w.phi_w, w.phi_b, w.psi_w, alpha_c, dac, df, dg, part,
         C=p.C, CG=p.CG, CI=p.CI, H=p.H, W=p.W, HC=p.HC, WC=p.WC, SC=p.SC,
         TPS=p.coarse.per_sample, NT=p.coarse.tiles, **_strides("sx", x), **_strides("sg", g), **_strides("sdg", dg),
@@ -605,14 +605,14 @@ def _coarse_bwd(
     )  # fmt: skip
 
 
-def _patch_bwd(
+def patch_bwd(
     p: Plan, grid: tuple[int], x: Tensor, dout: Tensor, df: Tensor, theta_w: Tensor, alpha_c: Tensor,
     transform: OutputTransform, norm: _NormOperands, flags: GateFlags, dx: Tensor, part: Tensor,
 ) -> None:  # fmt: skip
     """Per patch row: dx (the theta path, df theta, and the recomputed W path), written once
     into ``dx``, and this program's partial row of dtheta (theta's layout) of ``part``."""
     has_w, has_norm = transform.W_w is not None, transform.gamma is not None
-    K._patch_bwd[grid](
+    K.patch_bwd[grid](
         x, dout, df, theta_w, transform.W_w if has_w else alpha_c, alpha_c,
         norm.wb, norm.gamma, norm.mean, norm.var, norm.sums, eps=float(flags.eps), inv_n=_batch_scale(p),
         dx_ptr=dx, part_ptr=part,
@@ -628,11 +628,11 @@ def _patch_bwd(
 
 def _reduce_rows(out: Tensor, *parts: Tensor) -> None:
     """``out = [part.sum(0) for part in parts]`` concatenated (one to three ``[R, T]`` partial-row
-    buffers; float64 accumulation, rows in order), by one ``_sum_rows`` launch."""
+    buffers; float64 accumulation, rows in order), by one ``sum_rows`` launch."""
     padded = list(parts) + [parts[0]] * (3 - len(parts))  # unused slots: rows of 0 columns
     (R1, T1), (R2, T2), (R3, T3) = [tuple(t.shape) for t in parts] + [(0, 0)] * (3 - len(parts))
     block_t = 128
-    K._sum_rows[(triton.cdiv(T1, block_t) + triton.cdiv(T2, block_t) + triton.cdiv(T3, block_t),)](
+    K.sum_rows[(triton.cdiv(T1, block_t) + triton.cdiv(T2, block_t) + triton.cdiv(T3, block_t),)](
         *padded, out, R1=R1, T1=T1, R2=R2, T2=T2, R3=R3, T3=T3,
         BLOCK_R=min(64, block_size(max(R1, R2, R3))), BLOCK_T=block_t,
     )  # fmt: skip

@@ -4,7 +4,7 @@ A committed table instead of autotuning: the same shapes get the same tiles on e
 the same per-program partial sums, hence bitwise-equal gradients), and no call pays for a
 search. Rows are keyed by the channel bucket ``max(next_pow2(F_l), next_pow2(F_int))`` (the
 register tiles are ``[positions, channels]``) and give, for the coarse kernels (theta's grid;
-``BLOCK_P`` coarse positions, each with its whole subsample patch), ``_patch_bwd`` (its own
+``BLOCK_P`` coarse positions, each with its whole subsample patch), ``patch_bwd`` (its own
 ``BLOCK_P``) and the fine kernels (x's grid; ``BLOCK_S`` positions): the block, the warps and
 the persistent programs per multiprocessor (a grid of ``multiprocessors * per_sm`` programs,
 fewer when there are fewer tiles).
@@ -29,7 +29,7 @@ class Tiles(NamedTuple):
     coarse_block: int  # BLOCK_P
     coarse_warps: int
     coarse_per_sm: int  # persistent programs per multiprocessor
-    patch_block: int  # BLOCK_P of _patch_bwd (the backward's heaviest kernel: x, dout, dx rows and two weights)
+    patch_block: int  # BLOCK_P of patch_bwd (the backward's heaviest kernel: x, dout, dx rows and two weights)
     fine_block: int  # BLOCK_S
     fine_warps: int
     fine_per_sm: int
