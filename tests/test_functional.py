@@ -417,6 +417,16 @@ def test_every_other_dtype_is_named_at_once():
     assert "running_mean torch.float32" in msg and ".to(torch.float16)" in msg
 
 
+def test_meta_tensors_give_shapes_and_still_name_another_dtype():
+    """On the meta device (no autocast there: shape inference, as nnU-Net's cost planning does) the gate
+    gives its output shapes, and a dtype mismatch is still a TypeError naming the tensor."""
+    gate = GridAttentionGate2D(4, 6).to("meta").eval()
+    out, alpha = gate(torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 6, 4, 4, device="meta"))
+    assert out.shape == (2, 4, 8, 8) and alpha.shape == (2, 1, 8, 8) and out.device.type == "meta"
+    with pytest.raises(TypeError, match=r"got g torch.float16"):
+        gate(torch.empty(2, 4, 8, 8, device="meta"), torch.empty(2, 6, 4, 4, device="meta", dtype=torch.float16))
+
+
 def test_a_module_with_other_weights_than_its_input_says_which():
     """The gate module with half weights and a float32 input (issue 24): a TypeError before any convolution."""
     gate = GridAttentionGate2D(4, 6).half().eval()

@@ -193,7 +193,8 @@ def _check_tensor(name: str, t, optional: bool = False) -> None:
 
 def _check_dtypes(x: Tensor, g: Tensor, w: GateWeights) -> None:
     """Every tensor in x's dtype, outside autocast (which casts the convolutions' operands itself)."""
-    if torch.is_autocast_enabled(x.device.type):
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return
     named = {"g": g, **{name: t for name, t in zip(GateWeights._fields, w) if t is not None}}
     other = {name: t.dtype for name, t in named.items() if t.dtype != x.dtype}
