@@ -60,6 +60,7 @@ __all__ = [
     "ExportCheckError",
     "require_export_packages",
     "check_output",
+    "check_opset",
     "input_names",
     "output_names",
     "dynamic_shapes",
@@ -121,6 +122,13 @@ def check_output(path: PathLike, overwrite: bool = False, format: str = "onnx") 
     if path.exists() and not overwrite:
         raise FileExistsError(f"output {path} exists: pass overwrite=True (--overwrite) to replace it")
     return path
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if torch's ONNX exporter writes it without a version conversion (18 or later), else a ``ValueError``."""
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"opset must be {DEFAULT_OPSET} or later (torch's ONNX exporter), got {opset}")
+    return opset
 
 
 # ----------------------------------------------------------------------------- what is exported
@@ -382,8 +390,7 @@ def onnx_model(model: nn.Module, example: Inputs, *, attention: bool = False, mu
         ValueError: an opset before 18; see also :func:`export_program`.
         ExportCheckError: the exported graph fixed a batch or spatial size of an input or output.
     """
-    if opset < DEFAULT_OPSET:
-        raise ValueError(f"opset must be {DEFAULT_OPSET} or later (torch's ONNX exporter), got {opset}")
+    check_opset(opset)
     inputs = _check_example(model, example, dynamic=True)
     require_export_packages()
     shapes = dynamic_shapes(inputs, multiples) if multiples is not None else _axis_names(model, inputs)
