@@ -274,3 +274,14 @@ def test_dynamic_shapes():
     assert [named[a].__name__ for a in (0, 2, 3, 4)] == ["batch", "depth", "4*height_blocks", "4*width_blocks"]
     with pytest.raises(ValueError, match=r"multiples need one Tensor\[N, C, \*S\] with 1 to 3 spatial dims and one multiple per"):
         deploy.dynamic_shapes(randn(2, 1, 4, 8, 8), multiples=(4, 4))
+
+
+def test_monai_bundles_trace_the_network_as_ckpt_export_use_trace_does(tmp_path):
+    """``python -m monai.bundle ckpt_export ... --use_trace True`` converts with this function (eval
+    mode, no grad, torch.jit.trace); the saved module runs at other sizes than the traced one."""
+    utils = pytest.importorskip("monai.networks.utils")
+    model, example, others, tiny = built("AttentionUNet3D-fused")
+    path = tmp_path / "model.ts"
+    utils.convert_to_torchscript(model.train(), path, verify=True, inputs=[example], use_trace=True, device="cpu")
+    assert not model.training  # the converter puts it in eval mode itself
+    assert deploy.check_torchscript(path, model, others + tiny) <= CLOSE
