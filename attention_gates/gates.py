@@ -11,7 +11,32 @@ from . import functional as AF
 from .layers import Factor, as_tuple, check_spatial_dims, constructor_repr, conv_nd, init_kaiming, norm_nd
 from .ops import GateWeights, check_name
 
-__all__ = ["GridAttentionGate", "GridAttentionGate2D", "GridAttentionGate3D", "MultiAttentionGate"]
+__all__ = ["GridAttentionGate", "GridAttentionGate2D", "GridAttentionGate3D", "MultiAttentionGate", "scripting_refused"]
+
+
+def scripting_refused(module: nn.Module) -> NotImplementedError:
+    """The error :func:`torch.jit.script` raises (from ``__prepare_scriptable__``) for the library's
+    gates and networks, pointing to the paths that record them.
+
+    Scripting compiles the Python source of ``forward``; the gates choose their implementation in
+    Python at every call (:mod:`attention_gates.ops.dispatch`) and the networks pad and crop any
+    input size, which TorchScript's compiler cannot type (and PyTorch 2.13 marks ``torch.jit.script``
+    deprecated). Tracing, :func:`torch.export.export` and the ONNX exporter record the
+    reference math instead.
+
+    Example:
+        >>> torch.jit.script(GridAttentionGate(2, 4, 8))
+        Traceback (most recent call last):
+        ...
+        NotImplementedError: torch.jit.script cannot compile GridAttentionGate...
+    """
+    return NotImplementedError(
+        f"torch.jit.script cannot compile {type(module).__name__}: its forward chooses the gates' implementation and "
+        "pads to any input size in Python, which TorchScript's scripting cannot type. Record it instead, in eval mode: "
+        "torch.jit.trace(model, example) for TorchScript (MONAI Deploy; MONAI bundles: ckpt_export --use_trace), "
+        "torch.export.export or torch.onnx.export(..., dynamo=True) for a graph with dynamic sizes; "
+        "attention_gates.deploy does each (docs: Deploy)"
+    )
 
 
 class GridAttentionGate(nn.Module):
@@ -112,6 +137,9 @@ class GridAttentionGate(nn.Module):
             sigma1=self.sigma1, sigma2=self.sigma2, align_corners=self.align_corners, backend=self.backend,
         )  # fmt: skip
         return (self.W(out) if sync else out), alpha
+
+    def __prepare_scriptable__(self):
+        raise scripting_refused(self)
 
     def _weights(self, with_output_transform: bool) -> GateWeights:
         """The gate's tensors by field; ``W``'s (and its norm's) only ``with_output_transform``."""
@@ -237,6 +265,9 @@ class MultiAttentionGate(nn.Module):
     def forward(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         outs, alphas = zip(*(gate(x, g) for gate in self.gates))
         return self.combine(torch.cat(outs, dim=1)), torch.cat(alphas, dim=1)
+
+    def __prepare_scriptable__(self):
+        raise scripting_refused(self)
 
     def extra_repr(self) -> str:
         # the heads' arguments are the heads' own (set_backend may change their backend): read there

@@ -15,7 +15,6 @@ says how to build it again). Starting an Attention U-Net from a trained U-Net
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import ConvBlock, DeepSupervisionHead, GatingSignal, UpBlock
-from .gates import GridAttentionGate, MultiAttentionGate
+from .gates import GridAttentionGate, MultiAttentionGate, scripting_refused
 from .layers import Factor, as_tuple, check_spatial_dims, constructor_repr, init_kaiming
 from .ops import check_name
 
@@ -173,17 +172,15 @@ class UNet(nn.Module):
 
         ``attention`` is a tuple with one ``Tensor[N, heads, *S_level]`` per gated level
         (ascending levels, each on its skip's grid, ``S_level = ceil(S / 2^(level - 1))``);
-        empty for :class:`UNet`.
+        empty for :class:`UNet`. The maps are cropped only when they are asked for.
+
+        The padding and the crops are operations on the input's sizes, with no Python branch on
+        them, so that :func:`torch.jit.trace`, :func:`torch.export.export` and the ONNX exporter
+        record a network that takes other sizes (see :doc:`/deploy`).
         """
         self._check_input(x)
-        size = tuple(x.shape[2:])
-        m = 2 ** (self.depth - 1)
-        padded = tuple(math.ceil(s / m) * m for s in size)
-        if padded != size:
-            pad = []
-            for s, p in zip(reversed(size), reversed(padded)):
-                pad += [0, p - s]
-            x = F.pad(x, pad, mode="replicate")
+        size = x.shape[2:]
+        x = _pad_to_multiple(x, 2 ** (self.depth - 1))
         skips = []
         h = x
         for i, enc in enumerate(self.encoders):
@@ -194,10 +191,10 @@ class UNet(nn.Module):
         decoded = [None] * (self.depth - 1)
         for i in reversed(range(self.depth - 1)):
             skip, alpha = self.skip_connection(i + 1, skips[i], below)
-            if alpha is not None:
+            if alpha is not None and return_attention:
                 attention.append(_crop(alpha, size, i))
             below = decoded[i] = self.decoders[i](skip, below)
-        out = self.head(decoded, padded)
+        out = self.head(decoded, x.shape[2:])
         if isinstance(out, list):
             out = [_crop(o, size, i) for i, o in enumerate(out)]
         else:
@@ -205,6 +202,9 @@ class UNet(nn.Module):
         if return_attention:
             return out, tuple(reversed(attention))
         return out
+
+    def __prepare_scriptable__(self):
+        raise scripting_refused(self)
 
     def arguments(self) -> dict[str, Any]:
         """The constructor arguments that build this network again (``feature_scale`` as its ``filters``)."""
@@ -218,12 +218,31 @@ class UNet(nn.Module):
         return constructor_repr(self, self.arguments())
 
 
+def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """``x: Tensor[N, C, *S]`` padded at the end of each axis (edge replication) to the next multiple of ``multiple``.
+
+    The pads are integer arithmetic on the sizes, ``(-s) % multiple``, and ``x`` is padded even by
+    zero: no Python branch on a size, so that the sizes stay symbolic under :func:`torch.export.export`
+    and recorded under :func:`torch.jit.trace` (a branch would fix them in the graph). The copy takes
+    well under 1% of the network's time.
+    """
+    return F.pad(x, _end_pads([(-s) % multiple for s in x.shape[2:]]), mode="replicate")
+
+
+def _end_pads(amounts: Sequence) -> list:
+    """:func:`torch.nn.functional.pad`'s list for ``amounts`` added at the end of each spatial axis (last axis first)."""
+    return [p for a in reversed(amounts) for p in (0, a)]
+
+
 def _crop(t: Tensor, size: Sequence[int], level: int) -> Tensor:
-    """Crop ``t`` (on the grid of ``level``, 0 = full resolution) to the unpadded ``ceil(size / 2^level)``."""
-    want = tuple(math.ceil(s / 2**level) for s in size)
-    if tuple(t.shape[2:]) == want:
-        return t
-    return t[(slice(None), slice(None)) + tuple(slice(0, w) for w in want)]
+    """Crop ``t`` (on the grid of ``level``, 0 = full resolution) to the unpadded ``ceil(size / 2^level)``.
+
+    By :func:`torch.nn.functional.pad` with negative pads (a copy), not by slicing: slicing makes
+    :func:`torch.export.export` add guards on the padded sizes (``padded != size``) that then fail
+    at the sizes that are already multiples; ``(s + f - 1) // f`` keeps the sizes symbolic.
+    """
+    f = 2**level
+    return F.pad(t, _end_pads([(s + f - 1) // f - have for s, have in zip(size, t.shape[2:])]))
 
 
 class AttentionUNet(UNet):

@@ -729,7 +729,7 @@ def test_export_of_a_plain_2d_network_from_fold_all(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_:
         cli(["export", str(folder), "-o", str(tmp_path / "out" / "strict.onnx")])
     assert exit_.value.code == 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plain.onnx"]
-    assert re.fullmatch(r"error: ONNX Runtime's logits differ from the predictor network's by up to \S+ on a Tensor\[1, 2, 12, 12\] "
+    assert re.fullmatch(r"error: ONNX Runtime's logits differ from the PyTorch model's by up to \S+ on Tensor\[1, 2, 12, 12\] "
                         r"\(tolerance 0\); nothing written\n", capsys.readouterr().err)  # fmt: skip
 
 

@@ -106,12 +106,16 @@ class GateOptions:
 def resample(t: Tensor, size, align_corners: bool = False) -> Tensor:
     """(Bi/tri)linear resampling of ``Tensor[N, C, *S]`` onto spatial ``size`` (1D, 2D or 3D).
 
-    Returns ``t`` itself when the size already matches. ``size`` is taken as it comes (no ``int()``):
-    the sizes of another tensor stay symbolic under :func:`torch.export.export` and traced under
-    :func:`torch.jit.trace`, so that a recorded gate runs at other sizes.
+    Returns ``t`` itself when the size already matches, except under :func:`torch.jit.trace` and
+    :func:`torch.export.export`, which would record that comparison as fixed (the graph would then
+    skip the resampling at every size, or take only the sizes of the example): there ``t`` is always
+    resampled, the identity at the same size. ``size`` is taken as it comes (no ``int()``): the
+    sizes of another tensor stay symbolic under export and traced under tracing, so that a
+    recorded gate runs at other sizes.
     """
     size = tuple(size)
-    if tuple(t.shape[2:]) == size:
+    recording = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if not recording and tuple(t.shape[2:]) == size:
         return t
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[t.dim() - 2]
     return F.interpolate(t, size=size, mode=mode, align_corners=align_corners)

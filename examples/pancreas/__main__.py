@@ -22,6 +22,9 @@ written, a ``--device`` the machine lacks, a ``--backend`` that cannot run the g
 checkpoint that is not there) are refused before any data is read or file written, with one
 line naming the argument, and exit status 2.
 - ``compare``: ``demo`` for any preset and data, or for given checkpoints.
+- ``export``: write a checkpoint's model as TorchScript, a ``torch.export`` program or ONNX
+  (``--format``), with dynamic batch and sizes, checked against eager PyTorch on a phantom-sized
+  volume before it is written (default: beside the checkpoint); exit status 1 when the check fails.
 
 ``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
 a bootstrap interval, Wilcoxon signed-rank test, wins); ``--seeds N`` trains both with ``N``
@@ -201,6 +204,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             title="Demo: Attention U-Net vs U-Net on the phantom pancreas", seeds=args.seeds)  # fmt: skip
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from attention_gates.deploy import ExportCheckError
+
+    from .export import export_checkpoint
+
+    try:
+        done = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite, attention=args.attention)
+    except ExportCheckError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 1
+    print(done.summary())
+    return 0
+
+
 def _resume_line(args: argparse.Namespace, stop: Any) -> str:
     """The one line printed when a stop signal ended training: what was saved and the exact command that resumes."""
     if stop.checkpoint is None:
@@ -215,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser of all commands."""
     p = argparse.ArgumentParser(
         prog="python -m examples.pancreas",
-        description="Pancreas segmentation with the Attention U-Net (Oktay et al., 2018): train, evaluate, predict, compare.",
+        description="Pancreas segmentation with the Attention U-Net (Oktay et al., 2018): train, evaluate, predict, compare, export.",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -270,6 +287,15 @@ def parser() -> argparse.ArgumentParser:
     seeds(q)
     common(q)
     q.set_defaults(func=_cmd_compare)
+
+    q = sub.add_parser("export", help="export a checkpoint to TorchScript, a torch.export program or ONNX, checked against PyTorch")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its best.pt, else its checkpoint.pt)")
+    q.add_argument("--format", required=True, choices=("torchscript", "program", "onnx"),
+                   help="torchscript (traced: MONAI Deploy, bundles), program (torch.export, AOTInductor) or onnx (ONNX Runtime, TensorRT)")
+    q.add_argument("--out", help="the file to write (default: beside the checkpoint, best.torchscript.pt, best.pt2 or best.onnx)")
+    q.add_argument("--attention", action="store_true", help="also output the attention maps (Attention U-Net)")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=_cmd_export)
     return p
 
 

@@ -20,8 +20,6 @@ Needs the ``export`` extra (onnx, onnxscript, onnxruntime) beside the ``nnunet``
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ... import __version__
+from ... import deploy
+from ...deploy import AXES, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, TOLERANCE, ExportCheckError
 from ...files import atomic_write
 
 __all__ = [
@@ -46,21 +45,13 @@ __all__ = [
     "OUTPUT_NAME",
 ]
 
-#: The ONNX opset written by default, the one torch's exporter translates to (no version conversion).
-DEFAULT_OPSET = 18
-#: The exported model's input, ``Tensor[N, C, *S]`` (float32).
-INPUT_NAME = "image"
-#: The exported model's output, the logits ``Tensor[N, classes, *S]``.
-OUTPUT_NAME = "logits"
-#: ONNX Runtime's logits may differ from PyTorch's by this fraction of the largest absolute logit (taken as at least 1).
-TOLERANCE = 1e-3
-_REQUIRED = ("onnx", "onnxscript", "onnxruntime")
-_AXES = {1: ("width",), 2: ("height", "width"), 3: ("depth", "height", "width")}
-
+# DEFAULT_OPSET, INPUT_NAME ("image"), OUTPUT_NAME ("logits") and TOLERANCE (the largest difference from the
+# predictor network's logits, as a fraction of the largest absolute logit) are attention_gates.deploy's, and so
+# are the export, its check of the sizes and the check in ONNX Runtime
 PathLike = Union[str, os.PathLike]
 
 
-class OnnxCheckError(RuntimeError):
+class OnnxCheckError(ExportCheckError):
     """The exported model fixed a size that must be symbolic, ONNX Runtime could not run it, or its
     logits differ from the predictor network's."""
 
@@ -100,7 +91,7 @@ class OnnxExport:
 
     def summary(self) -> str:
         """Where it wrote what, which sizes the model takes, and the check, in four lines."""
-        letters = ", ".join(a[0].upper() for a in _AXES[len(self.multiples)])
+        letters = ", ".join(a[0].upper() for a in AXES[len(self.multiples)])
         return "\n".join([
             f"wrote {self.path} ({self.path.stat().st_size / 2**20:.1f} MiB, ONNX opset {self.opset}): {self.network} "
             f"of {self.trainer}, fold {self.fold}, {self.checkpoint.name}, deep supervision off",
@@ -178,20 +169,8 @@ def model_checkpoint(model_folder: PathLike, fold: Optional[Union[int, str]] = N
     return fold, path
 
 
-def _require_export_packages() -> None:
-    missing = [m for m in _REQUIRED if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"the ONNX export needs {', '.join(_REQUIRED)} ({', '.join(missing)} not installed): "
-                          "pip install 'attention-gates[export]'")  # fmt: skip
-
-
 def _output_path(output: Optional[PathLike], checkpoint: Path, overwrite: bool) -> Path:
-    path = Path(output) if output is not None else checkpoint.with_suffix(".onnx")
-    if path.is_dir():
-        raise ValueError(f"output {path} is a folder; expected the ONNX file to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} exists: pass overwrite=True (--overwrite) to replace it")
-    return path
+    return deploy.check_output(output if output is not None else checkpoint.with_suffix(".onnx"), overwrite, "onnx")
 
 
 def _predictor_network(model_folder: Path, fold: str, checkpoint: str):
@@ -217,57 +196,6 @@ def _predictor_network(model_folder: Path, fold: str, checkpoint: str):
         raise
     network = getattr(predictor.network, "_orig_mod", predictor.network)  # nnUNet_compile wraps it in torch.compile
     return predictor, network.eval()
-
-
-def _dynamic_shapes(multiples: Sequence[int]) -> tuple[dict, ...]:
-    """torch.export's shapes of the one input: any batch; per spatial axis, any multiple of ``multiples``."""
-    from torch.export import Dim
-
-    spatial = {
-        2 + i: Dim(axis, min=1) if m == 1 else m * Dim(f"{axis}_blocks", min=1)
-        for i, (axis, m) in enumerate(zip(_AXES[len(multiples)], multiples))
-    }
-    return ({0: Dim("batch", min=1), **spatial},)
-
-
-def _onnx_model(network: nn.Module, example: Tensor, multiples: Sequence[int], opset: int, metadata: dict):
-    """The exported ``onnx.ModelProto``, with ``metadata`` as its metadata properties."""
-    with torch.no_grad():
-        program = torch.onnx.export(network, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(multiples),
-                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)  # fmt: skip
-    model = program.model_proto
-    for key, value in metadata.items():
-        model.metadata_props.add(key=key, value=json.dumps(value))
-    return model
-
-
-def _check_symbolic(model) -> None:
-    """Raise if the exported logits have a fixed batch or spatial size: the graph would only run at the example's."""
-    dims = list(model.graph.output[0].type.tensor_type.shape.dim)
-    fixed = [d.dim_value for i, d in enumerate(dims) if i != 1 and d.HasField("dim_value")]
-    if fixed:
-        raise OnnxCheckError(
-            f"the exported graph fixed the logits' batch or spatial sizes ({[d.dim_param or d.dim_value for d in dims]}): a "
-            "module of the network computes a size in Python (int() or math.ceil on a tensor's size), which the export "
-            "records as a constant; nothing written"
-        )
-
-
-def _max_difference(model: bytes, x: Tensor, expected: Tensor) -> float:
-    """The largest ``|ONNX Runtime(model)(x) - expected|``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    try:
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
-    except Exception as e:  # noqa: BLE001 -- onnxruntime's errors share no base class
-        raise OnnxCheckError(f"ONNX Runtime could not run the exported model on a Tensor{list(x.shape)}: {e}") from None
-    if out.shape != tuple(expected.shape):
-        raise OnnxCheckError(f"ONNX Runtime gave logits of shape {list(out.shape)} for a Tensor{list(x.shape)}; "
-                             f"the predictor network gives {list(expected.shape)}")  # fmt: skip
-    return float(np.abs(out - expected.numpy()).max())
 
 
 def export_onnx(
@@ -306,11 +234,10 @@ def export_onnx(
         OnnxCheckError: the exported graph fixed a size, ONNX Runtime cannot run the model, or
             its logits differ by more than :data:`TOLERANCE` of the largest logit.
     """
-    if opset < DEFAULT_OPSET:
-        raise ValueError(f"opset must be {DEFAULT_OPSET} or later (torch's ONNX exporter), got {opset}")
+    deploy.check_opset(opset)
     fold, path = model_checkpoint(model_folder, fold, checkpoint)
     destination = _output_path(output, path, overwrite)
-    _require_export_packages()
+    deploy.require_export_packages()
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     predictor, network = _predictor_network(Path(model_folder), fold, checkpoint)
@@ -332,18 +259,15 @@ def export_onnx(
         "nnunet.patch_size": list(conf.patch_size),
         "nnunet.spacing": list(conf.spacing),
         "nnunet.size_multiples": list(multiples),
-        "attention_gates.version": __version__,
     }
     example = torch.randn(2, channels, *(2 * m for m in multiples), generator=gen)
-    model = _onnx_model(network, example, multiples, opset, metadata)
-    _check_symbolic(model)
-    model = model.SerializeToString()
-    difference = _max_difference(model, x, expected)
-    tolerance = TOLERANCE * max(1.0, float(expected.abs().max()))
-    if not difference <= tolerance:
-        raise OnnxCheckError(f"ONNX Runtime's logits differ from the predictor network's by up to {difference:.3g} "
-                             f"on a Tensor{list(x.shape)} (tolerance {tolerance:.3g}); nothing written")  # fmt: skip
-    atomic_write(destination, model)
+    try:
+        model = deploy.onnx_model(network, example, multiples=multiples, opset=opset, metadata=metadata)
+        difference = deploy.check_onnx(model, network, x, tolerance=TOLERANCE)
+    except ExportCheckError as e:
+        raise OnnxCheckError(f"{e}; nothing written") from None
+    tolerance = deploy.allowed_difference(expected, TOLERANCE)
+    atomic_write(destination, model.SerializeToString())
     return OnnxExport(
         path=destination, checkpoint=path, fold=fold, trainer=predictor.trainer_name, network=type(network).__name__,
         in_channels=channels, classes=int(expected.shape[1]), multiples=multiples,
