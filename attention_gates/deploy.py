@@ -38,7 +38,6 @@ import importlib.util
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -333,9 +332,7 @@ def export_torchscript(model: nn.Module, example: Inputs, path: PathLike, *, att
     """
     path = check_output(path, overwrite, "torchscript")
     inputs = _check_example(model, example, dynamic=False)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the gates' input checks compare sizes, which are tensors while tracing: the trace keeps no check
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"attention_gates\.")
+    with torch.no_grad():
         traced = torch.jit.trace(_recorded(model, attention), inputs, check_trace=False)
     return atomic_write(path, lambda f: torch.jit.save(traced, f))
 

@@ -25,6 +25,7 @@ from .blocks import ConvBlock, DeepSupervisionHead, GatingSignal, UpBlock
 from .gates import GridAttentionGate, MultiAttentionGate, scripting_refused
 from .layers import Factor, as_tuple, check_spatial_dims, constructor_repr, init_kaiming
 from .ops import check_name
+from .ops.reference import input_check
 
 __all__ = [
     "UNet",
@@ -136,6 +137,7 @@ class UNet(nn.Module):
     def _pool(self, h: Tensor) -> Tensor:
         return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[self.spatial_dims - 1](h, 2)
 
+    @input_check
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -10,6 +10,7 @@ PY="${PY:-.venv/bin/python}"
 # autosummary pages are regenerated from the code each time: drop pages of removed names (and -E:
 # a fresh environment, so that no page read before a change of the code keeps its old references)
 rm -rf docs/source/_autosummary docs/source/_generated
-"$PY" -m sphinx -E -W --keep-going -q -b html docs/source docs/_build/html
-"$PY" -m sphinx -E -W --keep-going -q -b doctest docs/source docs/_build/doctest
+# (the doctest builder reads the environment the HTML build just wrote: the pages are parsed once)
+"$PY" -m sphinx -E -W --keep-going -q -d docs/_build/doctrees -b html docs/source docs/_build/html
+"$PY" -m sphinx -W --keep-going -q -d docs/_build/doctrees -b doctest docs/source docs/_build/doctest
 tail -n 6 docs/_build/doctest/output.txt

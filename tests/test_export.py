@@ -8,6 +8,7 @@ errors of the deploy functions."""
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,18 @@ def test_torchscript_trace_saves_loads_back_and_runs_at_other_sizes(name, tmp_pa
     kinds = {n.kind() for n in torch.jit.load(str(path)).inlined_graph.nodes()}
     assert "aten::_convolution" in kinds and not any("PythonOp" in k for k in kinds), kinds
     assert deploy.check_torchscript(path, model, others + tiny) <= CLOSE
+
+
+@pytest.mark.parametrize("name", ["AttentionUNet3D-fused", "MultiAttentionGate"])
+def test_plain_torch_jit_trace_warns_nothing(name):
+    """``torch.jit.trace`` called directly (MONAI's converter, a user's script): the input checks, which
+    compare sizes in Python, raise no ``TracerWarning``, and the trace runs at another size."""
+    model, example, others, _ = built(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+    inputs = others[0] if isinstance(others[0], tuple) else (others[0],)
+    torch.testing.assert_close(traced(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CASES)

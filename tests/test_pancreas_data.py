@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -513,3 +514,23 @@ def test_case_files_check_names_the_case_the_file_and_the_fault_in_one_line(tmp_
     with pytest.raises((ValueError, FileNotFoundError), match=rf"^case PANCREAS_0005: .*{message}") as info:
         check_case_files(case)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ct.nii", "ct.nii.gz"])
+def test_nifti_data_problem_finds_a_file_cut_after_its_header(tmp_path, name):
+    """The image's header reads but its voxels are cut short: named with what is missing, compressed or not;
+    the whole file passes."""
+    import nibabel as nib
+
+    from examples.pancreas.volumes import nifti_data_problem
+
+    path = tmp_path / name
+    write_nifti(path, ct_volume(), np.eye(4))
+    assert nifti_data_problem(path, nib.load(str(path))) is None
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])  # the header (352 bytes) is kept
+    why = nifti_data_problem(path, nib.load(str(path)))
+    need = 352 + int(np.prod(SHAPE)) * 4
+    expected = rf"holds {len(data) * 3 // 4} bytes where its header's shape \(12, 10, 8\) of float32 needs {need}" if name == "ct.nii" \
+        else r"gzip stream is cut short or damaged after \d+ bytes of data \(EOFError"  # fmt: skip
+    assert why is not None and re.search(expected, why), why

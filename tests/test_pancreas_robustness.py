@@ -202,7 +202,7 @@ def test_resume_with_an_unreadable_best_checkpoint_warns_and_rewrites_it(tmp_pat
 def _msd_with_a_bad_test_case(root: Path, fault: str) -> tuple[Path, str, Path]:
     write_msd(root, n=5, spacing=(4.0, 4.0, 4.0))
     (test_case,) = split_cases(preset("tiny", data=str(root)), find_cases(root))["test"]
-    label = Path(test_case["label"])
+    label, image = Path(test_case["label"]), Path(test_case["image"])
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     affine[:3, 3] = [-10.0, 5.0, 20.0]
     if fault == "shape":
@@ -214,6 +214,10 @@ def _msd_with_a_bad_test_case(root: Path, fault: str) -> tuple[Path, str, Path]:
     elif fault == "truncated":
         data = label.read_bytes()
         label.write_bytes(data[: len(data) // 2])
+    elif fault == "image cut after its header":  # a download cut short: the header reads, the voxels do not
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) * 2 // 3])
+        return root, test_case["case_id"], image
     else:
         label.write_text("not a NIfTI file")
     return root, test_case["case_id"], label
@@ -226,18 +230,19 @@ def _msd_with_a_bad_test_case(root: Path, fault: str) -> tuple[Path, str, Path]:
         ("values", r"has values 7; expected only \[0, 1, 2\]"),
         ("truncated", r"is not a NIfTI file: its gzip stream is cut short or damaged \(EOFError"),
         ("text", r"is not a NIfTI file: it is not gzip-compressed, as its \.gz name says"),
+        ("image cut after its header", r"image .* cannot be read in full: its gzip stream is cut short or damaged after \d+ bytes of data \(EOFError"),
     ],
 )
 def test_a_bad_test_case_is_refused_before_the_first_step(tmp_path, capsys, monkeypatch, fault, message):
     from examples.pancreas import train as train_module
 
-    root, case_id, label = _msd_with_a_bad_test_case(tmp_path / "msd", fault)
+    root, case_id, bad_file = _msd_with_a_bad_test_case(tmp_path / "msd", fault)
     monkeypatch.setattr(train_module, "split_at_first_random", lambda *a: pytest.fail("the cache was built before the check"))
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--data", str(root), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"error: case {case_id}: ") and str(label) in err
+    assert err.startswith(f"error: case {case_id}: ") and str(bad_file) in err
     assert re.search(message, err), err
     assert not out.exists()  # nothing written, nothing trained
 

@@ -33,14 +33,24 @@ implementation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import NamedTuple, Optional
+import warnings
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GateWeights", "GateOptions", "grid_attention_reference", "check_gate_inputs", "resample", "update_running_stats"]
+__all__ = [
+    "GateWeights",
+    "GateOptions",
+    "grid_attention_reference",
+    "check_gate_inputs",
+    "input_check",
+    "resample",
+    "update_running_stats",
+]
 
 SIGMA1 = ("relu", "softplus")
 SIGMA2 = ("sigmoid", "softmax")
@@ -210,6 +220,30 @@ def _check_dtypes(x: Tensor, g: Tensor, w: GateWeights) -> None:
         )
 
 
+_Check = TypeVar("_Check", bound=Callable)
+
+
+def input_check(check: _Check) -> _Check:
+    """Decorate an input check (which compares sizes in Python) to run without the tracer's warnings.
+
+    Under :func:`torch.jit.trace` sizes are traced values: a check of them holds for the example
+    and is not recorded in the graph, which is what an input check is for, so the
+    ``TracerWarning`` each comparison raises says nothing to the user. Outside tracing it is the
+    check itself.
+    """
+
+    @functools.wraps(check)
+    def run(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return check(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+@input_check
 def check_gate_inputs(x: Tensor, g: Tensor, w: GateWeights, opt: GateOptions = GateOptions()) -> None:
     """Raise a ``TypeError``/``ValueError`` naming the argument, what was expected and what came.
 

@@ -32,7 +32,7 @@ Nothing lost, nothing clobbered:
   the next run in the folder removes. The log is written before the checkpoint, and a resumed
   run keeps the log's rows up to the checkpoint's step only: the two never disagree.
 - The cases that are not cached for training (the test cases, and the validation cases of a
-  run without validation) are checked from their headers and labels before anything is cached
+  run without validation) are checked from their headers, image data streams and labels before anything is cached
   (:func:`examples.pancreas.volumes.check_case_files`): a bad case costs seconds, not the run.
 """
 

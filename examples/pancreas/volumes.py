@@ -1,7 +1,7 @@
 """Checks of volume files and grids that do not need the MONAI transforms: a file named NIfTI
 that is not one, a DICOM series that would stack into a wrong volume, label values, whether two
-voxel grids are the same one, and a case's files checked by their headers and label alone
-(:func:`check_case_files`, much cheaper than reading and resampling the image)."""
+voxel grids are the same one, and a case's files checked by their headers, the image's data
+stream and the label (:func:`check_case_files`, much cheaper than reading and resampling the image)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .cases import is_nifti, visible_files
 
 __all__ = [
     "nifti_problem",
+    "nifti_data_problem",
     "check_series",
     "series_grid",
     "canonical_grid",
@@ -162,6 +163,32 @@ def nifti_problem(path: str | os.PathLike) -> Optional[str]:
     return "it has no NIfTI header (sizeof_hdr 348 with magic n+1, or 540 with n+2)"
 
 
+def nifti_data_problem(path: str | os.PathLike, image: Any) -> Optional[str]:
+    """Why the voxel data of the NIfTI file ``path`` cannot be read in full, or ``None``.
+
+    ``image`` is the file as nibabel loads it (lazily: its header and data proxy): the data need
+    ``offset + prod(shape) * itemsize`` bytes. A compressed file is streamed through once
+    without being kept (its gzip check sum and length catch a file cut short or damaged; about a
+    second for a CT volume), an uncompressed one is measured.
+    """
+    path = Path(path)
+    proxy = image.dataobj
+    need = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    if not path.name.lower().endswith(".gz"):
+        have = path.stat().st_size
+    else:
+        have = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    have += len(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            return f"its gzip stream is cut short or damaged after {have} bytes of data ({type(e).__name__}: {e})"
+    if have < need:
+        return f"it holds {have} bytes where its header's shape {tuple(proxy.shape)} of {np.dtype(proxy.dtype)} needs {need}"
+    return None
+
+
 def unexpected_values(values: Iterable[float], allowed: Sequence[int] = LABEL_VALUES) -> Optional[str]:
     """``"has values 3, 7; expected only [0, 1, 2]"`` for the label ``values`` outside ``allowed``, or ``None``."""
     bad = sorted(float(v) for v in values if v not in allowed)
@@ -185,9 +212,9 @@ def _nifti(path: Path, key: str, case: str):
 
 
 def check_case_files(case: Mapping[str, Any], tol: float = AFFINE_TOL) -> None:
-    """Check a case's files as the transforms would, reading the image's header only: the image
-    is a NIfTI file with a header (:func:`nifti_problem`) or a DICOM series folder
-    (:func:`series_grid`), the label a readable NIfTI file with values in :data:`LABEL_VALUES`,
+    """Check a case's files as the transforms would, without decoding the image: the image is a
+    NIfTI file with a header (:func:`nifti_problem`) and all its data (:func:`nifti_data_problem`)
+    or a DICOM series folder (:func:`series_grid`), the label a readable NIfTI file with values in :data:`LABEL_VALUES`,
     and both hold the same grid once oriented to RAS (:func:`grid_disagreement`). In-memory
     cases (the phantom's arrays) pass: they were made, not read.
 
@@ -209,6 +236,9 @@ def check_case_files(case: Mapping[str, Any], tol: float = AFFINE_TOL) -> None:
             raise ValueError(f"case {cid}: image {image} is not a readable DICOM series: {e}") from None
     elif is_nifti(image):
         header = _nifti(image, "image", cid)
+        why = nifti_data_problem(image, header)
+        if why is not None:
+            raise ValueError(f"case {cid}: image {image} cannot be read in full: {why}")
         image_grid = (header.shape[:3], header.affine)
     else:
         return  # single DICOM files: read by the transforms
