@@ -8,6 +8,7 @@ subprocesses (``python -m examples.pancreas train``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ nib = pytest.importorskip("nibabel")
 
 from examples.pancreas.__main__ import main  # noqa: E402
 from examples.pancreas.cases import find_cases, load_cases  # noqa: E402
-from examples.pancreas.checkpoints import load_checkpoint, read_log  # noqa: E402
+from examples.pancreas.checkpoints import CheckpointError, load_checkpoint, read_log  # noqa: E402
 from examples.pancreas.config import preset  # noqa: E402
 from examples.pancreas.splits import split_cases  # noqa: E402
 from examples.pancreas.train import train  # noqa: E402
@@ -98,6 +99,58 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_bit_exact(tmp_pa
                     cases=tiny_cases)  # fmt: skip
     assert resumed["steps"] == 24
     _equal_runs(uninterrupted, out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_stopped_comparison_resumes_where_it_stopped(tmp_path, tiny_cases):
+    """SIGTERM to ``compare`` (each model trains in a child process): the child finishes its step and
+    saves it, one line gives the command that resumes the whole comparison, exit 143; that command
+    finishes both runs as an uninterrupted comparison trains them, bit for bit."""
+    from examples.pancreas.compare import compare
+
+    cfg = preset("tiny", steps=24, checkpoint_every=3, val_every=0, deterministic=True)
+    whole = tmp_path / "uninterrupted"
+    compare(cfg, whole, device="cpu", progress=False, isolate=False)
+    out = tmp_path / "run"
+    args = ["compare", *SIGNAL_RUN, "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "examples.pancreas", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)  # fmt: skip
+    log = out / "attention" / "log.csv"
+    deadline = time.monotonic() + 200
+    while proc.poll() is None and time.monotonic() < deadline:  # the attention run's first log row
+        if log.is_file() and len(log.read_text().splitlines()) > 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=200)
+    assert proc.returncode == 143, stderr[-3000:]
+    step = load_checkpoint(out / "attention" / "checkpoint.pt")["step"]
+    assert 3 <= step < 24 and not (out / "unet").exists() and not (out / "comparison.json").exists()
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"SIGTERM: training stopped after step {step} of 24, saved in {out / 'attention' / 'checkpoint.pt'}; "
+        f"resume the comparison with: python -m examples.pancreas {' '.join(args)} --resume"
+    )
+    again = subprocess.run([sys.executable, "-m", "examples.pancreas", *args, "--resume"], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    for model in ("attention", "unet"):
+        _equal_runs(whole / model, out / model)
+    ours, theirs = (json.loads((folder / "comparison.json").read_text()) for folder in (out, whole))
+    for model in ("attention", "unet"):
+        assert ours["results"][model]["cases"] == theirs["results"][model]["cases"]
+
+
+def test_a_comparison_folder_is_resumed_or_replaced_only_when_asked(tmp_path, no_data):
+    from examples.pancreas.compare import compare
+
+    (tmp_path / "attention").mkdir()
+    (tmp_path / "attention" / "checkpoint.pt").write_bytes(b"a run")
+    with pytest.raises(CheckpointError, match=r"already holds a run \(checkpoint.pt\); pass --resume to continue the comparison, --overwrite"):
+        compare(preset("tiny"), tmp_path, device="cpu", progress=False, isolate=False)
+    with pytest.raises(ValueError, match=r"resume continues the runs in the folder and overwrite replaces them: give one of them"):
+        compare(preset("tiny"), tmp_path, resume=True, overwrite=True, device="cpu", progress=False, isolate=False)
 
 
 def test_stop_signals_restore_the_handlers_and_a_second_signal_acts_at_once():

@@ -10,21 +10,22 @@ Commands:
   ``torchrun`` for several processes, GPUs or nodes. Ctrl-C or SIGTERM: the step in progress
   finishes, its checkpoint is written, one line gives the command that resumes, and the exit
   status is 130 (SIGINT) or 143 (SIGTERM).
+- ``compare``: ``demo`` for any preset and data, or for given checkpoints; ``demo --resume`` and
+  ``compare --resume`` continue an interrupted comparison (the line printed on a stop signal says so).
 - ``evaluate``: evaluate a checkpoint on its run's held-out cases, in their original geometry.
 - ``predict``: segment NIfTI files, DICOM series or a whole MSD / NIH data folder with a
   checkpoint, each in its own geometry; existing ``<name>_seg.nii.gz`` files are kept unless
   ``--overwrite``, and never taken as inputs; exits with status 1 when some volume failed or an
   existing output was kept (each named on its own line) and the others were written.
+- ``export``: write a checkpoint's model as TorchScript, a ``torch.export`` program or ONNX
+  (``--format``), with dynamic batch and sizes, checked against eager PyTorch on a phantom-sized
+  volume before it is written (default: beside the checkpoint); exit status 1 when the check fails.
 
 ``--checkpoint`` takes a checkpoint file or a run folder (its ``best.pt``, else its
 ``checkpoint.pt``). Arguments that cannot work (an ``--out`` that is a file or cannot be
 written, a ``--device`` the machine lacks, a ``--backend`` that cannot run the gates there, a
 checkpoint that is not there) are refused before any data is read or file written, with one
 line naming the argument, and exit status 2.
-- ``compare``: ``demo`` for any preset and data, or for given checkpoints.
-- ``export``: write a checkpoint's model as TorchScript, a ``torch.export`` program or ONNX
-  (``--format``), with dynamic batch and sizes, checked against eager PyTorch on a phantom-sized
-  volume before it is written (default: beside the checkpoint); exit status 1 when the check fails.
 
 ``demo`` and ``compare`` pair the two models case by case on every metric (mean difference with
 a bootstrap interval, Wilcoxon signed-rank test, wins); ``--seeds N`` trains both with ``N``
@@ -191,7 +192,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     given = (("attention", args.attention_checkpoint, "--attention-checkpoint"), ("unet", args.unet_checkpoint, "--unet-checkpoint"))
     checkpoints = {k: resolve_checkpoint(v, flag) for k, v, flag in given if v}
     device = _check_run(cfg, args, gates=True, training=True)
-    compare(cfg, args.out, checkpoints=checkpoints, overwrite=args.overwrite, device=device, progress=not args.no_progress,
+    compare(cfg, args.out, checkpoints=checkpoints, resume=args.resume, overwrite=args.overwrite, device=device, progress=not args.no_progress,
             finetune=args.finetune, seeds=args.seeds)  # fmt: skip
 
 
@@ -200,7 +201,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     cfg = preset("demo", **_overrides(args))
     device = _check_run(cfg, args, gates=True, training=True)
-    compare(cfg, args.out, overwrite=args.overwrite, device=device, progress=not args.no_progress,
+    compare(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=device, progress=not args.no_progress,
             title="Demo: Attention U-Net vs U-Net on the phantom pancreas", seeds=args.seeds)  # fmt: skip
 
 
@@ -224,6 +225,9 @@ def _resume_line(args: argparse.Namespace, stop: Any) -> str:
         return f"{stop}; run the same command again to start over"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = f"torchrun --nproc_per_node={world} -m examples.pancreas" if world > 1 else "python -m examples.pancreas"
+    if args.command in ("demo", "compare"):  # the whole comparison: its own flags again, and --resume
+        again = [a for a in args.argv if a not in ("--resume", "--overwrite")] + ["--resume"]
+        return f"{stop}; resume the comparison with: {launcher} {shlex.join(again)}"
     extra = [f"--device {shlex.quote(args.device)}"] * (args.device is not None) + ["--no-progress"] * args.no_progress
     return f"{stop}; resume with: {launcher} train --out {shlex.quote(str(stop.checkpoint.parent))} --resume" + "".join(f" {e}" for e in extra)
 
@@ -246,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="both models on the phantom, with the report (the default run)")
     q.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out (the same flags again)")
     q.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     _add_config_flags(q, with_model=False)
     seeds(q)
@@ -278,7 +283,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("compare", help="train or load both models, compare them on the same split")
     q.add_argument("--out", required=True)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted comparison in --out (the same flags again)")
+    q.add_argument("--overwrite", action="store_true", help="replace the runs already in --out")
     q.add_argument("--attention-checkpoint", help="use this trained Attention U-Net instead of training one")
     q.add_argument("--unet-checkpoint", help="use this trained U-Net instead of training one")
     q.add_argument("--finetune", choices=("gates", "all"),
@@ -307,7 +313,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     once, returning 130."""
     from .train import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:

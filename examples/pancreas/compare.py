@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -39,7 +40,7 @@ from .report import (
     spread_sentence,
     write_report,
 )
-from .runtime import process_settings
+from .runtime import forwarded_stop_signals, process_settings
 from .splits import split_cases
 from .stats import paired_comparison, seed_spread
 from .train import TrainingInterrupted, train
@@ -126,14 +127,16 @@ def _run_figures(cfg: Config, out: Path, model: torch.nn.Module, kept: list[dict
     return figures
 
 
-def _run_here(cfg, out, cases, checkpoint, overwrite, device, progress) -> dict[str, Any]:
+def _run_here(cfg, out, cases, checkpoint, resume, overwrite, device, progress) -> dict[str, Any]:
     """:func:`run` in this process (the arguments of :func:`_run_in_child`)."""
-    return run(cfg, out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)
+    return run(cfg, out, cases=cases, checkpoint=checkpoint, resume=resume, overwrite=overwrite, device=device, progress=progress)
 
 
-def _child(queue, cfg, out, cases, checkpoint, overwrite, device, progress) -> None:
+def _child(queue, *args) -> None:
+    if hasattr(os, "setpgrp"):  # a process group of its own: a terminal's Ctrl-C reaches the parent, which forwards it once
+        os.setpgrp()
     try:
-        queue.put(("ok", run(cfg, out, cases=cases, checkpoint=checkpoint, overwrite=overwrite, device=device, progress=progress)))
+        queue.put(("ok", _run_here(*args)))
     except TrainingInterrupted as stop:  # the checkpoint is written: no traceback
         queue.put(("interrupted", (stop.signum, stop.step, stop.steps, stop.checkpoint)))
     except Exception as e:  # hand the error to the parent as text (exceptions need not pickle)
@@ -142,22 +145,29 @@ def _child(queue, cfg, out, cases, checkpoint, overwrite, device, progress) -> N
         raise
 
 
-def _run_in_child(cfg, out, cases, checkpoint, overwrite, device, progress) -> dict[str, Any]:
+def _run_in_child(cfg, out, cases, checkpoint, resume, overwrite, device, progress) -> dict[str, Any]:
     """:func:`run` in a fresh process, so that each model's peak memory is its own."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(queue, cfg, out, cases, checkpoint, overwrite, str(_device(device)), progress))
+    child = ctx.Process(target=_child, args=(queue, cfg, out, cases, checkpoint, resume, overwrite, str(_device(device)), progress))
     child.start()
     try:
-        while True:
-            try:
-                status, value = queue.get(timeout=1.0)
-                break
-            except queue_module.Empty:
-                if not child.is_alive():
-                    raise RuntimeError(f"the {cfg.model} run died (exit code {child.exitcode}) without a result") from None
+        with forwarded_stop_signals(child) as received:  # Ctrl-C, SIGTERM: the child finishes its step and saves it
+            while True:
+                try:
+                    status, value = queue.get(timeout=1.0)
+                    break
+                except queue_module.Empty:
+                    if child.is_alive():
+                        continue
+                    if not received:
+                        raise RuntimeError(f"the {cfg.model} run died (exit code {child.exitcode}) without a result") from None
+                    status = "stopped at once"  # a second signal: this process stops as the child did
+                    break
     finally:
         child.join()
+    if status == "stopped at once":
+        signal.raise_signal(received[-1])  # the handlers from before are back: KeyboardInterrupt, or the end of SIGTERM
     if status == "interrupted":
         raise TrainingInterrupted(*value)
     if status == "bad input":
@@ -195,10 +205,12 @@ def compare_results(results: Mapping[int, Mapping[str, Mapping[str, Any]]], a: s
     return {"a": a, "b": b, "metrics": metrics, "spread": spread}
 
 
-def _plan(cfg: Config, out: Path, checkpoints: dict[str, Any], overwrite: bool, finetune: Optional[str], seeds: int
+def _plan(cfg: Config, out: Path, checkpoints: dict[str, Any], resume: bool, overwrite: bool, finetune: Optional[str], seeds: int
           ) -> tuple[dict[int, dict[str, Config]], dict[int, Path]]:  # fmt: skip
     """``(runs, folders)``: per training seed, the config of every model, and the seed's folder;
-    refuses bad arguments and run folders that hold a run already (unless ``overwrite``)."""
+    refuses bad arguments and run folders that hold a run already (unless ``resume`` or ``overwrite``)."""
+    if resume and overwrite:
+        raise ValueError("resume continues the runs in the folder and overwrite replaces them: give one of them")
     if finetune not in (None, "gates", "all"):
         raise ValueError(f"finetune must be None, 'gates' or 'all', got {finetune!r}")
     unknown = sorted(set(checkpoints) - set(NAMES))
@@ -220,8 +232,11 @@ def _plan(cfg: Config, out: Path, checkpoints: dict[str, Any], overwrite: bool, 
     for s, by_model in runs.items():
         for model in by_model:
             run_dir = folders[s] / model
-            if model not in checkpoints and not overwrite and (run_dir / CHECKPOINT).exists():
-                raise CheckpointError(f"{run_dir} already holds a run ({CHECKPOINT}); pass --overwrite to replace it or choose another --out")
+            if model not in checkpoints and not (resume or overwrite) and (run_dir / CHECKPOINT).exists():
+                raise CheckpointError(
+                    f"{run_dir} already holds a run ({CHECKPOINT}); pass --resume to continue the comparison, "
+                    "--overwrite to replace it, or choose another --out"
+                )
     return runs, folders
 
 
@@ -260,6 +275,7 @@ def compare(
     out: Union[str, Path],
     *,
     checkpoints: Optional[Mapping[str, Union[str, Path]]] = None,
+    resume: bool = False,
     overwrite: bool = False,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
@@ -275,6 +291,10 @@ def compare(
     ``out/attention`` and ``out/unet``. With ``isolate`` each model runs in a process of its
     own, so that the CPU peak memory is measured per model; without, both run in this process
     (faster to start).
+
+    ``resume`` continues an interrupted comparison in ``out`` with the same settings: each run
+    folder that holds a checkpoint resumes from it (a finished run is evaluated again, without
+    training), the others start.
 
     ``seeds`` > 1 trains both models with the training seeds ``cfg.seed, cfg.seed + 1, ...``
     (runs in ``out/seed<s>/<model>``; the data and split stay the same), compares the per-case
@@ -292,7 +312,7 @@ def compare(
     ``comparison.json``."""
     out = Path(out)
     checkpoints = dict(checkpoints or {})
-    runs, folders = _plan(cfg, out, checkpoints, overwrite, finetune, seeds)
+    runs, folders = _plan(cfg, out, checkpoints, resume, overwrite, finetune, seeds)
     seed_list = list(runs)
     out.mkdir(parents=True, exist_ok=True)
     start, load0 = time.perf_counter(), os.getloadavg()
@@ -303,7 +323,9 @@ def compare(
         results[s] = {}
         for model, model_cfg in by_model.items():
             how = _run_in_child if isolate else _run_here
-            results[s][model] = how(model_cfg, folders[s] / model, cases, checkpoints.get(model), overwrite, device, progress)
+            run_dir = folders[s] / model
+            resumed = resume and model not in checkpoints and (run_dir / CHECKPOINT).exists()
+            results[s][model] = how(model_cfg, run_dir, cases, checkpoints.get(model), resumed, overwrite, device, progress)
     comparisons = [compare_results(results, "attention", "unet")]
     if finetune is not None:
         comparisons.append(compare_results(results, "finetuned", "unet"))

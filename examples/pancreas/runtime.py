@@ -30,6 +30,7 @@ __all__ = [
     "StopRequest",
     "stop_signals",
     "ignore_stop_signals",
+    "forwarded_stop_signals",
     "STOP_SIGNALS",
     "backend_problem",
     "resolve_device",
@@ -141,6 +142,35 @@ def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopRequest]
         yield request
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def forwarded_stop_signals(process: Any, signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
+    """Context manager for a process waiting on a child that trains: inside, each of ``signals``
+    that reaches this process is sent on to ``process`` (a ``multiprocessing.Process``, which
+    stops as :func:`stop_signals` says: the first signal after its step, a second at once) and
+    appended to the yielded list. The child should run in a process group of its own, so that a
+    terminal's Ctrl-C reaches it once, through here. Signals this process ignores stay ignored;
+    the previous handlers are restored on exit; in another thread than the main one nothing is
+    installed."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if process.pid is not None and process.exitcode is None:
+            os.kill(process.pid, signum)
+
+    for s in previous:
+        signal.signal(s, forward)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def ignore_stop_signals(*_: Any) -> None:
