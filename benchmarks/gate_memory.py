@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
     out_dir = Path(argv[0] if argv else "benchmarks/results")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    from .common import machine_info
+    from .common import machine_info, write_json
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {"machine": machine_info(dev), "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
         result["paper"].append(row)
         del x, g, gate
     result["host_ops"] = host_ops()
-    (out_dir / "gate_memory.json").write_text(json.dumps(result, indent=1))
+    write_json(out_dir / "gate_memory.json", result, indent=1)
 
     s = result["small"]
     print(f"saved for backward at x={s['x']} (counted): reference {s['reference']:,} B, triton {s['triton']:,} B "

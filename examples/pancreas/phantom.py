@@ -37,6 +37,8 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 from scipy.spatial import cKDTree
 
+from attention_gates.files import atomic_write
+
 __all__ = ["generate_phantom", "phantom_id", "threshold_baseline", "HU"]
 
 #: Hounsfield values of the phantom's tissues (portal venous phase), before blur and noise.
@@ -503,8 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"best HU interval [{a:g}, {b:g}): pooled Dice {result['dice']:.3f}")
         print(f"generation {per_case:.2f} s per case, shape {tuple(args.shape)}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            atomic_write(args.json, json.dumps(result, indent=2))
     if args.png:
         save_png(generate_phantom(0, shape=args.shape), args.png)
         print(f"wrote {args.png}")
