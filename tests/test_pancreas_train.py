@@ -614,7 +614,7 @@ def test_cli_demo_refuses_to_replace_a_run(tmp_path, capsys):
     (tmp_path / "attention").mkdir()
     (tmp_path / "attention" / "checkpoint.pt").write_bytes(b"earlier run")
     assert _cli("demo", "--out", tmp_path) == 2
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "pass --resume to continue the comparison, --overwrite to replace it" in capsys.readouterr().err
     assert (tmp_path / "attention" / "checkpoint.pt").read_bytes() == b"earlier run"
 
 
