@@ -18,24 +18,24 @@ run() {  # run BUDGET_SECONDS NAME CMD...: output to NAME.log; exit status, seco
 lane1() {
   # 1. library, examples and benchmark smoke tests (CPU; reference and cpu backends)
   run 1200 unit "$PY" -m pytest -q -p no:cacheprovider -m "not cuda and not interpret and not nnunet and not export" --timeout=300 tests
-  # 2. deployment (the export extra): every public network traced, exported with torch.export and to ONNX with
-  #    dynamic sizes and run in ONNX Runtime at other sizes, one AOTInductor package, the example's export command
-  run 600 export "$PY" -m pytest -q -p no:cacheprovider -m export --timeout=300 tests
-  # 3. docstring examples
-  run 300 doctests "$PY" -m pytest -q -p no:cacheprovider --timeout=120 --doctest-modules attention_gates
+  # 2. the nnU-Net integration (the nnunet extra): its network, trainer and plans, one run of nnU-Net's
+  #    plan-and-preprocess, train and predict commands on a small synthetic dataset, and the ONNX export of the
+  #    trained model checked in ONNX Runtime
+  run 600 nnunet "$PY" -m pytest -q -p no:cacheprovider -m nnunet --timeout=400 tests/test_nnunet.py
+  # 3. the documentation, warnings as errors, and the doctests of its pages
+  run 600 docs bash scripts/docs.sh
 }
 lane2() {
   # 4. Triton kernels through the interpreter: its own process (the interpreter is fixed at first compile)
   TRITON_INTERPRET=1 run 900 triton-interpreter "$PY" -m pytest -q -p no:cacheprovider -m interpret --timeout=300 tests
-  # 5. the nnU-Net integration (the nnunet extra): its network, trainer and plans, one run of nnU-Net's
-  #    plan-and-preprocess, train and predict commands on a small synthetic dataset, and the ONNX export of the
-  #    trained model checked in ONNX Runtime
-  run 600 nnunet "$PY" -m pytest -q -p no:cacheprovider -m nnunet --timeout=400 tests/test_nnunet.py
-  # 6. the documentation, warnings as errors, and the doctests of its pages
-  run 600 docs bash scripts/docs.sh
+  # 5. deployment (the export extra): every public network traced, exported with torch.export and to ONNX with
+  #    dynamic sizes and run in ONNX Runtime at other sizes, one AOTInductor package, the example's export command
+  run 600 export "$PY" -m pytest -q -p no:cacheprovider -m export --timeout=300 tests
+  # 6. docstring examples
+  run 300 doctests "$PY" -m pytest -q -p no:cacheprovider --timeout=120 --doctest-modules attention_gates
 }
 lane1 & lane2 & wait
-SUITES=(unit export doctests triton-interpreter nnunet docs)
+SUITES=(unit nnunet docs triton-interpreter export doctests)
 failed=0
 for name in "${SUITES[@]}"; do
   echo "=== $name ==="
