@@ -8,9 +8,10 @@ can be turned off one by one (see the documentation's CPU guide for what each ga
 
 - ``fuse``: every convolution followed, in an ``nn.Sequential``, by a batch norm with running
   statistics and/or a ReLU becomes a :class:`FusedConv`: the norm folded into the convolution's
-  weight and bias once, at transform time, the ReLU done by oneDNN as the convolution's epilogue,
-  and the weight packed into oneDNN's own layout once per input shape instead of on every call
-  (what ONNX Runtime does to the same graph); the norm and the ReLU stay in their places as
+  weight and bias once, at transform time, the ReLU done in place on its output (or, with
+  ``relu_epilogue``, by oneDNN as the convolution's epilogue, which turns NaN into 0), and the
+  weight packed into oneDNN's own layout once per input shape instead of on every call (what ONNX
+  Runtime does to the same graph); the norm and the ReLU stay in their places as
   :class:`FusedAway` layers that keep their state-dict entries;
 - ``onednn``: every ``nn.Conv3d`` becomes a :class:`OneDNNConv3d`, which sends single volumes to
   oneDNN (PyTorch's rule for choosing its CPU convolution was written for 2D batches and leaves
@@ -28,7 +29,9 @@ keeps the state-dict keys of the original, so that weights load into either. Cha
 original model and transform it again. Its fast paths are eager PyTorch: under
 :func:`torch.jit.trace`, :func:`torch.export.export` (and so ONNX's exporter) and
 :func:`torch.compile` every module computes the same values with standard operators (the folded
-weights, the gated blocks as built), which those record.
+weights, the gated blocks as built), which those record, so :mod:`attention_gates.deploy` exports
+it with dynamic sizes as it exports the original; the exported graph gains nothing from the
+transform (ONNX Runtime and AOTInductor fold and fuse on their own), so export the original.
 """
 
 from __future__ import annotations
@@ -72,7 +75,10 @@ class FusedConv(nn.Module):
 
     - the norm is folded into the weight and bias once (in float64, stored in the weight's dtype as
       the buffers ``fused_weight`` and ``fused_bias``, which are not in the state dict);
-    - the ReLU is oneDNN's epilogue of the convolution (:func:`attention_gates.ops.onednn.conv_relu`);
+    - the ReLU is an in-place ``relu_`` on the convolution's output, or, with ``relu_epilogue``,
+      oneDNN's epilogue of the convolution (:func:`attention_gates.ops.onednn.conv_relu`): one pass
+      over the output less, but oneDNN's ReLU turns a NaN into 0 where ``torch.relu`` (and ONNX
+      Runtime) keep it, so a NaN in the input no longer shows in the output;
     - for channels-last inputs, the weight is reordered into oneDNN's own layout once per input
       shape (:func:`attention_gates.ops.onednn.pack_weight`; the last :attr:`PACKED_SHAPES` shapes
       are kept, outside the state dict) instead of on every call.
@@ -90,7 +96,7 @@ class FusedConv(nn.Module):
     fused_weight: Tensor
     fused_bias: Tensor
 
-    def __init__(self, conv: nn.Module, norm: Optional[nn.Module] = None, relu: bool = False) -> None:
+    def __init__(self, conv: nn.Module, norm: Optional[nn.Module] = None, relu: bool = False, relu_epilogue: bool = False) -> None:
         super().__init__()
         if type(conv) not in _NORM_AFTER or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise TypeError(f"FusedConv takes an nn.Conv2d or nn.Conv3d with zero padding of ints, got {conv!r}")
@@ -103,7 +109,7 @@ class FusedConv(nn.Module):
         self.weight = conv.weight
         self.register_parameter("bias", conv.bias)
         self.norm = None if norm is None else type(norm).__name__
-        self.relu = relu
+        self.relu, self.relu_epilogue = relu, relu and relu_epilogue
         w, b = conv.weight.detach(), conv.bias.detach() if conv.bias is not None else None
         if norm is not None:
             w, b = nn.utils.fuse_conv_bn_weights(
@@ -119,12 +125,14 @@ class FusedConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(self, x)
         if self.kernel_size == self.stride == self.dilation == (1,) * self.spatial_dims and self.groups == 1:
-            y = conv1x1(x, self.fused_weight, self.fused_bias)
-            return y.relu_() if self.relu else y
-        return conv_relu(
-            x, self.fused_weight, self.fused_bias, self.stride, self.padding, self.dilation, self.groups,
-            relu=self.relu, packed=self._packed_weight(x),
-        )  # fmt: skip
+            y, relu_done = conv1x1(x, self.fused_weight, self.fused_bias), False
+        else:
+            y = conv_relu(
+                x, self.fused_weight, self.fused_bias, self.stride, self.padding, self.dilation, self.groups,
+                relu=self.relu_epilogue, packed=self._packed_weight(x),
+            )  # fmt: skip
+            relu_done = self.relu_epilogue
+        return y.relu_() if self.relu and not relu_done else y
 
     def _packed_weight(self, x: Tensor) -> Optional[Tensor]:
         """``fused_weight`` in oneDNN's layout for ``x``'s shape, made on the first call with that
@@ -154,7 +162,7 @@ class FusedConv(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
-                f"norm={self.norm}, relu={self.relu}")  # fmt: skip
+                f"norm={self.norm}, relu={self.relu}, relu_epilogue={self.relu_epilogue}")  # fmt: skip
 
 
 class FusedAway(nn.Module):
@@ -307,7 +315,7 @@ def _folds_into(norm: nn.Module, conv: nn.Module) -> bool:
     )
 
 
-def _fuse_runs(seq: nn.Sequential, shared: set[int]) -> None:
+def _fuse_runs(seq: nn.Sequential, shared: set[int], relu_epilogue: bool) -> None:
     """In ``seq``, every convolution followed by a foldable batch norm and/or a ReLU (``nn.Identity``
     layers between them skipped) -> :class:`FusedConv`, the norm and the ReLU -> :class:`FusedAway`.
     Convolutions whose ``id`` is in ``shared`` (reached by several names) stay one module: not fused."""
@@ -331,14 +339,14 @@ def _fuse_runs(seq: nn.Sequential, shared: set[int]) -> None:
         if norm is None and relu is None:
             i += 1
             continue
-        seq[i] = FusedConv(conv, None if norm is None else layers[norm], relu=relu is not None)
+        seq[i] = FusedConv(conv, None if norm is None else layers[norm], relu=relu is not None, relu_epilogue=relu_epilogue)
         for k in (norm, relu):
             if k is not None:
                 seq[k] = FusedAway(layers[k])
         i = j
 
 
-def _fuse(model: nn.Module) -> nn.Module:
+def _fuse(model: nn.Module, relu_epilogue: bool) -> nn.Module:
     """:func:`_fuse_runs` on every ``nn.Sequential`` of ``model`` outside the gates (which read
     their own ``W``'s convolution and norm by position), leaving a convolution that several names
     reach as it is (fusing it at one place would split it in two)."""
@@ -347,12 +355,18 @@ def _fuse(model: nn.Module) -> nn.Module:
     shared = {k for k, n in reached.items() if n > 1}
     for seq in list(model.modules()):
         if isinstance(seq, nn.Sequential) and id(seq) not in gated:
-            _fuse_runs(seq, shared)
+            _fuse_runs(seq, shared, relu_epilogue)
     return model
 
 
 def optimize_for_inference(
-    model: nn.Module, *, fuse: bool = True, onednn: bool = True, channels_last: bool = True, fold: bool = True
+    model: nn.Module,
+    *,
+    fuse: bool = True,
+    relu_epilogue: bool = False,
+    onednn: bool = True,
+    channels_last: bool = True,
+    fold: bool = True,
 ) -> nn.Module:
     """A copy of ``model``, in evaluation mode with frozen weights, rewritten for CPU inference.
 
@@ -361,6 +375,10 @@ def optimize_for_inference(
             :class:`~attention_gates.nets.AttentionUNet`, a block, or your own network).
         fuse: convolution -> batch norm -> ReLU runs (either of the last two may be missing) of
             every ``nn.Sequential`` outside the gates -> :class:`FusedConv` and :class:`FusedAway`.
+        relu_epilogue: with ``fuse``, the ReLU of each fused run done by oneDNN as the
+            convolution's epilogue rather than in place after it: faster, but a NaN reaching such a
+            ReLU becomes 0 (oneDNN's ReLU), where the model as built (``torch.relu``) and ONNX
+            Runtime keep it, so a NaN in the input no longer shows in the output. Off by default.
         onednn: the remaining ``nn.Conv3d`` -> :class:`OneDNNConv3d`.
         channels_last: parameters of 4 or 5 dims in the channels-last memory format.
         fold: :class:`~attention_gates.gates.MultiAttentionGate` -> :class:`FoldedMultiAttentionGate`
@@ -387,7 +405,7 @@ def optimize_for_inference(
     if fold:  # first: the folded map is computed from the parameters in their own layout
         model = _replaced(model, lambda m: FoldedMultiAttentionGate.fold(m) if type(m) is MultiAttentionGate else None)
     if fuse:
-        model = _fuse(model)
+        model = _fuse(model, relu_epilogue)
     if onednn:
         model = _replaced(model, lambda m: OneDNNConv3d.from_conv(m) if type(m) is nn.Conv3d else None)
     if channels_last:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from attention_gates import AttentionUNet2D, AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D, use_backend
+from attention_gates import AttentionUNet2D, AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D, deploy
 from attention_gates.cpu import FoldedMultiAttentionGate, FusedAway, FusedConv, OneDNNConv3d, optimize_for_inference
 from attention_gates.functional import GateWeights
 from attention_gates.ops import measured, onednn
@@ -185,11 +185,12 @@ def _in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     [{}, {"stride": 2}, {"kernel_size": 1, "padding": 0}, {"groups": 2, "dilation": 2, "padding": 2}, {"bias": False}],
     ids=["3x3", "stride2", "1x1", "groups-dilated", "no-bias"],
 )
-def test_fused_conv_equals_the_plain_eval_layers(conv_kwargs, dims, batch, channels_last):
+@pytest.mark.parametrize("relu_epilogue", [False, True], ids=["relu-after", "relu-epilogue"])
+def test_fused_conv_equals_the_plain_eval_layers(conv_kwargs, dims, batch, channels_last, relu_epilogue):
     """conv -> batch norm -> ReLU as one FusedConv: the plain eval layers' values (float64 truth),
     in the input's layout; the norm and the ReLU stay as FusedAway, keeping their state-dict keys."""
     seq = _conv_norm_relu(dims, **conv_kwargs)
-    fast = optimize_for_inference(seq, channels_last=channels_last)
+    fast = optimize_for_inference(seq, channels_last=channels_last, relu_epilogue=relu_epilogue)
     assert [type(m) for m in fast] == [FusedConv, FusedAway, FusedAway]
     assert list(fast.state_dict()) == list(seq.state_dict())
     x = torch.randn(batch, 6, *(9, 10, 7)[:dims])
@@ -218,19 +219,24 @@ def test_fused_conv_of_a_norm_alone_or_a_relu_alone(dims, norm, relu):
 
 
 @needs_fused_ops
+@pytest.mark.parametrize("relu_epilogue", [False, True], ids=["relu-after", "relu-epilogue"])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_fused_conv_is_one_onednn_call_with_a_packed_weight(dims):
-    """No batch-norm or ReLU kernel runs; for channels-last inputs the weight is packed once per
-    input shape (oneDNN's own layout, outside the state dict), the oldest shape dropped beyond
-    PACKED_SHAPES; a contiguous input reads the weight as it is."""
-    fast = optimize_for_inference(_conv_norm_relu(dims))
+def test_fused_conv_is_one_onednn_call_with_a_packed_weight(dims, relu_epilogue):
+    """No batch-norm kernel runs, and no ReLU kernel with relu_epilogue (an in-place one without);
+    for channels-last inputs the weight is packed once per input shape (oneDNN's own layout,
+    outside the state dict), the oldest shape dropped beyond PACKED_SHAPES; a contiguous input
+    reads the weight as it is."""
+    fast = optimize_for_inference(_conv_norm_relu(dims), relu_epilogue=relu_epilogue)
     conv = fast[0]
+    assert conv.relu_epilogue is relu_epilogue
     fmt = (torch.channels_last, torch.channels_last_3d)[dims - 2]
     x = torch.randn(1, 6, *(8, 9, 6)[:dims]).contiguous(memory_format=fmt)
     with torch.inference_mode():
         ops = _ops(lambda: fast(x))
     assert "mkldnn::_convolution_pointwise" in ops, ops
-    assert not {"aten::batch_norm", "aten::native_batch_norm", "aten::relu", "aten::relu_", "aten::clamp_min_"} & ops, ops
+    relus = {"aten::relu", "aten::relu_", "aten::clamp_min_"} & ops
+    assert not {"aten::batch_norm", "aten::native_batch_norm"} & ops, ops
+    assert not relus if relu_epilogue else "aten::relu_" in relus, ops
     assert list(conv._packed) == [tuple(x.shape)] and conv._packed[tuple(x.shape)].layout == torch._mkldnn
     sizes = [(8 + i, 9, 6)[:dims] for i in range(1, FusedConv.PACKED_SHAPES + 1)]
     for size in sizes:
@@ -266,7 +272,7 @@ def test_fused_conv_without_the_fused_operators_or_with_onednn_off(monkeypatch):
 
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_fused_conv_keeps_nan_local(kernel_size):
-    """A NaN voxel reaches only the outputs whose kernel covers it (oneDNN's ReLU keeps NaN, as torch.relu)."""
+    """A NaN voxel reaches only the outputs whose kernel covers it, as in the layers as built."""
     seq = _conv_norm_relu(3, kernel_size=kernel_size, padding=kernel_size // 2)
     fast = optimize_for_inference(seq)
     x = torch.randn(1, 6, 9, 10, 7).contiguous(memory_format=torch.channels_last_3d)
@@ -275,6 +281,24 @@ def test_fused_conv_keeps_nan_local(kernel_size):
         got, want = fast(x), seq(x)
     assert_close_nonfinite(got, want, rtol=1e-4, atol=1e-4, what="fused conv")
     assert (~torch.isfinite(got)).sum() == 8 * kernel_size**3
+
+
+@needs_fused_ops
+def test_relu_epilogue_turns_nan_into_zero():
+    """What relu_epilogue's docs say: oneDNN's ReLU gives 0 for a NaN (torch.relu keeps it); the
+    finite values are the layers' own. A 1x1 convolution keeps its in-place ReLU and so its NaN."""
+    seq = _conv_norm_relu(3)
+    fast = optimize_for_inference(seq, relu_epilogue=True)
+    x = torch.randn(1, 6, 9, 10, 7).contiguous(memory_format=torch.channels_last_3d)
+    x[0, 3, 4, 5, 2] = float("nan")
+    with torch.inference_mode():
+        got, want = fast(x), seq(x)
+    assert want.isnan().sum() == 8 * 27 and not got.isnan().any()
+    assert (got[want.isnan()] == 0).all()
+    torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=1e-4, atol=1e-4)
+    one = optimize_for_inference(_conv_norm_relu(3, kernel_size=1, padding=0), relu_epilogue=True)
+    with torch.inference_mode():
+        assert one(x).isnan().sum() == 8
 
 
 def test_fused_conv_refuses_training_and_gradients():
@@ -361,21 +385,28 @@ def test_fusion_finds_every_run_of_a_sequential_and_copies():
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_transformed_network_traces_and_exports(dims):
-    """torch.jit.trace and torch.export record standard operators (the folded convolution weights,
-    the gated blocks as built): no oneDNN-private op, no packed weight; both equal eager."""
+def test_transformed_network_traces_and_exports(dims, tmp_path):
+    """attention_gates.deploy's TorchScript, torch.export and ONNX exports of the transformed network
+    (dynamic sizes) record standard operators (the folded convolution weights, the gated blocks as
+    built; no oneDNN-private op, no packed weight), and equal eager at the export's and two other
+    sizes, odd ones included; the eager transformed model equals the original."""
     net = randomise((AttentionUNet2D, AttentionUNet3D)[dims - 2](filters=[4, 8, 16, 32])).eval()
     fast = optimize_for_inference(net)
-    x = torch.randn(1, 1, *(32, 16, 16)[:dims])
+    x = torch.randn(2, 1, *(32, 16, 16)[:dims])  # export fixes a batch of 1 in the graph
+    others = [torch.randn(3, 1, *(24, 21, 19)[:dims]), torch.randn(1, 1, *(17, 33, 16)[:dims])]
     with torch.inference_mode():
-        want = fast(x)
-    with use_backend("reference"), torch.no_grad():  # the gates' "auto" may take a path tracing cannot record
-        traced = torch.jit.trace(fast, x, check_trace=False)
-        program = torch.export.export(fast, (x,))
-    assert "mkldnn" not in str(traced.inlined_graph) and "mkldnn" not in program.graph_module.code
-    with torch.inference_mode():
-        torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(program.module()(x), want, rtol=1e-4, atol=1e-5)
+        for xx in [x, *others]:
+            want = net(xx)
+            torch.testing.assert_close(fast(xx), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    script = deploy.export_torchscript(fast, x, tmp_path / "fast.ts")
+    program = deploy.export_program(fast, x, tmp_path / "fast.pt2")
+    onnx_path = deploy.export_onnx(fast, x, tmp_path / "fast.onnx")
+    assert "mkldnn" not in str(torch.jit.load(str(script)).inlined_graph)
+    assert "mkldnn" not in torch.export.load(str(program)).graph_module.code
+    assert "mkldnn" not in onnx_path.read_bytes().decode("latin-1")
+    calls = [x, *others]  # each check raises ExportCheckError beyond its tolerance (1e-4 of the largest output)
+    for check, path in ((deploy.check_torchscript, script), (deploy.check_program, program), (deploy.check_onnx, onnx_path)):
+        assert check(path, fast, calls) >= 0
 
 
 # ---------------------------------------------------------------------------------------------
