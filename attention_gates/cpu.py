@@ -80,7 +80,7 @@ class FusedConv(nn.Module):
       over the output less, but oneDNN's ReLU turns a NaN into 0 where ``torch.relu`` (and ONNX
       Runtime) keep it, so a NaN in the input no longer shows in the output;
     - for channels-last inputs, the weight is reordered into oneDNN's own layout once per input
-      shape (:func:`attention_gates.ops.onednn.pack_weight`; the last :attr:`PACKED_SHAPES` shapes
+      shape (:func:`attention_gates.ops.onednn.pack_weight`; the last ``PACKED_SHAPES`` (4) shapes
       are kept, outside the state dict) instead of on every call.
 
     1x1 convolutions (stride 1, one group) are :func:`~attention_gates.ops.onednn.conv1x1` and an
