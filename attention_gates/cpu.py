@@ -376,7 +376,8 @@ def optimize_for_inference(
         fuse: convolution -> batch norm -> ReLU runs (either of the last two may be missing) of
             every ``nn.Sequential`` outside the gates -> :class:`FusedConv` and :class:`FusedAway`.
         relu_epilogue: with ``fuse``, the ReLU of each fused run done by oneDNN as the
-            convolution's epilogue rather than in place after it: faster, but a NaN reaching such a
+            convolution's epilogue rather than in place after it (1x1 convolutions, which are
+            matrix products, keep the in-place ReLU): one pass less per layer, but a NaN reaching such a
             ReLU becomes 0 (oneDNN's ReLU), where the model as built (``torch.relu``) and ONNX
             Runtime keep it, so a NaN in the input no longer shows in the output. Off by default.
         onednn: the remaining ``nn.Conv3d`` -> :class:`OneDNNConv3d`.

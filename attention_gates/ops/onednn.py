@@ -189,7 +189,8 @@ def conv_relu(
     ``packed`` is :func:`pack_weight`'s reordering of ``weight`` for ``t``'s shape (``weight``
     itself is read where it is ``None`` or oneDNN does not apply). Otherwise :func:`conv` and an
     in-place ReLU on its result. Results equal ``F.relu(F.conv3d(...))`` up to float32 rounding,
-    NaN included (oneDNN's ReLU keeps a NaN as ``torch.relu`` does). No autograd: for inference.
+    except at NaN: oneDNN's ReLU epilogue gives 0 there, where ``torch.relu`` (the fallback) keeps
+    the NaN; pass ``relu=False`` and apply ``relu_`` to keep it. No autograd: for inference.
     """
     d = t.dim() - 2
     if d in (2, 3) and fused_ops_available() and onednn_applies(t) and weight.dtype == torch.float32:
