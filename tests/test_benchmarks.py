@@ -291,3 +291,30 @@ def test_committed_results_record_the_commit_they_measured():
         if full_history:  # a source archive or a shallow clone has no history to look the commit up in
             known = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{sha}^{{commit}}"], capture_output=True)
             assert known.returncode == 0, f"{path.relative_to(root)}: commit {sha} is not in this repository's history"
+
+
+def test_onnx_cpu_quick_writes_the_comparison(tmp_path):
+    """``benchmarks.onnx_cpu --quick``: every path timed in each round, ms the docs read as
+    ``{path: median}``, paired ratios that follow from the samples, outputs equal to eager."""
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_cpu
+
+    out = tmp_path / "onnx_cpu.json"
+    data = onnx_cpu.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert data["benchmark"] == "onnx_cpu" and data["machine"]["commit"] and data["machine"]["torch_threads"] == 1
+    assert data["settings"]["ort_graph_optimization"] == "ORT_ENABLE_ALL" and data["settings"]["ort_intra_op_threads"] == 1
+    paths = {onnx_cpu.EAGER, *onnx_cpu.TRANSFORMS, onnx_cpu.ORT}
+    assert [r["size"] for r in data["results"]] == [16]
+    for r in data["results"]:
+        assert set(r["ms"]) == set(r["samples_ms"]) == paths
+        for name, ms in r["ms"].items():
+            samples = r["samples_ms"][name]
+            assert len(samples) == data["settings"]["rounds"] and ms == pytest.approx(common.summarize(samples)["median"])
+            assert r["quartiles_ms"][name][0] <= ms <= r["quartiles_ms"][name][1]
+        for name, ratio in r["ratio_to_onnxruntime"].items():
+            paired = [a / b for a, b in zip(r["samples_ms"][name], r["samples_ms"][onnx_cpu.ORT])]
+            assert ratio["median"] == pytest.approx(common.summarize(paired)["median"])
+        assert set(r["max_abs_diff"]) == paths - {onnx_cpu.EAGER}
+        assert r["outputs_match"] and all(0 <= d <= r["tolerance"] for d in r["max_abs_diff"].values())
+    assert data["outputs_match"]

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from attention_gates import AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D
-from attention_gates.cpu import FoldedMultiAttentionGate, OneDNNConv3d, optimize_for_inference
+from attention_gates import AttentionUNet2D, AttentionUNet3D, MultiAttentionGate, UNet2D, UNet3D, deploy
+from attention_gates.cpu import FoldedMultiAttentionGate, FusedAway, FusedConv, OneDNNConv3d, optimize_for_inference
 from attention_gates.functional import GateWeights
-from attention_gates.ops import measured
+from attention_gates.ops import measured, onednn
 from attention_gates.ops.cpu_gate import multi_gate_inference_cpu
 from gate_cases import (
     assert_close_nonfinite, functional_args, gate_shapes, inputs, nonfinite_spots, random_gate, randomise, reference, with_nonfinite,
@@ -154,6 +154,262 @@ def test_compile_flop_counter_and_export_see_aten_convolution():
 
 
 # ---------------------------------------------------------------------------------------------
+# FusedConv: convolution + batch norm + ReLU
+# ---------------------------------------------------------------------------------------------
+
+needs_fused_ops = pytest.mark.skipif(not onednn.fused_ops_available(), reason="this torch build has no oneDNN fused convolution")
+
+
+def _conv_norm_relu(dims, c_in=6, c_out=8, norm="batch", relu=True, **conv_kwargs):
+    """``Sequential(conv, norm, ReLU)`` (``norm``: "batch", "none" (an Identity), "instance"), random
+    parameters and statistics, eval mode."""
+    Conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
+    Norm = {"batch": (nn.BatchNorm2d, nn.BatchNorm3d)[dims - 2], "instance": (nn.InstanceNorm2d, nn.InstanceNorm3d)[dims - 2]}
+    layers = [Conv(c_in, c_out, **{"kernel_size": 3, "padding": 1, **conv_kwargs})]
+    layers.append(nn.Identity() if norm == "none" else Norm[norm](c_out, affine=True))
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return randomise(nn.Sequential(*layers)).eval()
+
+
+def _in_float64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [{}, {"stride": 2}, {"kernel_size": 1, "padding": 0}, {"groups": 2, "dilation": 2, "padding": 2}, {"bias": False}],
+    ids=["3x3", "stride2", "1x1", "groups-dilated", "no-bias"],
+)
+@pytest.mark.parametrize("relu_epilogue", [False, True], ids=["relu-after", "relu-epilogue"])
+def test_fused_conv_equals_the_plain_eval_layers(conv_kwargs, dims, batch, channels_last, relu_epilogue):
+    """conv -> batch norm -> ReLU as one FusedConv: the plain eval layers' values (float64 truth),
+    in the input's layout; the norm and the ReLU stay as FusedAway, keeping their state-dict keys."""
+    seq = _conv_norm_relu(dims, **conv_kwargs)
+    fast = optimize_for_inference(seq, channels_last=channels_last, relu_epilogue=relu_epilogue)
+    assert [type(m) for m in fast] == [FusedConv, FusedAway, FusedAway]
+    assert list(fast.state_dict()) == list(seq.state_dict())
+    x = torch.randn(batch, 6, *(9, 10, 7)[:dims])
+    fmt = (torch.channels_last, torch.channels_last_3d)[dims - 2]
+    x = x.contiguous(memory_format=fmt) if channels_last else x
+    with torch.inference_mode():
+        got, want32 = fast(x), seq(x)
+    want = _in_float64(seq, x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(got, want32, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert got.is_contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("norm, relu", [("batch", False), ("none", True)], ids=["norm-only", "relu-only"])
+def test_fused_conv_of_a_norm_alone_or_a_relu_alone(dims, norm, relu):
+    seq = _conv_norm_relu(dims, norm=norm, relu=relu)
+    fast = optimize_for_inference(seq)
+    assert type(fast[0]) is FusedConv and (fast[0].norm is not None) == (norm == "batch") and fast[0].relu is relu
+    assert type(fast[1]) is (FusedAway if norm == "batch" else nn.Identity)
+    x = torch.randn(1, 6, *(8, 9, 6)[:dims])
+    want = _in_float64(seq, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_fused_ops
+@pytest.mark.parametrize("relu_epilogue", [False, True], ids=["relu-after", "relu-epilogue"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fused_conv_is_one_onednn_call_with_a_packed_weight(dims, relu_epilogue):
+    """No batch-norm kernel runs, and no ReLU kernel with relu_epilogue (an in-place one without);
+    for channels-last inputs the weight is packed once per input shape (oneDNN's own layout,
+    outside the state dict), the oldest shape dropped beyond PACKED_SHAPES; a contiguous input
+    reads the weight as it is."""
+    fast = optimize_for_inference(_conv_norm_relu(dims), relu_epilogue=relu_epilogue)
+    conv = fast[0]
+    assert conv.relu_epilogue is relu_epilogue
+    fmt = (torch.channels_last, torch.channels_last_3d)[dims - 2]
+    x = torch.randn(1, 6, *(8, 9, 6)[:dims]).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        ops = _ops(lambda: fast(x))
+    assert "mkldnn::_convolution_pointwise" in ops, ops
+    relus = {"aten::relu", "aten::relu_", "aten::clamp_min_"} & ops
+    assert not {"aten::batch_norm", "aten::native_batch_norm"} & ops, ops
+    assert not relus if relu_epilogue else "aten::relu_" in relus, ops
+    assert list(conv._packed) == [tuple(x.shape)] and conv._packed[tuple(x.shape)].layout == torch._mkldnn
+    sizes = [(8 + i, 9, 6)[:dims] for i in range(1, FusedConv.PACKED_SHAPES + 1)]
+    for size in sizes:
+        xi = torch.randn(1, 6, *size).contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            torch.testing.assert_close(conv(xi).double(), _in_float64(fast, xi), rtol=1e-5, atol=1e-4)
+    assert list(conv._packed) == [(1, 6, *s) for s in sizes]  # the first shape was dropped
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x.contiguous()).double(), _in_float64(fast, x), rtol=1e-5, atol=1e-4)
+    assert tuple(x.shape) not in conv._packed
+    assert all(not k.startswith("_") and "packed" not in k for k in fast.state_dict())
+
+
+def test_fused_conv_without_the_fused_operators_or_with_onednn_off(monkeypatch):
+    """A torch without oneDNN's fused operators (or with oneDNN disabled) gets the plain convolution
+    with the folded weights and an in-place ReLU: the same values."""
+    seq = _conv_norm_relu(3)
+    fast = optimize_for_inference(seq)
+    x = torch.randn(1, 6, 8, 9, 6)
+    want = _in_float64(seq, x)
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
+        ops = _ops(lambda: fast(x))
+        torch.testing.assert_close(fast(x).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert "mkldnn::_convolution_pointwise" not in ops and not fast[0]._packed
+    monkeypatch.setattr(onednn, "_CONV_POINTWISE", None)
+    monkeypatch.setattr(onednn, "_REORDER_WEIGHT", None)
+    assert not onednn.fused_ops_available() and onednn.pack_weight(fast[0].fused_weight, x.shape) is None
+    with torch.inference_mode():
+        ops = _ops(lambda: fast(x))
+        torch.testing.assert_close(fast(x).double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert "mkldnn::_convolution_pointwise" not in ops and not fast[0]._packed
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_fused_conv_keeps_nan_local(kernel_size):
+    """A NaN voxel reaches only the outputs whose kernel covers it, as in the layers as built."""
+    seq = _conv_norm_relu(3, kernel_size=kernel_size, padding=kernel_size // 2)
+    fast = optimize_for_inference(seq)
+    x = torch.randn(1, 6, 9, 10, 7).contiguous(memory_format=torch.channels_last_3d)
+    x[0, 3, 4, 5, 2] = float("nan")
+    with torch.inference_mode():
+        got, want = fast(x), seq(x)
+    assert_close_nonfinite(got, want, rtol=1e-4, atol=1e-4, what="fused conv")
+    assert (~torch.isfinite(got)).sum() == 8 * kernel_size**3
+
+
+@needs_fused_ops
+def test_relu_epilogue_turns_nan_into_zero():
+    """What relu_epilogue's docs say: oneDNN's ReLU gives 0 for a NaN (torch.relu keeps it); the
+    finite values are the layers' own. A 1x1 convolution keeps its in-place ReLU and so its NaN."""
+    seq = _conv_norm_relu(3)
+    fast = optimize_for_inference(seq, relu_epilogue=True)
+    x = torch.randn(1, 6, 9, 10, 7).contiguous(memory_format=torch.channels_last_3d)
+    x[0, 3, 4, 5, 2] = float("nan")
+    with torch.inference_mode():
+        got, want = fast(x), seq(x)
+    assert want.isnan().sum() == 8 * 27 and not got.isnan().any()
+    assert (got[want.isnan()] == 0).all()
+    torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=1e-4, atol=1e-4)
+    one = optimize_for_inference(_conv_norm_relu(3, kernel_size=1, padding=0), relu_epilogue=True)
+    with torch.inference_mode():
+        assert one(x).isnan().sum() == 8
+
+
+def test_fused_conv_refuses_training_and_gradients():
+    fast = optimize_for_inference(_conv_norm_relu(3))
+    x = torch.randn(1, 6, 5, 5, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="FusedConv has no backward"):
+        fast(x)
+    fast.train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="FusedConv is for inference"):
+        fast(x)
+
+
+def test_fused_conv_takes_only_what_it_folds():
+    conv = nn.Conv3d(2, 4, 3)
+    with pytest.raises(TypeError, match="nn.Conv2d or nn.Conv3d with zero padding"):
+        FusedConv(nn.Conv1d(2, 4, 3))
+    with pytest.raises(TypeError, match="zero padding"):
+        FusedConv(nn.Conv3d(2, 4, 3, padding=1, padding_mode="reflect"))
+    for norm in (nn.BatchNorm3d(4), nn.BatchNorm3d(5).eval(), nn.BatchNorm2d(4).eval(), nn.BatchNorm3d(4, track_running_stats=False).eval()):
+        with pytest.raises(ValueError, match="folds a BatchNorm3d of 4 channels with running statistics"):
+            FusedConv(conv, norm)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_networks_with_instance_norm_keep_their_norms(dims):
+    """Instance norm has no evaluation-mode affine form: nothing folds; the ReLU after it stays too."""
+    net = randomise((AttentionUNet2D, AttentionUNet3D)[dims - 2](filters=[4, 8, 16], norm="instance")).eval()
+    fast = optimize_for_inference(net)
+    assert not any(isinstance(m, (FusedConv, FusedAway)) for m in fast.modules())
+    x = torch.randn(2, 1, *(20, 24, 16)[:dims])
+    with torch.inference_mode():
+        want, got = net(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fused_networks_compute_the_original(dims, batch, norm):
+    """Every conv block and the gating signal fused (the gates' own layers left to the fold);
+    channels-last and contiguous inputs alike."""
+    net = randomise((AttentionUNet2D, AttentionUNet3D)[dims - 2](filters=[4, 8, 16, 32], norm=norm)).eval()
+    fast = optimize_for_inference(net)
+    fused = [m for m in fast.modules() if isinstance(m, FusedConv)]
+    assert len(fused) == 2 * (4 + 3) + 1 and all(m.relu and (m.norm is not None) == (norm == "batch") for m in fused)
+    assert not any(isinstance(m, (FusedConv, FusedAway)) for m in fast.gates.modules())
+    x = torch.randn(batch, 1, *(20, 24, 16)[:dims])
+    fmt = (torch.channels_last, torch.channels_last_3d)[dims - 2]
+    with torch.inference_mode():
+        want = net(x)
+        for xx in (x, x.contiguous(memory_format=fmt)):
+            torch.testing.assert_close(fast(xx), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_fusion_finds_every_run_of_a_sequential_and_copies():
+    """Runs anywhere in a Sequential (one ReLU module used twice, identities between), nothing else
+    touched; a deep copy of a used model drops its packed weights and computes the same."""
+    relu = nn.ReLU()
+    seq = randomise(nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), relu, nn.MaxPool3d(2),
+        nn.Conv3d(4, 4, 3, padding=1), nn.Identity(), nn.BatchNorm3d(4), nn.Identity(), relu,
+        nn.Conv3d(4, 3, 1), nn.Sigmoid(),
+    )).eval()  # fmt: skip
+    fast = optimize_for_inference(seq)
+    assert [type(m).__name__ for m in fast] == [
+        "FusedConv", "FusedAway", "FusedAway", "MaxPool3d", "FusedConv", "Identity", "FusedAway", "Identity", "FusedAway",
+        "OneDNNConv3d", "Sigmoid",
+    ]  # fmt: skip
+    assert type(seq[0]) is nn.Conv3d and seq[2] is seq[8]  # the original is untouched
+    fast.load_state_dict(seq.state_dict())
+    x = torch.randn(1, 2, 10, 8, 6).contiguous(memory_format=torch.channels_last_3d)  # channels-last: packed weights
+    want = _in_float64(seq, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x).double(), want, rtol=1e-5, atol=1e-5)
+        again = copy.deepcopy(fast)
+        assert fast[0]._packed or not onednn.fused_ops_available()
+        assert not again[0]._packed
+        torch.testing.assert_close(again(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformed model under tracing and export
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_transformed_network_traces_and_exports(dims, tmp_path):
+    """attention_gates.deploy's TorchScript, torch.export and ONNX exports of the transformed network
+    (dynamic sizes) record standard operators (the folded convolution weights, the gated blocks as
+    built; no oneDNN-private op, no packed weight), and equal eager at the export's and two other
+    sizes, odd ones included; the eager transformed model equals the original."""
+    net = randomise((AttentionUNet2D, AttentionUNet3D)[dims - 2](filters=[4, 8, 16])).eval()
+    fast = optimize_for_inference(net)
+    x = torch.randn(2, 1, *(32, 16, 16)[:dims])  # export fixes a batch of 1 in the graph
+    others = [torch.randn(3, 1, *(24, 21, 19)[:dims]), torch.randn(1, 1, *(17, 33, 16)[:dims])]
+    with torch.inference_mode():
+        for xx in [x, *others]:
+            want = net(xx)
+            torch.testing.assert_close(fast(xx), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    script = deploy.export_torchscript(fast, x, tmp_path / "fast.ts")
+    program = deploy.export_program(fast, x, tmp_path / "fast.pt2")
+    onnx_path = deploy.export_onnx(fast, x, tmp_path / "fast.onnx")
+    assert "mkldnn" not in str(torch.jit.load(str(script)).inlined_graph)
+    assert "mkldnn" not in torch.export.load(str(program)).graph_module.code
+    assert "mkldnn" not in onnx_path.read_bytes().decode("latin-1")
+    calls = [x, *others]  # each check raises ExportCheckError beyond its tolerance (1e-4 of the largest output)
+    for check, path in ((deploy.check_torchscript, script), (deploy.check_program, program), (deploy.check_onnx, onnx_path)):
+        assert check(path, fast, calls) >= 0
+
+
+# ---------------------------------------------------------------------------------------------
 # FoldedMultiAttentionGate
 # ---------------------------------------------------------------------------------------------
 
@@ -278,7 +534,9 @@ def test_folded_block_refuses_training_gradients_and_other_tensors():
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"fold": False}, {"channels_last": False}, {"onednn": False}], ids=["all", "no-fold", "contiguous", "no-onednn"]
+    "options",
+    [{}, {"fold": False}, {"channels_last": False}, {"onednn": False}, {"fuse": False}],
+    ids=["all", "no-fold", "contiguous", "no-onednn", "no-fuse"],
 )
 def test_transformed_network_computes_the_original(options):
     torch.manual_seed(0)
@@ -297,7 +555,10 @@ def test_transformed_network_computes_the_original(options):
     assert set(fast.state_dict()) == set(net.state_dict()) and not fast.training
     assert not any(p.requires_grad for p in fast.parameters())
     assert (type(fast.gates["2"]) is FoldedMultiAttentionGate) == options.get("fold", True)
-    assert (type(fast.encoders[0].conv1[0]) is OneDNNConv3d) == options.get("onednn", True)
+    fuse, onednn = options.get("fuse", True), options.get("onednn", True)
+    assert type(fast.encoders[0].conv1[0]) is (FusedConv if fuse else OneDNNConv3d if onednn else nn.Conv3d)
+    assert [type(m) for m in fast.encoders[0].conv1] == ([FusedConv, FusedAway, FusedAway] if fuse else [type(fast.encoders[0].conv1[0]), nn.BatchNorm3d, nn.ReLU])
+    assert (type(fast.head.convs[0]) is OneDNNConv3d) == onednn  # no norm or ReLU after it: not fused
     assert fast.encoders[1].conv1[0].weight.is_contiguous(memory_format=torch.channels_last_3d) == options.get("channels_last", True)
     # weights of the original load into the transformed model (frozen copy: the fold was made before)
     fast.load_state_dict(net.state_dict())
@@ -310,11 +571,13 @@ def test_transform_of_a_non_module_is_an_error():
 
 def test_transform_builds_new_modules_and_keeps_shared_ones_shared():
     """The transform installs new modules (OneDNNConv3d, FoldedMultiAttentionGate) in a copy, made
-    from the old ones' own parameters; a module reached by two names stays one module."""
+    from the old ones' own parameters; a module reached by two names stays one module (so a shared
+    convolution is not fused with the ReLU after one of its uses)."""
     shared = nn.Conv3d(2, 2, 3, padding=1)
     model = nn.Sequential(shared, nn.ReLU(), shared).eval()
     fast = optimize_for_inference(model, channels_last=False)
     assert type(fast[0]) is OneDNNConv3d and fast[0] is fast[2] and type(model[0]) is nn.Conv3d
+    assert type(fast[1]) is nn.ReLU
     torch.testing.assert_close(fast[0].weight, model[0].weight)
     x = torch.randn(1, 2, 5, 6, 7)
     with torch.inference_mode():

@@ -1,14 +1,22 @@
-"""Convolutions on the CPU: by oneDNN where PyTorch's own choice would not take it, and 1x1
-convolutions as matrix products over the channels where oneDNN's fixed cost per call does not pay.
+"""Convolutions on the CPU: by oneDNN where PyTorch's own choice would not take it, 1x1
+convolutions as matrix products over the channels where oneDNN's fixed cost per call does not pay,
+and convolutions with their ReLU fused and their weights packed once for inference.
 
 Used by the gate's cpu backend (:mod:`~attention_gates.ops.cpu_gate`) and by the inference
 transform (:mod:`attention_gates.cpu`). Where a path changes (:func:`conv1x1`'s size threshold)
 was measured on each CPU by ``benchmarks.cpu_backends`` (:func:`attention_gates.ops.measured.cpu_thresholds`).
+
+:func:`pack_weight` and :func:`conv_relu` call two private operators of PyTorch's oneDNN
+bindings, ``torch.ops.mkldnn._reorder_convolution_weight`` and
+``torch.ops.mkldnn._convolution_pointwise`` (what inductor's CPU freezing path calls for the same
+fusions); PyTorch has no public API for a convolution with a ReLU epilogue or for a weight kept in
+oneDNN's own layout. They are asked for here only, and a build without them (or without oneDNN)
+takes the plain ``F.conv2d/3d`` and ``relu_``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +25,27 @@ from torch import Tensor
 from . import measured
 from .layout import is_channels_last, stored_as_rows
 
-__all__ = ["onednn_applies", "conv", "conv1x1", "channel_product"]
+__all__ = ["is_recording", "onednn_applies", "conv", "conv1x1", "channel_product", "fused_ops_available", "pack_weight", "conv_relu"]
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _mkldnn_op(name: str):
+    """``torch.ops.mkldnn.<name>``, or ``None`` where this torch build does not register it."""
+    try:
+        return getattr(torch.ops.mkldnn, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# private operators (see the module's docstring); None on builds without them
+_CONV_POINTWISE = _mkldnn_op("_convolution_pointwise")
+_REORDER_WEIGHT = _mkldnn_op("_reorder_convolution_weight")
+
+
+def _per_axis(v, d: int) -> list[int]:
+    """A convolution's ``stride``/``padding``/``dilation`` (an int or one per axis) as ``d`` ints."""
+    return list(v) if isinstance(v, (tuple, list)) else [v] * d
 
 
 def _in_dispatch_mode() -> bool:
@@ -32,13 +58,19 @@ def _in_dispatch_mode() -> bool:
     return bool(torch._C._len_torch_dispatch_stack())
 
 
+def is_recording() -> bool:
+    """Whether the running code is being recorded rather than run: :func:`torch.compile`,
+    :func:`torch.jit.trace` or a dispatch mode (:func:`torch.export.export` and the ONNX exporter,
+    fake tensors, ``FlopCounterMode``). Those should see standard operators (``aten.convolution``),
+    which they know, and no data-dependent Python branch."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_dispatch_mode()
+
+
 def onednn_applies(t: Tensor) -> bool:
     """Whether oneDNN can take ``t``: a float32 CPU tensor, oneDNN built and enabled
-    (``torch.backends.mkldnn``), outside :func:`torch.compile` and dispatch modes (which should
-    see ``aten.convolution``, for example ``FlopCounterMode`` and fake tensors)."""
+    (``torch.backends.mkldnn``), and nothing recording the code (:func:`is_recording`)."""
     return (
-        not torch.compiler.is_compiling()
-        and not _in_dispatch_mode()
+        not is_recording()
         and t.device.type == "cpu"
         and t.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
@@ -56,11 +88,7 @@ def conv(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, pad
     """
     d = t.dim() - 2
     if d in (2, 3) and onednn_applies(t) and weight.dtype == torch.float32:
-
-        def per_axis(v) -> list[int]:
-            return list(v) if isinstance(v, (tuple, list)) else [v] * d
-
-        return torch.ops.aten.mkldnn_convolution(t, weight, bias, per_axis(padding), per_axis(stride), per_axis(dilation), groups)
+        return torch.ops.aten.mkldnn_convolution(t, weight, bias, _per_axis(padding, d), _per_axis(stride, d), _per_axis(dilation, d), groups)
     return _CONV[d - 1](t, weight, bias, stride, padding, dilation, groups)
 
 
@@ -117,3 +145,57 @@ def channel_product(w: Tensor, X: Tensor, acc: Optional[Tensor] = None) -> Tenso
     if acc is None:
         return torch.bmm(w.expand(n, -1, -1), X)
     return acc.baddbmm_(w.expand(n, -1, -1), X)
+
+
+def fused_ops_available() -> bool:
+    """Whether this torch build has the oneDNN operators that :func:`pack_weight` and
+    :func:`conv_relu` call (oneDNN itself may still be disabled: see :func:`onednn_applies`)."""
+    return _CONV_POINTWISE is not None and _REORDER_WEIGHT is not None and torch.backends.mkldnn.is_available()
+
+
+def pack_weight(weight: Tensor, input_shape: Sequence[int], stride=1, padding=0, dilation=1, groups: int = 1) -> Optional[Tensor]:
+    """``weight`` (``Tensor[Co, C / groups, *K]``, float32, 2 or 3 spatial dims) reordered once
+    into the blocked layout oneDNN's convolution of an input of ``input_shape`` reads, for
+    :func:`conv_relu`'s ``packed``; ``None`` where :func:`fused_ops_available` is false.
+
+    Without it every oneDNN convolution reorders its weight on each call (a parallel pass of its
+    own). The layout oneDNN picks depends on the input's batch and spatial size as well as on the
+    channels, so a packed weight is made per input shape. The result is an opaque ``torch._mkldnn``
+    tensor: keep it beside the weight, never in a state dict.
+    """
+    d = weight.dim() - 2
+    if not fused_ops_available() or d not in (2, 3) or weight.dtype != torch.float32 or len(input_shape) != d + 2:
+        return None
+    return _REORDER_WEIGHT(
+        weight, _per_axis(padding, d), _per_axis(stride, d), _per_axis(dilation, d), groups, [int(s) for s in input_shape]
+    )
+
+
+def conv_relu(
+    t: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    relu: bool,
+    packed: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.conv2d/3d`` of ``Tensor[N, C, *S]``, then ``relu`` when asked: one oneDNN call with the
+    ReLU as its epilogue whenever :func:`onednn_applies` and :func:`fused_ops_available`.
+
+    ``packed`` is :func:`pack_weight`'s reordering of ``weight`` for ``t``'s shape (``weight``
+    itself is read where it is ``None`` or oneDNN does not apply). Otherwise :func:`conv` and an
+    in-place ReLU on its result. Results equal ``F.relu(F.conv3d(...))`` up to float32 rounding,
+    except at NaN: oneDNN's ReLU epilogue gives 0 there, where ``torch.relu`` (the fallback) keeps
+    the NaN; pass ``relu=False`` and apply ``relu_`` to keep it. No autograd: for inference.
+    """
+    d = t.dim() - 2
+    if d in (2, 3) and fused_ops_available() and onednn_applies(t) and weight.dtype == torch.float32:
+        w = weight if packed is None else packed
+        args = (_per_axis(padding, d), _per_axis(stride, d), _per_axis(dilation, d), groups)
+        return _CONV_POINTWISE(t, w, bias, *args, "relu" if relu else "none", [], "")
+    y = conv(t, weight, bias, stride, padding, dilation, groups)
+    return y.relu_() if relu else y
