@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun every CPU benchmark: each writes its one current result for this machine,
 # benchmarks/results/<machine tag>/<script>.json (the commit measured inside), replacing the last.
-#   bash benchmarks/run_all.sh            # about 40 minutes on 2 idle cores
+#   bash benchmarks/run_all.sh            # about 50 minutes on 2 idle cores
 # cpu_backends also writes its gate rows and its measured crossovers (the CPU paths' thresholds) into
 # attention_gates/ops/measured.json (the table "auto" follows); commit that with the results. On a
 # GPU use benchmarks/gpu_check.sh instead.
@@ -12,6 +12,11 @@ PY="${PY:-.venv/bin/python}"
 "$PY" -m benchmarks.gates --device cpu
 "$PY" -m benchmarks.overhead --device cpu
 "$PY" -m benchmarks.gate_memory
+if "$PY" -c "import onnxruntime, onnxscript" 2>/dev/null; then
+  OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$PY" -m benchmarks.onnx_cpu
+else
+  echo "onnx_cpu: skipped (ONNX Runtime is not installed: pip install 'attention-gates[export]')"
+fi
 if "$PY" -c "import nnunetv2" 2>/dev/null; then
   "$PY" -m benchmarks.nnunet_cost --device cpu
 else

@@ -156,6 +156,15 @@ def test_onnx_headline_divides_by_onnx_runtime(tmp_path):
     assert "``optimize_for_inference`` 0.90x to 1.10x" in rst
 
 
+def test_onnx_headline_takes_the_paired_ratio_where_the_file_has_it(tmp_path):
+    """The paired per-round median (what the CPU guide quotes), not the ratio of the two medians."""
+    results = [{"size": 96, "ms": {"optimize_for_inference": 200.0, "onnxruntime": 300.0},
+                "ratio_to_onnxruntime": {"optimize_for_inference": {"median": 0.81, "q1": 0.74, "q3": 0.83}}}]
+    write_result(tmp_path, "cpu-x", "onnx_cpu.json", {"machine": machine("Xeon Test"), "results": results})
+    (table,) = tables(headline(tmp_path, "bench_onnx"))
+    assert "   * - 96^3\n     - 300\n     - 0.81x" in table
+
+
 def test_numbers_of_two_machines_never_share_a_table(tmp_path):
     write_result(tmp_path, "cpu-a", "overhead.json", overhead("Machine A", inference_paired=1.11))
     write_result(tmp_path, "cpu-b", "overhead.json", overhead("Machine B", inference_paired=1.33))

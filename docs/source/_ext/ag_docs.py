@@ -573,7 +573,9 @@ def onnx_block(data: dict) -> Optional[Block]:
 
     Reads ``results[]``, each with ``size`` (an int: a cube's side, or the spatial sizes), ``ms``
     (``{path: median ms}``, ONNX Runtime's under ``"onnxruntime"``) and optionally ``max_abs_diff``
-    (a number, or ``{path: number}``: the largest difference from the eager model's output).
+    (a number, or ``{path: number}``: the largest difference from the eager model's output). The
+    ratio shown is the median of the paired per-round ratios (``ratio_to_onnxruntime[path]["median"]``)
+    where the file has it, else the ratio of the medians.
     """
     from benchmarks import common
 
@@ -581,7 +583,10 @@ def onnx_block(data: dict) -> Optional[Block]:
     if not rows:
         return None
     paths = [p for p in dict.fromkeys(p for r in rows for p in r["ms"]) if p != ONNX_RUNTIME]
-    ratios = {p: [common.ratio(r["ms"].get(p), r["ms"][ONNX_RUNTIME]) for r in rows] for p in paths}
+    def paired(r: dict, p: str) -> Optional[float]:  # the median of the per-round ratios where the file has them
+        return ((r.get("ratio_to_onnxruntime") or {}).get(p) or {}).get("median") or common.ratio(r["ms"].get(p), r["ms"][ONNX_RUNTIME])
+
+    ratios = {p: [paired(r, p) for r in rows] for p in paths}
     table = [{"input": _size(r.get("size")), "ONNX Runtime (ms)": r["ms"][ONNX_RUNTIME], **{f"{p} / ONNX Runtime": _x(ratios[p][i]) for p in paths},
               **({"max abs diff": r["max_abs_diff"]} if "max_abs_diff" in r else {})} for i, r in enumerate(rows)]  # fmt: skip
     spans = "; ".join(f"``{p}`` {_span(v)}" for p, v in ratios.items()) or "no other path was measured"
