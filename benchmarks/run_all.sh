@@ -13,7 +13,7 @@ PY="${PY:-.venv/bin/python}"
 "$PY" -m benchmarks.overhead --device cpu
 "$PY" -m benchmarks.gate_memory
 if "$PY" -c "import onnxruntime, onnxscript" 2>/dev/null; then
-  OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" "$PY" -m benchmarks.onnx_cpu
+  "$PY" -m benchmarks.onnx_cpu  # set OMP_WAIT_POLICY=PASSIVE for the whole script on a shared machine
 else
   echo "onnx_cpu: skipped (ONNX Runtime is not installed: pip install 'attention-gates[export]')"
 fi
