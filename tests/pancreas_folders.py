@@ -5,10 +5,13 @@ Pancreas-CT folder (DICOM series per patient, NIfTI labels)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -106,3 +109,15 @@ def write_nih(root: Path, numbers=(1, 2), flip_label: bool = True, spacing=(1.5,
             affine = affine @ flip
         write_nifti(root / "TCIA_pancreas_labels" / f"label{n:04d}.nii.gz", label, affine)
     return root
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which permission bits hold (a folder made read-only with ``chmod``
+    is read-only to the command): none for a normal user; for root, ``setpriv`` without the
+    capabilities that override them. Skips the test where root has no ``setpriv``."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permission bits do not hold for root")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]

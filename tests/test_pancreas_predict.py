@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from examples.pancreas.__main__ import main  # noqa: E402
 from examples.pancreas.checkpoints import build_model, save_checkpoint  # noqa: E402
 from examples.pancreas.config import preset  # noqa: E402
 from examples.pancreas.predict import find_inputs, predict  # noqa: E402
-from pancreas_folders import SHAPE, ct_volume, series_folder, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
+from pancreas_folders import SHAPE, ct_volume, series_folder, unprivileged, write_dicom_series, write_msd, write_nifti, write_nih  # noqa: E402
 
 MM = (2.0, 2.0, 2.0)
 CUBE_HU = 300.0  # above the window's 240 HU: scaled to 1
@@ -267,17 +266,6 @@ def test_an_explicit_backend_is_used_on_the_cpu_not_folded_away(checkpoint):
     assert {m.backend for m in kept.modules() if isinstance(m, GridAttentionGate)} == {"reference"}
 
 
-def _unprivileged() -> list[str]:
-    """A command prefix under which permission bits hold: none for a normal user; for root,
-    setpriv without the capabilities that override them."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: permission bits do not hold for root")
-    caps = "-dac_override,-dac_read_search"
-    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_predict_into_a_read_only_folder_is_refused_first(checkpoint, msd, tmp_path):
@@ -286,7 +274,7 @@ def test_predict_into_a_read_only_folder_is_refused_first(checkpoint, msd, tmp_p
     out.chmod(0o555)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [*_unprivileged(), sys.executable, "-m", "examples.pancreas", "predict", "--checkpoint", str(checkpoint),
+    cmd = [*unprivileged(), sys.executable, "-m", "examples.pancreas", "predict", "--checkpoint", str(checkpoint),
            "--input", str(msd), "--out", str(out), "--no-progress"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=170)

@@ -30,7 +30,7 @@ from examples.pancreas.checkpoints import CheckpointError, load_checkpoint, read
 from examples.pancreas.config import preset  # noqa: E402
 from examples.pancreas.splits import split_cases  # noqa: E402
 from examples.pancreas.train import train  # noqa: E402
-from pancreas_folders import cube_label, write_msd, write_nifti  # noqa: E402
+from pancreas_folders import cube_label, unprivileged, write_msd, write_nifti  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
@@ -340,6 +340,27 @@ def test_out_that_cannot_be_written_is_refused(tmp_path, capsys, no_data, monkey
     assert _one_line_error(capsys) == (
         f"--out: expected a folder this process can write in; got {tmp_path / 'run'}: cannot create a file in {tmp_path} (Read-only file system)"
     )
+
+
+@pytest.mark.timeout(120)
+def test_train_into_a_read_only_folder_is_refused_before_anything_is_read(tmp_path):
+    """Real permissions (``chmod 555``, held for root too by :func:`unprivileged`): ``train``
+    exits 2 with one line naming ``--out``, creates nothing and reads no data (the data folder
+    given does not exist, so reading it would fail with another message)."""
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    cmd = [*unprivileged(), sys.executable, "-m", "examples.pancreas", "train", "--preset", "tiny",
+           "--data", str(tmp_path / "no-such-data"), "--out", str(parent / "run"), "--no-progress"]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=100)
+    finally:
+        parent.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --out: expected a folder this process can write in; got {parent / 'run'}: {parent} is not writable by this user"
+    ]
+    assert proc.stdout == "" and list(parent.iterdir()) == []
 
 
 def test_device_the_machine_lacks(tmp_path, capsys, no_data):
