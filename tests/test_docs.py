@@ -165,6 +165,25 @@ def test_onnx_headline_takes_the_paired_ratio_where_the_file_has_it(tmp_path):
     assert "   * - 96^3\n     - 300\n     - 0.81x" in table
 
 
+def test_onnx_headline_shows_the_quartiles_and_the_conditions_of_the_run(tmp_path):
+    """The CPU guide and the Deploy page show this block in place of a copy of its numbers: each cell
+    carries the per-round quartiles, and the sentence says how the file was measured."""
+    results = [{"size": 64, "ms": {"optimize_for_inference": 80.0, "fuse=False": 90.0, "onnxruntime": 100.0},
+                "ratio_to_onnxruntime": {"optimize_for_inference": {"median": 0.79, "q1": 0.73, "q3": 0.82},
+                                         "fuse=False": {"median": 0.89}}}]  # fmt: skip
+    data = {"machine": machine("Xeon Test"), "results": results, "settings": {"rounds": 15, "threads_spin": True},
+            "load_average": {"start": [0.22, 0.05, 0.02]}}  # fmt: skip
+    write_result(tmp_path, "cpu-x", "onnx_cpu.json", data)
+    rst = headline(tmp_path, "bench_onnx")
+    (table,) = tables(rst)
+    assert "   * - 64^3\n     - 100\n     - 0.79x [0.73, 0.82]\n     - 0.89x\n" in table  # no quartiles stored: none shown
+    assert ("15 paired rounds per size, a ratio is the median of the per-round ratios [their quartiles], threads spinning "
+            "while they wait (both runtimes' default), load average 0.2 at the start.") in " ".join(rst.split())  # fmt: skip
+    data["settings"]["threads_spin"] = False
+    write_result(tmp_path, "cpu-x", "onnx_cpu.json", data)
+    assert "threads not spinning (``OMP_WAIT_POLICY=PASSIVE``)" in " ".join(headline(tmp_path, "bench_onnx").split())
+
+
 def test_numbers_of_two_machines_never_share_a_table(tmp_path):
     write_result(tmp_path, "cpu-a", "overhead.json", overhead("Machine A", inference_paired=1.11))
     write_result(tmp_path, "cpu-b", "overhead.json", overhead("Machine B", inference_paired=1.33))

@@ -575,7 +575,10 @@ def onnx_block(data: dict) -> Optional[Block]:
     (``{path: median ms}``, ONNX Runtime's under ``"onnxruntime"``) and optionally ``max_abs_diff``
     (a number, or ``{path: number}``: the largest difference from the eager model's output). The
     ratio shown is the median of the paired per-round ratios (``ratio_to_onnxruntime[path]["median"]``)
-    where the file has it, else the ratio of the medians.
+    where the file has it, with their quartiles (``"q1"``, ``"q3"``), else the ratio of the medians.
+    The sentence names the run's conditions where the file records them (``settings.rounds``,
+    ``settings.threads_spin``, ``load_average.start``): the CPU guide and the Deploy page show
+    this block rather than copies of its numbers.
     """
     from benchmarks import common
 
@@ -586,12 +589,31 @@ def onnx_block(data: dict) -> Optional[Block]:
     def paired(r: dict, p: str) -> Optional[float]:  # the median of the per-round ratios where the file has them
         return ((r.get("ratio_to_onnxruntime") or {}).get(p) or {}).get("median") or common.ratio(r["ms"].get(p), r["ms"][ONNX_RUNTIME])
 
+    def quartiles(r: dict, p: str) -> Optional[tuple[float, float]]:  # of the per-round ratios, where the file has them
+        q = (r.get("ratio_to_onnxruntime") or {}).get(p) or {}
+        return (q["q1"], q["q3"]) if "q1" in q and "q3" in q else None
+
+    def cell(r: dict, p: str, ratio: Optional[float]) -> str:  # ``0.79x [0.73, 0.82]``
+        q = quartiles(r, p)
+        return f"{_x(ratio)} [{q[0]:.2f}, {q[1]:.2f}]" if ratio is not None and q else _x(ratio)
+
     ratios = {p: [paired(r, p) for r in rows] for p in paths}
-    table = [{"input": _size(r.get("size")), "ONNX Runtime (ms)": r["ms"][ONNX_RUNTIME], **{f"{p} / ONNX Runtime": _x(ratios[p][i]) for p in paths},
+    table = [{"input": _size(r.get("size")), "ONNX Runtime (ms)": r["ms"][ONNX_RUNTIME], **{f"{p} / ONNX Runtime": cell(r, p, ratios[p][i]) for p in paths},
               **({"max abs diff": r["max_abs_diff"]} if "max_abs_diff" in r else {})} for i, r in enumerate(rows)]  # fmt: skip
     spans = "; ".join(f"``{p}`` {_span(v)}" for p, v in ratios.items()) or "no other path was measured"
-    return Block(f"time of each CPU path over ONNX Runtime's, same network and input (below 1: faster than ONNX Runtime): {spans}.",
-                 table, "CPU paths / ONNX Runtime")  # fmt: skip
+    settings, load = data.get("settings") or {}, (data.get("load_average") or {}).get("start")
+    conditions = []
+    if "rounds" in settings:
+        conditions.append(f"{settings['rounds']} paired rounds per size")
+    if any(quartiles(r, p) for r in rows for p in paths):
+        conditions.append("a ratio is the median of the per-round ratios [their quartiles]")
+    if "threads_spin" in settings:
+        spin = settings["threads_spin"]
+        conditions.append("threads spinning while they wait (both runtimes' default)" if spin else "threads not spinning (``OMP_WAIT_POLICY=PASSIVE``)")
+    if load:
+        conditions.append(f"load average {load[0]:.1f} at the start")
+    return Block(f"time of each CPU path over ONNX Runtime's, same network and input (below 1: faster than ONNX Runtime): {spans}"
+                 + (f"; {', '.join(conditions)}." if conditions else "."), table, "CPU paths / ONNX Runtime")  # fmt: skip
 
 
 HEADLINES = {  # generated piece -> its section; its blocks in this order of the files, then by path
