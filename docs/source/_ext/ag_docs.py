@@ -36,7 +36,6 @@ from docutils.parsers.rst import directives
 from docutils.parsers.rst.directives.images import Figure
 from sphinx.directives.other import Include
 from sphinx.util import logging
-from sphinx.util.docutils import SphinxDirective
 
 SOURCE = Path(__file__).resolve().parents[1]
 ROOT = SOURCE.parents[1]
