@@ -332,7 +332,7 @@ def test_out_that_is_a_file_or_under_a_file(tmp_path, capsys, no_data):
 
 def test_out_that_cannot_be_written_is_refused(tmp_path, capsys, no_data, monkeypatch):
     """A folder this process cannot write in (the probe file fails: permissions, a read-only file
-    system); the real permission case runs in test_predict_into_a_read_only_folder."""
+    system); the real permission case is the next test (and predict's in test_pancreas_predict)."""
     from examples.pancreas import arguments
 
     monkeypatch.setattr(arguments, "write_problem", lambda folder: f"cannot create a file in {folder} (Read-only file system)")
